@@ -1,0 +1,32 @@
+"""Shared fixtures. Tests that need ../shared/data fail loudly when it is missing (never skip silently)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """../shared/data beside the checkout, or $SEGMERGE_SHARED_DATA."""
+    return Path(os.environ.get("SEGMERGE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.fail(f"shared test data not found at {path}; set SEGMERGE_SHARED_DATA", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def student_dir(shared_data: Path) -> Path:
+    """The SegFormer-B0 trained here (hub layout) with its held-out frames."""
+    path = shared_data / "segformer_b0_vtest_student"
+    if not (path / "model.safetensors").is_file():
+        pytest.fail(f"trained SegFormer-B0 not found at {path}", pytrace=False)
+    return path
