@@ -1,0 +1,147 @@
+"""Segformer++ token merging inside SegFormer's efficient attention (training-free).
+
+Per stage, two independent places (Kienzle et al., 2024):
+- KV path: after the spatial-reduction conv + LayerNorm, the key/value tokens are merged. Attention's output length
+  follows the queries, so nothing is unmerged.
+- Q path: the normed block input is merged before attention as queries (keys and values still come from the full
+  grid), and the attention output is unmerged right after it.
+Or ``q_pool``: queries average-pooled with a stride and unmerged by nearest upsampling (the paper's ``2x2`` preset).
+
+The merge amount ``r`` is a fraction of all tokens at that place, capped at the number of sources, so shapes depend
+only on the input resolution and the configuration, never on the image content.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .bipartite import MergeFn, bipartite_soft_matching_2d
+
+MAX_MERGE_RATE = 0.95
+
+
+@dataclass(frozen=True)
+class StageMerge:
+    """Merge settings of one SegFormer stage (the same for every block of the stage)."""
+
+    q_rate: float = 0.0  # fraction of query tokens merged
+    q_cell: tuple[int, int] = (2, 2)  # (sy, sx) cell holding one destination
+    kv_rate: float = 0.0  # fraction of key/value tokens merged
+    kv_cell: tuple[int, int] = (2, 2)
+    q_pool: tuple[int, int] = (1, 1)  # average-pool the queries with this stride instead of matching them
+    matching: str = "global"  # "global" (Segformer++) or "local" (own cell only, O(N))
+
+    def __post_init__(self) -> None:
+        for name in ("q_rate", "kv_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        if self.matching not in ("global", "local"):
+            raise ValueError(f"matching must be 'global' or 'local', got {self.matching!r}")
+
+    @property
+    def merges_queries(self) -> bool:
+        return self.q_rate > 0 or self.q_pool != (1, 1)
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.merges_queries and self.kv_rate == 0
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """Merge settings for the four stages of a MiT encoder."""
+
+    stages: tuple[StageMerge, StageMerge, StageMerge, StageMerge] = field(
+        default_factory=lambda: (StageMerge(),) * 4
+    )
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if len(self.stages) != 4:
+            raise ValueError(f"a MergeConfig needs 4 stages, got {len(self.stages)}")
+
+    @property
+    def is_identity(self) -> bool:
+        return all(stage.is_identity for stage in self.stages)
+
+
+NONE = MergeConfig(name="none")
+PRESETS: dict[str, MergeConfig] = {
+    "none": NONE,
+    # The paper's presets (per stage 1-4).
+    "hq": MergeConfig(
+        (StageMerge(kv_rate=0.6, kv_cell=(2, 2)),) * 2 + (StageMerge(q_rate=0.8, q_cell=(4, 4)),) * 2, name="hq"
+    ),
+    "fast": MergeConfig(
+        (StageMerge(kv_rate=0.9, kv_cell=(4, 4)),) * 2 + (StageMerge(q_rate=0.9, q_cell=(4, 4)),) * 2, name="fast"
+    ),
+    "2x2": MergeConfig((StageMerge(q_pool=(2, 2)),) * 4, name="2x2"),
+}
+
+
+def preset(name: str) -> MergeConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown merge preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def config_for_rate(rate: float, matching: str = "global") -> MergeConfig:
+    """Map the node's scalar merge rate in [0, 0.95] onto per-stage settings.
+
+    Stages 1-2 merge a fraction ``rate`` of their key/value tokens (2x2 cells up to 0.7, 4x4 cells above, where 2x2
+    cells run out of sources); stages 3-4 merge a fraction ``min(4/3 * rate, 0.9375)`` of their queries on 4x4
+    cells. The paper's presets lie on this line: rate 0.6 is ``hq`` and rate 0.9 is ``fast``. Rate 0 is the
+    unmerged model.
+    """
+    if not 0.0 <= rate <= MAX_MERGE_RATE:
+        raise ValueError(f"merge rate must lie in [0, {MAX_MERGE_RATE}], got {rate}")
+    if rate == 0.0:
+        return NONE
+    kv = StageMerge(kv_rate=min(rate, 0.9375), kv_cell=(2, 2) if rate <= 0.7 else (4, 4), matching=matching)
+    q = StageMerge(q_rate=min(rate * 4.0 / 3.0, 0.9375), q_cell=(4, 4), matching=matching)
+    return MergeConfig((kv, kv, q, q), name=f"rate={rate:g}")
+
+
+def merge_count(rate: float, num_tokens: int) -> int:
+    return int(num_tokens * rate)
+
+
+def kv_merge(tokens: torch.Tensor, h: int, w: int, stage: StageMerge) -> torch.Tensor:
+    """Merge the key/value tokens (B, h*w, C) of one attention; returns fewer tokens, or the input unchanged."""
+    r = merge_count(stage.kv_rate, h * w)
+    if r <= 0:
+        return tokens
+    sy, sx = stage.kv_cell
+    merge, _ = bipartite_soft_matching_2d(tokens, h, w, sx, sy, r, stage.matching)
+    return merge(tokens)
+
+
+def query_merge(tokens: torch.Tensor, h: int, w: int, stage: StageMerge) -> tuple[torch.Tensor, MergeFn]:
+    """Reduce the queries (B, h*w, C); returns (queries, unmerge) where unmerge restores (B, h*w, C')."""
+    if stage.q_pool != (1, 1):
+        return _pool_queries(tokens, h, w, stage.q_pool)
+    r = merge_count(stage.q_rate, h * w)
+    if r <= 0:
+        return tokens, lambda x: x
+    sy, sx = stage.q_cell
+    merge, unmerge = bipartite_soft_matching_2d(tokens, h, w, sx, sy, r, stage.matching)
+    return merge(tokens), unmerge
+
+
+def _pool_queries(tokens: torch.Tensor, h: int, w: int, stride: tuple[int, int]) -> tuple[torch.Tensor, MergeFn]:
+    batch, _, channels = tokens.shape
+    grid = tokens.transpose(1, 2).reshape(batch, channels, h, w)
+    pooled = F.avg_pool2d(grid, kernel_size=stride, stride=stride, ceil_mode=True)
+    ph, pw = pooled.shape[-2:]
+
+    def unpool(x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[-1]
+        up = F.interpolate(x.transpose(1, 2).reshape(batch, c, ph, pw), size=(h, w), mode="nearest")
+        return up.flatten(2).transpose(1, 2)
+
+    return pooled.flatten(2).transpose(1, 2), unpool
