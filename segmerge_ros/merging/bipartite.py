@@ -36,8 +36,6 @@ def grid_split(h: int, w: int, sx: int, sy: int, device: torch.device) -> tuple[
     Returns (src_pos, dst_pos, src_cell): src_cell[i] indexes dst_pos.
     """
     cells_y, cells_x = h // sy, w // sx
-    if cells_y == 0 or cells_x == 0:
-        raise ValueError(f"token grid {h}x{w} is smaller than one {sy}x{sx} merge cell")
     ys = torch.arange(h, device=device).view(h, 1).expand(h, w)
     xs = torch.arange(w, device=device).view(1, w).expand(h, w)
     is_dst = (ys % sy == 0) & (xs % sx == 0) & (ys < cells_y * sy) & (xs < cells_x * sx)
@@ -61,13 +59,13 @@ def bipartite_soft_matching_2d(
     """Match ``metric`` (B, h*w, C) and return ``(merge, unmerge)``.
 
     ``merge`` maps (B, N, C') to (B, N - r, C') as [kept sources, destinations]; ``unmerge`` maps it back to
-    (B, N, C'). ``r`` is capped at the number of sources; r <= 0 returns identities (the unmerged computation,
-    bit for bit).
+    (B, N, C'). ``r`` is capped at the number of sources; r <= 0, or a grid smaller than one cell (no destination to
+    merge into), returns identities: the unmerged computation, bit for bit.
     """
     batch, num_tokens, _ = metric.shape
     if num_tokens != h * w:
         raise ValueError(f"metric has {num_tokens} tokens, grid is {h}x{w}")
-    if r <= 0:
+    if r <= 0 or h < sy or w < sx:
         return _identity, _identity
     src_pos, dst_pos, src_cell = grid_split(h, w, sx, sy, metric.device)
     r = min(r, src_pos.numel())

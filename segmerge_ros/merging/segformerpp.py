@@ -95,15 +95,16 @@ def config_for_rate(rate: float, matching: str = "global") -> MergeConfig:
 
     Stages 1-2 merge a fraction ``rate`` of their key/value tokens (2x2 cells up to 0.7, 4x4 cells above, where 2x2
     cells run out of sources); stages 3-4 merge a fraction ``min(4/3 * rate, 0.9375)`` of their queries on 4x4
-    cells. The paper's presets lie on this line: rate 0.6 is ``hq`` and rate 0.9 is ``fast``. Rate 0 is the
-    unmerged model.
+    cells, rising linearly from 0 to 0.8 while ``rate`` goes to 0.6, then to 0.9 at rate 0.9 (0.917 at 0.95). The
+    paper's presets lie on this line: rate 0.6 is ``hq`` and rate 0.9 is ``fast``. Rate 0 is the unmerged model.
     """
     if not 0.0 <= rate <= MAX_MERGE_RATE:
         raise ValueError(f"merge rate must lie in [0, {MAX_MERGE_RATE}], got {rate}")
     if rate == 0.0:
         return NONE
     kv = StageMerge(kv_rate=min(rate, 0.9375), kv_cell=(2, 2) if rate <= 0.7 else (4, 4), matching=matching)
-    q = StageMerge(q_rate=min(rate * 4.0 / 3.0, 0.9375), q_cell=(4, 4), matching=matching)
+    q_rate = rate * 4.0 / 3.0 if rate <= 0.6 else 0.8 + (rate - 0.6) / 3.0
+    q = StageMerge(q_rate=round(q_rate, 6), q_cell=(4, 4), matching=matching)
     return MergeConfig((kv, kv, q, q), name=f"rate={rate:g}")
 
 

@@ -1,0 +1,66 @@
+"""The engine: frame in, class map and confidence at the frame's resolution out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segmerge_ros.runtime.engine import SegmentationEngine, logits_to_maps, parse_size
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return SegmentationEngine(model="segformer-b0", input_size="128x160")
+
+
+def test_outputs_at_input_resolution(engine):
+    rgb = np.random.default_rng(0).integers(0, 255, (121, 203, 3), dtype=np.uint8)
+    result = engine.infer(rgb)
+    assert result.class_map.shape == (121, 203) and result.class_map.dtype == np.uint8
+    assert result.confidence.shape == (121, 203) and result.confidence.dtype == np.uint8
+    assert result.class_map.max() < 19
+    # max softmax probability over 19 classes is at least 1/19
+    assert result.confidence.min() >= int(255 / 19)
+    assert result.inference_ms > 0
+    assert engine.randomly_initialised
+
+
+def test_merge_rate_validated_and_applied(engine):
+    rgb = np.random.default_rng(1).integers(0, 255, (128, 160, 3), dtype=np.uint8)
+    engine.set_merge_rate(0.0)
+    plain = engine.logits(rgb)
+    engine.set_merge_rate(0.9)
+    assert engine.merge_rate == 0.9
+    merged = engine.logits(rgb)
+    assert not np.array_equal(plain.numpy(), merged.numpy())
+    for bad in (-0.01, 0.951, float("nan")):
+        with pytest.raises(ValueError, match="merge_rate"):
+            engine.set_merge_rate(bad)
+    assert engine.merge_rate == 0.9
+    engine.set_merge_rate(0.0)
+
+
+def test_label_upsampling_agrees_with_logit_upsampling_away_from_edges():
+    import torch
+
+    logits = torch.zeros(1, 3, 4, 4)
+    logits[0, 1, :, :2] = 5.0
+    logits[0, 2, :, 2:] = 5.0
+    smooth, _ = logits_to_maps(logits, (16, 16), "logits")
+    blocky, confidence = logits_to_maps(logits, (16, 16), "labels")
+    assert (smooth[:, :6] == 1).all() and (smooth[:, 10:] == 2).all()
+    assert (blocky[:, :8] == 1).all() and (blocky[:, 8:] == 2).all()
+    assert confidence.min() > 200
+
+
+def test_parse_size():
+    assert parse_size("512x1024") == (512, 1024)
+    assert parse_size("") is None
+    for bad in ("512", "ax b", "8x8"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_bad_frame_is_rejected_clearly(engine):
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        engine.infer(np.zeros((10, 10), np.uint8))
