@@ -1,0 +1,46 @@
+# Developer entry points. `make test` and `make demo` work on a fresh clone: they create .venv first.
+# pip's index settings (extra indexes, find-links) come from the machine's pip configuration.
+
+# The ROS 2 Jazzy wheels are built for CPython 3.11 only.
+PYTHON ?= $(shell command -v python3.11 || echo python3)
+VENV := .venv
+VPY := $(VENV)/bin/python
+# Re-run the (slow) install only when a requirement or packaging file changes.
+STAMP := $(VENV)/.segmerge-setup.stamp
+SETUP_INPUTS := requirements.txt requirements-test.txt requirements-nodeps.txt setup.py setup.cfg package.xml
+
+TESTS ?= test
+PYTEST_FLAGS ?= -q
+DEMO_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: setup test demo bench clean distclean
+
+setup: $(STAMP)
+
+$(STAMP): $(SETUP_INPUTS)
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -r requirements.txt -r requirements-test.txt
+	$(VPY) -m pip install --no-deps -r requirements-nodeps.txt
+	# Editable, so console scripts land in .venv/bin and source edits need no reinstall.
+	$(VPY) -m pip install --no-deps --no-build-isolation -e .
+	touch $@
+
+# Keep DDS discovery on this host: tests must not see (or disturb) other machines' ROS graphs.
+test: export ROS_AUTOMATIC_DISCOVERY_RANGE = LOCALHOST
+test: setup
+	$(VPY) -m pytest $(PYTEST_FLAGS) $(TESTS)
+
+demo: setup
+	$(VENV)/bin/segmerge-demo $(DEMO_ARGS)
+
+bench: setup
+	$(VENV)/bin/segmerge-bench $(BENCH_ARGS)
+
+# Build outputs and caches; keeps .venv (see distclean).
+clean:
+	rm -rf build install log .pytest_cache *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,185 @@
+"""Packaging: package.xml, setup.py/setup.cfg, and the layout `colcon build` installs (what `ros2 run` relies on)."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import runpy
+import shutil
+import stat
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import setuptools
+
+import segmerge_ros
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "segmerge_ros"
+
+REQUIRED_EXEC_DEPENDS = {
+    "rclpy", "sensor_msgs", "std_msgs", "visualization_msgs", "diagnostic_msgs", "rcl_interfaces", "cv_bridge",
+    "launch", "launch_ros", "python3-numpy", "python3-opencv", "vision_msgs",
+}
+REQUIRED_TEST_DEPENDS = {"ament_copyright", "ament_flake8", "ament_pep257", "python3-pytest"}
+CONSOLE_SCRIPTS = {
+    "segmerge_node": "segmerge_ros.ros.node:main",
+    "segmerge_camera": "segmerge_ros.ros.camera_node:main",
+    "segmerge-bench": "segmerge_ros.tools.bench:main",
+    "segmerge-demo": "segmerge_ros.tools.demo:main",
+    "segmerge-train": "segmerge_ros.tools.train:main",
+}
+# What a colcon build needs from the checkout; everything else (.venv, .git, docs, tests) stays out of its view.
+PACKAGE_FILES = ["package.xml", "setup.py", "setup.cfg", "resource", PACKAGE, "launch", "config"]
+COLCON_BUILD_BUDGET_S = 60
+
+
+def _text(root: ET.Element, tag: str) -> str:
+    node = root.find(tag)
+    assert node is not None and node.text, f"package.xml has no <{tag}>"
+    return node.text.strip()
+
+
+def _installable_files(folder: str) -> set[str]:
+    """Names of the regular files in a repo folder (caches and dotfiles are not meant to be installed)."""
+    path = REPO_ROOT / folder
+    if not path.is_dir():
+        return set()
+    return {p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".")}
+
+
+@pytest.fixture(scope="module")
+def setup_kwargs() -> dict:
+    """The keyword arguments setup.py passes to setuptools.setup(), captured without building anything."""
+    captured: dict = {}
+    original_setup, original_cwd = setuptools.setup, os.getcwd()
+    setuptools.setup = lambda **kwargs: captured.update(kwargs)
+    try:
+        os.chdir(REPO_ROOT)  # setup.py's globs are relative to the package root, as under colcon and pip
+        runpy.run_path(str(REPO_ROOT / "setup.py"), run_name="__main__")
+    finally:
+        setuptools.setup = original_setup
+        os.chdir(original_cwd)
+    assert captured, "setup.py did not call setuptools.setup()"
+    return captured
+
+
+def test_package_xml_is_format_3_with_required_depends():
+    root = ET.parse(REPO_ROOT / "package.xml").getroot()
+    assert root.tag == "package" and root.get("format") == "3"
+    assert _text(root, "name") == PACKAGE
+    assert _text(root, "version") == segmerge_ros.__version__ == "0.1.0"
+    assert _text(root, "license") == "Apache-2.0"
+    assert _text(root, "export/build_type") == "ament_python"
+    exec_depends = {e.text.strip() for e in root.iter("exec_depend")}
+    assert REQUIRED_EXEC_DEPENDS <= exec_depends, f"missing: {REQUIRED_EXEC_DEPENDS - exec_depends}"
+    test_depends = {e.text.strip() for e in root.iter("test_depend")}
+    assert REQUIRED_TEST_DEPENDS <= test_depends, f"missing: {REQUIRED_TEST_DEPENDS - test_depends}"
+    # torch is pip-only (no rosdep key), so it must not appear as a ROS dependency.
+    all_depends = {e.text.strip() for e in root.iter() if e.tag.endswith("depend") and e.text}
+    assert not {d for d in all_depends if "torch" in d}
+
+
+def test_package_xml_passes_catkin_pkg_validation():
+    from catkin_pkg.package import parse_package  # pinned in requirements-test.txt (colcon's parser)
+
+    package = parse_package(str(REPO_ROOT / "package.xml"))  # raises on format violations
+    package.validate()
+    assert package.package_format == 3 and package.name == PACKAGE
+
+
+def test_setup_py_metadata_and_entry_points(setup_kwargs):
+    assert setup_kwargs["name"] == PACKAGE
+    assert setup_kwargs["version"] == segmerge_ros.__version__
+    scripts = dict(
+        (name.strip(), target.strip())
+        for name, target in (line.split("=", 1) for line in setup_kwargs["entry_points"]["console_scripts"])
+    )
+    assert scripts == CONSOLE_SCRIPTS
+    packages = setup_kwargs["packages"]
+    assert PACKAGE in packages and f"{PACKAGE}.models" in packages
+    assert not any(p == "test" or p.startswith("test.") for p in packages)
+    assert set(setup_kwargs["install_requires"]) >= {"numpy", "opencv-python-headless", "safetensors", "torch"}
+
+
+def test_setup_py_data_files_use_globs_over_launch_and_config(setup_kwargs):
+    data_files = {dest: set(files) for dest, files in setup_kwargs["data_files"]}
+    assert data_files["share/ament_index/resource_index/packages"] == {f"resource/{PACKAGE}"}
+    assert data_files[f"share/{PACKAGE}"] == {"package.xml"}
+    launch = {f"launch/{p.name}" for p in (REPO_ROOT / "launch").glob("*.launch.py")}
+    config = {f"config/{p.name}" for p in REPO_ROOT.glob("config/*") if p.suffix in (".yaml", ".rviz")}
+    assert data_files[f"share/{PACKAGE}/launch"] == launch
+    assert data_files[f"share/{PACKAGE}/config"] == config
+    assert (REPO_ROOT / "resource" / PACKAGE).is_file()
+
+
+def test_setup_cfg_puts_scripts_where_ros2_run_looks():
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(REPO_ROOT / "setup.cfg")
+    assert config["develop"]["script_dir"] == f"$base/lib/{PACKAGE}"
+    assert config["install"]["install_scripts"] == f"$base/lib/{PACKAGE}"
+
+
+@pytest.fixture(scope="module")
+def colcon_install(tmp_path_factory) -> Path:
+    """`colcon build` of a copy holding only the package files; returns the install base."""
+    colcon = Path(sys.executable).with_name("colcon")
+    if not colcon.exists():
+        found = shutil.which("colcon")
+        if found is None:
+            pytest.fail("colcon not found: install requirements-test.txt (colcon-common-extensions)", pytrace=False)
+        colcon = Path(found)
+    work = tmp_path_factory.mktemp("colcon")
+    source = work / "src" / PACKAGE
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in PACKAGE_FILES:
+        origin = REPO_ROOT / name
+        if origin.is_dir():
+            shutil.copytree(origin, source / name, ignore=ignore)
+        elif origin.exists():
+            source.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(origin, source / name)
+    # Isolate from user colcon defaults/mixins and from any sourced ROS workspace.
+    env = {k: v for k, v in os.environ.items() if k not in ("AMENT_PREFIX_PATH", "COLCON_PREFIX_PATH")}
+    env["COLCON_HOME"] = str(work / "colcon_home")
+    command = [
+        str(colcon), "--log-base", str(work / "log"), "build",
+        "--base-paths", str(work / "src"),
+        "--build-base", str(work / "build"),
+        "--install-base", str(work / "install"),
+        "--event-handlers", "console_direct-", "summary-",
+    ]
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300,
+                            stdin=subprocess.DEVNULL)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, f"colcon build failed:\n{result.stdout}\n{result.stderr}"
+    assert elapsed < COLCON_BUILD_BUDGET_S, f"colcon build took {elapsed:.1f} s"
+    print(f"colcon build: {elapsed:.2f} s")
+    return work / "install"
+
+
+def test_colcon_install_layout(colcon_install):
+    prefix = colcon_install / PACKAGE
+    node = prefix / "lib" / PACKAGE / "segmerge_node"
+    assert node.is_file() and node.stat().st_mode & stat.S_IXUSR, f"{node} missing or not executable"
+    installed_scripts = {p.name for p in (prefix / "lib" / PACKAGE).iterdir()}
+    assert installed_scripts == set(CONSOLE_SCRIPTS)
+    assert (prefix / "share" / PACKAGE / "package.xml").read_bytes() == (REPO_ROOT / "package.xml").read_bytes()
+    assert (prefix / "share" / "ament_index" / "resource_index" / "packages" / PACKAGE).is_file()
+    site_packages = list(prefix.glob(f"lib/python3*/site-packages/{PACKAGE}"))
+    assert len(site_packages) == 1 and (site_packages[0] / "models" / "labels.py").is_file()
+
+
+@pytest.mark.parametrize("folder", ["launch", "config"])
+def test_colcon_installs_every_launch_and_config_file(colcon_install, folder):
+    # Every file there must be installed: one a glob in setup.py misses would be absent after `colcon build`.
+    installed_dir = colcon_install / PACKAGE / "share" / PACKAGE / folder
+    installed = {p.name for p in installed_dir.iterdir()} if installed_dir.is_dir() else set()
+    assert installed == _installable_files(folder)
+    for name in installed:
+        assert (installed_dir / name).read_bytes() == (REPO_ROOT / folder / name).read_bytes()
