@@ -1,0 +1,260 @@
+"""segmerge-bench: transformers' SegFormer, ours unmerged, each merge preset and a sweep of merge rates, side by side.
+
+Every row runs in this one process on the same weights and the same input; the rows are timed round-robin (one call
+of each per round) so that drift in machine load hits all of them alike. Times are the network alone (pixels in,
+logits at 1/4 out); pre- and post-processing are the same for every row and left out.
+
+Agreement is the share of pixels whose arg-max class equals the unmerged model's; mIoU is against ``--labels``.
+Both are computed on the logits upsampled to the image's resolution, as the node does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..merging.segformerpp import MAX_MERGE_RATE, NONE, MergeConfig, config_for_rate, preset
+from ..models.checkpoints import load_segformer
+from ..runtime.engine import parse_size, to_tensor
+from ..runtime.metrics import ConfusionMatrix
+from ..runtime.sources import IMAGE_SUFFIXES, read_rgb, shared_data_dir
+
+DEFAULT_FRAME = "segformerpp_cityscapes_frame/berlin_000543_000019_leftImg8bit.png"
+
+
+@dataclass
+class Row:
+    name: str
+    run: callable  # pixels -> logits
+    times_ms: list[float] = field(default_factory=list)
+    agreement: list[float] = field(default_factory=list)
+    max_diff_vs_hf: float | None = None
+    confusion: ConfusionMatrix | None = None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="segmerge-bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="segformer-b0", help="segformer-b0 .. segformer-b5 (default b0)")
+    parser.add_argument("--size", default=None, help="network input HxW, e.g. 1024x2048 (default: the image's size)")
+    parser.add_argument("--presets", default="hq,fast,2x2", help="comma-separated presets (default hq,fast,2x2)")
+    parser.add_argument("--rates", default="0.3,0.6,0.9", help="comma-separated merge rates to sweep ('' for none)")
+    parser.add_argument("--matching", default="global", choices=("global", "local"), help="matching for --rates rows")
+    parser.add_argument("--repeat", type=int, default=5, help="timed calls per row (median reported)")
+    parser.add_argument("--weights", default=None, help="checkpoint (hub folder or .pth); default random weights")
+    parser.add_argument("--image", default=None, help="an image or a folder of images (default: the Cityscapes frame)")
+    parser.add_argument("--labels", default=None, help="label image or folder (<stem>_trainIds.png or <stem>.png)")
+    parser.add_argument("--max-images", type=int, default=9, help="images used for agreement/mIoU (default 9)")
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers row even when installed")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    return parser.parse_args(argv)
+
+
+def find_images(image: str | None) -> list[Path]:
+    if image is None:
+        shared = shared_data_dir()
+        default = shared / DEFAULT_FRAME if shared else None
+        if default is None or not default.is_file():
+            return []
+        return [default]
+    path = Path(image)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not path.is_file():
+        raise SystemExit(f"segmerge-bench: image {path} does not exist")
+    return [path]
+
+
+def find_label(labels: str | None, image: Path) -> np.ndarray | None:
+    if labels is None:
+        return None
+    folder = Path(labels)
+    if folder.is_file():
+        candidates = [folder]
+    else:
+        candidates = [folder / f"{image.stem}_trainIds.png", folder / f"{image.stem}.png"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return cv2.imread(str(candidate), cv2.IMREAD_UNCHANGED)
+    raise SystemExit(f"segmerge-bench: no label for {image.name} in {labels}")
+
+
+def build_models(args: argparse.Namespace, device: torch.device):
+    """Our model and, when transformers is installed and the weights allow it, transformers' on the same weights."""
+    hf = None
+    try:
+        if args.no_hf:
+            raise ImportError
+        from transformers import SegformerConfig, SegformerForSemanticSegmentation
+    except ImportError:
+        SegformerForSemanticSegmentation = None
+    if args.weights:
+        loaded = load_segformer(args.weights, size=args.model)
+        ours, labels = loaded.model, loaded.labels
+        if SegformerForSemanticSegmentation is not None and loaded.format == "huggingface":
+            hf = SegformerForSemanticSegmentation.from_pretrained(str(loaded.source.parent), local_files_only=True)
+    elif SegformerForSemanticSegmentation is not None:
+        # Random weights through transformers' own initialisation, saved and loaded by our loader: same weights.
+        from ..models.segformer import mit_config
+
+        size = mit_config(args.model)
+        torch.manual_seed(0)
+        hf = SegformerForSemanticSegmentation(
+            SegformerConfig(
+                num_labels=19,
+                hidden_sizes=list(size.hidden_sizes),
+                depths=list(size.depths),
+                decoder_hidden_size=size.decoder_hidden_size,
+            )
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            hf.save_pretrained(folder)
+            loaded = load_segformer(folder)
+        ours, labels = loaded.model, loaded.labels
+    else:
+        from ..models.labels import CITYSCAPES
+        from ..models.segformer import SegFormer, mit_config
+
+        torch.manual_seed(0)
+        ours, labels = SegFormer(mit_config(args.model)).eval().fold_head(), CITYSCAPES
+    if hf is not None:
+        hf = hf.eval().to(device)
+    return ours.to(device), hf, labels
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    size = parse_size(args.size)
+    images = find_images(args.image)
+    if not images and size is None:
+        size = (1024, 2048)
+    ours, hf, labels = build_models(args, device)
+
+    merges: list[tuple[str, MergeConfig]] = [("unmerged", NONE)]
+    merges += [(name, preset(name)) for name in filter(None, args.presets.split(","))]
+    for text in filter(None, args.rates.split(",")):
+        rate = float(text)
+        if not 0.0 <= rate <= MAX_MERGE_RATE:
+            raise SystemExit(f"segmerge-bench: rate {rate} outside [0, {MAX_MERGE_RATE}]")
+        merges.append((f"rate={rate:g}", config_for_rate(rate, args.matching)))
+
+    rows = [Row(name, (lambda config: lambda x: ours(x, config))(config)) for name, config in merges]
+    if hf is not None:
+        rows.insert(0, Row("hf-transformers", lambda x: hf(pixel_values=x).logits))
+
+    if images:
+        first = read_rgb(images[0])
+    else:
+        first = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+    pixels = to_tensor(first, size, device)
+    shape = tuple(pixels.shape[-2:])
+    print(f"segmerge-bench: {args.model} at {shape[0]}x{shape[1]} on {device} ({torch.get_num_threads()} threads), "
+          f"{len(rows)} rows x {args.repeat} rounds", file=sys.stderr)
+
+    with torch.inference_mode():
+        # Quality: every row on every image (up to --max-images) against the unmerged row.
+        for image in images[: args.max_images] or [None]:
+            rgb = read_rgb(image) if image is not None else first
+            label = find_label(args.labels, image) if image is not None else None
+            x = to_tensor(rgb, size, device)
+            outputs = {row.name: row.run(x) for row in rows}
+            reference = _upsampled_argmax(outputs["unmerged"], rgb.shape[:2])
+            for row in rows:
+                prediction = _upsampled_argmax(outputs[row.name], rgb.shape[:2])
+                row.agreement.append(float((prediction == reference).float().mean()))
+                if hf is not None and row.name != "hf-transformers":
+                    diff = (outputs[row.name] - outputs["hf-transformers"]).abs().max().item()
+                    row.max_diff_vs_hf = max(row.max_diff_vs_hf or 0.0, diff)
+                if label is not None:
+                    row.confusion = row.confusion or ConfusionMatrix(len(labels.classes))
+                    row.confusion.update(prediction.cpu().numpy(), label)
+        # Speed: round-robin over the rows, on the first image.
+        for row in rows:
+            row.run(pixels)  # warm-up
+        for _ in range(args.repeat):
+            for row in rows:
+                _sync(device)
+                start = time.perf_counter()
+                row.run(pixels)
+                _sync(device)
+                row.times_ms.append((time.perf_counter() - start) * 1e3)
+
+    result = _results(args, device, shape, rows)
+    _print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(dim=1)[0]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _results(args, device, shape, rows: list[Row]) -> dict:
+    medians = {row.name: statistics.median(row.times_ms) for row in rows}
+    hf_ms = medians.get("hf-transformers")
+    return {
+        "device": _device_name(device),
+        "model": args.model,
+        "size": list(shape),
+        "rows": [
+            {
+                "name": row.name,
+                "median_ms": round(medians[row.name], 3),
+                "speedup_vs_hf": round(hf_ms / medians[row.name], 3) if hf_ms else None,
+                "speedup_vs_unmerged": round(medians["unmerged"] / medians[row.name], 3),
+                "agreement_vs_unmerged": round(statistics.mean(row.agreement), 4),
+                "max_abs_logit_diff_vs_hf": None if row.max_diff_vs_hf is None else float(f"{row.max_diff_vs_hf:.3g}"),
+                "miou": None if row.confusion is None else round(row.confusion.miou, 4),
+            }
+            for row in rows
+        ],
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _print_table(result: dict) -> None:
+    print(f"\n{result['model']}  {result['size'][0]}x{result['size'][1]}  {result['device']}")
+    header = f"{'name':<16} {'median ms':>10} {'x vs hf':>8} {'x vs unmerged':>13} {'agreement':>9} {'max|dlogit| hf':>14} {'mIoU':>6}"
+    print(header)
+    print("-" * len(header))
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    for row in result["rows"]:
+        print(
+            f"{row['name']:<16} {row['median_ms']:>10.1f} {fmt(row['speedup_vs_hf'], '>8.2f')} "
+            f"{row['speedup_vs_unmerged']:>13.2f} {row['agreement_vs_unmerged']:>9.4f} "
+            f"{fmt(row['max_abs_logit_diff_vs_hf'], '>14.2e')} {fmt(row['miou'], '>6.3f')}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
