@@ -58,6 +58,16 @@ def mit_config(name: str, **overrides) -> MiTConfig:
     return replace(MIT_CONFIGS[key], **overrides)
 
 
+def tokens_to_nchw(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h*w, C) tokens as a (B, C, h, w) channels-last view: convolutions read it without a transpose copy."""
+    return tokens.view(tokens.shape[0], h, w, tokens.shape[2]).permute(0, 3, 1, 2)
+
+
+def nchw_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) back to (B, h*w, C); free for channels-last tensors."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+
 class PatchEmbed(nn.Module):
     """Overlapping patch embedding: a strided conv, then LayerNorm on the tokens."""
 
@@ -69,7 +79,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         x = self.proj(x)
         h, w = x.shape[-2:]
-        return self.norm(x.flatten(2).transpose(1, 2)), h, w
+        return self.norm(nchw_to_tokens(x)), h, w
 
 
 class EfficientAttention(nn.Module):
@@ -91,9 +101,9 @@ class EfficientAttention(nn.Module):
         batch, _, dim = x.shape
         kv, kv_h, kv_w = x, h, w
         if self.sr_ratio > 1:
-            reduced = self.sr(x.transpose(1, 2).reshape(batch, dim, h, w))
+            reduced = self.sr(tokens_to_nchw(x, h, w))
             kv_h, kv_w = reduced.shape[-2:]
-            kv = self.sr_norm(reduced.flatten(2).transpose(1, 2))
+            kv = self.sr_norm(nchw_to_tokens(reduced))
         if merge.kv_rate > 0:
             kv = kv_merge(kv, kv_h, kv_w, merge)
         queries, unmerge = (x, None)
@@ -119,9 +129,7 @@ class MixFFN(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        x = self.fc1(x)
-        batch, _, hidden = x.shape
-        x = self.dwconv(x.transpose(1, 2).reshape(batch, hidden, h, w)).flatten(2).transpose(1, 2)
+        x = nchw_to_tokens(self.dwconv(tokens_to_nchw(self.fc1(x), h, w)))
         return self.fc2(F.gelu(x))
 
 
@@ -154,8 +162,7 @@ class Stage(nn.Module):
         tokens, h, w = self.patch_embed(x)
         for block in self.blocks:
             tokens = block(tokens, h, w, merge)
-        tokens = self.norm(tokens)
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+        return tokens_to_nchw(self.norm(tokens), h, w)
 
 
 class MixTransformer(nn.Module):
@@ -220,9 +227,10 @@ class DecodeHead(nn.Module):
 class FoldedHead(nn.Module):
     """The decode head with its linear part folded per stage: exact, and far cheaper at 1/4 resolution.
 
-    For each stage ``i`` the fuse conv's slice and the BatchNorm scale fold into one 1x1 map applied at that stage's
-    own resolution (after the stage's own conv+BN+ReLU for the mmseg layout); the maps are upsampled and summed, the
-    BatchNorm shift added once, then ReLU and the classifier.
+    For each stage ``i`` the fuse conv's slice and the BatchNorm scale fold into one per-pixel linear map applied at
+    that stage's own resolution (after the stage's own conv+BN+ReLU for the mmseg layout); the maps are upsampled
+    and summed in place, with the BatchNorm shift added once, then ReLU and the classifier. Everything runs
+    channels-last, so every per-pixel map is one matrix product.
     """
 
     def __init__(self, head: DecodeHead):
@@ -232,32 +240,35 @@ class FoldedHead(nn.Module):
         scale = bn.weight.detach() / torch.sqrt(bn.running_var.detach() + bn.eps)
         shift = bn.bias.detach() - bn.running_mean.detach() * scale
         fuse = head.fuse.weight.detach().flatten(1)  # (width, 4 * width)
-        slice_of_stage = {stage: slot for slot, stage in enumerate(head.concat_order())}
+        slot_of_stage = {stage: slot for slot, stage in enumerate(head.concat_order())}
         self.stage_act = nn.ModuleList()
-        self.stage_maps = nn.ModuleList()
-        bias_total = shift.clone()
+        weights, bias = [], shift.clone()
         for stage, proj in enumerate(head.proj):
-            slot = slice_of_stage[stage]
+            slot = slot_of_stage[stage]
             block = scale[:, None] * fuse[:, slot * width : (slot + 1) * width]  # (width, width)
             if head.layout == "mlp":
-                weight = block @ proj.weight.detach().flatten(1)
-                bias_total += block @ proj.bias.detach()
+                weights.append(block @ proj.weight.detach().flatten(1))
+                bias += block @ proj.bias.detach()
                 self.stage_act.append(nn.Identity())
             else:
-                weight = block
+                weights.append(block)
                 self.stage_act.append(proj)
-            conv = nn.Conv2d(weight.shape[1], width, 1, bias=False)
-            conv.weight.data.copy_(weight[:, :, None, None])
-            self.stage_maps.append(conv)
-        self.register_buffer("bias", bias_total.view(1, width, 1, 1))
-        self.classifier = head.classifier
+        self.stage_weights = [w.contiguous() for w in weights]
+        self.bias = bias  # bilinear upsampling keeps constants, so the summed shift can ride on stage 1
+        self.classifier_weight = head.classifier.weight.detach().flatten(1)
+        self.classifier_bias = head.classifier.bias.detach()
+
+    @staticmethod
+    def _per_pixel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """A 1x1 conv as one matrix product on the channels-last view; returns a channels-last NCHW view."""
+        return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         size = features[0].shape[-2:]
-        total = self.stage_maps[0](self.stage_act[0](features[0])) + self.bias
-        for act, stage_map, f in zip(self.stage_act[1:], self.stage_maps[1:], features[1:]):
-            total = total + F.interpolate(stage_map(act(f)), size=size, mode="bilinear", align_corners=False)
-        return self.classifier(F.relu(total))
+        total = self._per_pixel(self.stage_act[0](features[0]), self.stage_weights[0], self.bias)
+        for act, weight, f in zip(self.stage_act[1:], self.stage_weights[1:], features[1:]):
+            total.add_(F.interpolate(self._per_pixel(act(f), weight, None), size=size, mode="bilinear", align_corners=False))
+        return self._per_pixel(total.relu_(), self.classifier_weight, self.classifier_bias)
 
 
 class SegFormer(nn.Module):
