@@ -13,7 +13,7 @@ only on the input resolution and the configuration, never on the image content.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -59,14 +59,24 @@ class MergeConfig:
         default_factory=lambda: (StageMerge(),) * 4
     )
     name: str = "custom"
+    # Run the head's per-pixel layers on 2x2-merged pixels (1/8 of the input instead of 1/4): the head's sum,
+    # ReLU and classifier touch a quarter of the pixels; the logits come out at 1/8.
+    head_stride: int = 1
+    # Run the whole network on the input scaled by this factor (the paper's "downsample" baseline): the coarsest
+    # and strongest knob, used only at the top of the ladder.
+    input_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if len(self.stages) != 4:
             raise ValueError(f"a MergeConfig needs 4 stages, got {len(self.stages)}")
+        if self.head_stride not in (1, 2):
+            raise ValueError(f"head_stride must be 1 or 2, got {self.head_stride}")
+        if not 0.25 <= self.input_scale <= 1.0:
+            raise ValueError(f"input_scale must lie in [0.25, 1], got {self.input_scale}")
 
     @property
     def is_identity(self) -> bool:
-        return all(stage.is_identity for stage in self.stages)
+        return self.head_stride == 1 and self.input_scale == 1.0 and all(s.is_identity for s in self.stages)
 
 
 NONE = MergeConfig(name="none")
@@ -106,6 +116,42 @@ def config_for_rate(rate: float, matching: str = "global") -> MergeConfig:
     q_rate = rate * 4.0 / 3.0 if rate <= 0.6 else 0.8 + (rate - 0.6) / 3.0
     q = StageMerge(q_rate=round(q_rate, 6), q_cell=(4, 4), matching=matching)
     return MergeConfig((kv, kv, q, q), name=f"rate={rate:g}")
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One step of the merge-rate ladder: merge rates from ``rate`` up to the next rung's select ``config``."""
+
+    rate: float
+    config: MergeConfig
+
+
+def _rung(rate: float, name: str, base: MergeConfig, head_stride: int = 2, input_scale: float = 1.0) -> Rung:
+    return Rung(rate, replace(base, name=name, head_stride=head_stride, input_scale=input_scale))
+
+
+# The ladder behind the node's scalar merge_rate, ordered by latency measured with segmerge-bench (SegFormer-B0,
+# 2-core CPU, 512x1024 and 1024x2048; docs/benchmarks.md) and by FLOPs (test_ladder.py). Cheapest quality first:
+# the head on 2x2-merged pixels costs ~1.5 % agreement and saves a quarter of the time; then Segformer++ attention
+# merging at rising rates; the top rungs also scale the input, the only knob with real authority at 640x480.
+LADDER: tuple[Rung, ...] = (
+    Rung(0.0, NONE),
+    _rung(0.1, "head2", NONE),
+    _rung(0.2, "head2+rate0.3", config_for_rate(0.3)),
+    _rung(0.35, "head2+hq", PRESETS["hq"]),
+    _rung(0.5, "head2+rate0.75", config_for_rate(0.75)),
+    _rung(0.6, "head2+fast", PRESETS["fast"]),
+    _rung(0.7, "head2+fast+scale0.875", PRESETS["fast"], input_scale=0.875),
+    _rung(0.8, "head2+fast+scale0.75", PRESETS["fast"], input_scale=0.75),
+    _rung(0.9, "head2+fast+scale0.625", PRESETS["fast"], input_scale=0.625),
+)
+
+
+def rung_for_rate(rate: float, ladder: tuple[Rung, ...] = LADDER) -> Rung:
+    """The highest rung whose rate is at most ``rate`` (rate in [0, 0.95])."""
+    if not 0.0 <= rate <= MAX_MERGE_RATE:
+        raise ValueError(f"merge rate must lie in [0, {MAX_MERGE_RATE}], got {rate}")
+    return [rung for rung in ladder if rung.rate <= rate + 1e-9][-1]
 
 
 def merge_count(rate: float, num_tokens: int) -> int:

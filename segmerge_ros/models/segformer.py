@@ -263,16 +263,21 @@ class FoldedHead(nn.Module):
         """A 1x1 conv as one matrix product on the channels-last view; returns a channels-last NCHW view."""
         return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        size = features[0].shape[-2:]
-        total = self._per_pixel(self.stage_act[0](features[0]), self.stage_weights[0], self.bias)
+    def forward(self, features: list[torch.Tensor], stride: int = 1) -> torch.Tensor:
+        first = self.stage_act[0](features[0])
+        if stride > 1:
+            # Linear per-pixel map: pooling its input equals pooling its output, at 1/8 the channels' cost.
+            first = F.avg_pool2d(first, stride, stride, ceil_mode=True)
+        size = first.shape[-2:]
+        total = self._per_pixel(first, self.stage_weights[0], self.bias)
         for act, weight, f in zip(self.stage_act[1:], self.stage_weights[1:], features[1:]):
             total.add_(F.interpolate(self._per_pixel(act(f), weight, None), size=size, mode="bilinear", align_corners=False))
         return self._per_pixel(total.relu_(), self.classifier_weight, self.classifier_bias)
 
 
 class SegFormer(nn.Module):
-    """MiT encoder + decode head. ``forward`` returns logits at 1/4 of the input resolution."""
+    """MiT encoder + decode head. ``forward`` returns logits at 1/4 of the input resolution (smaller with a merge
+    configuration's ``head_stride=2`` or ``input_scale < 1``: callers upsample to the frame's size)."""
 
     def __init__(self, config: MiTConfig):
         super().__init__()
@@ -294,6 +299,13 @@ class SegFormer(nn.Module):
         return result
 
     def forward(self, pixels: torch.Tensor, merge: MergeConfig = NONE) -> torch.Tensor:
+        if merge.input_scale != 1.0:
+            height, width = pixels.shape[-2:]
+            size = (max(32, round(height * merge.input_scale)), max(32, round(width * merge.input_scale)))
+            pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
         features = self.encoder(pixels, merge)
-        head = self.folded_head if self.folded_head is not None and not self.training else self.head
-        return head(features)
+        if self.folded_head is not None and not self.training:
+            return self.folded_head(features, merge.head_stride)
+        if merge.head_stride != 1:
+            raise ValueError("head_stride > 1 needs the folded head: call fold_head() and use eval mode")
+        return self.head(features)

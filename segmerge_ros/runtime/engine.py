@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..merging.segformerpp import MAX_MERGE_RATE, NONE, MergeConfig, config_for_rate, preset
+from ..merging.segformerpp import LADDER, MAX_MERGE_RATE, NONE, MergeConfig, preset, rung_for_rate
 from ..models.checkpoints import load_segformer
 from ..models.labels import LabelSet, label_set
 from ..models.segformer import SegFormer, mit_config
@@ -129,15 +129,20 @@ class SegmentationEngine:
         return self._merge_rate
 
     @property
+    def ladder_rates(self) -> list[float]:
+        """The merge rates at which the configuration changes (the rungs' lower ends)."""
+        return [rung.rate for rung in LADDER]
+
+    @property
     def merge_config(self) -> MergeConfig:
         return self._merge
 
     def set_merge_rate(self, rate: float) -> None:
-        """Set the scalar merge rate in [0, 0.95]; applied from the next ``infer``."""
+        """Set the scalar merge rate in [0, 0.95] (a rung of ``LADDER``); applied from the next ``infer``."""
         rate = float(rate)
         if not 0.0 <= rate <= MAX_MERGE_RATE:
             raise ValueError(f"merge_rate must lie in [0, {MAX_MERGE_RATE}], got {rate}")
-        config = config_for_rate(rate)
+        config = rung_for_rate(rate).config
         with self._lock:
             self._merge, self._merge_rate = config, rate
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..merging.segformerpp import MAX_MERGE_RATE, NONE, MergeConfig, config_for_rate, preset
+from ..merging.segformerpp import LADDER, MAX_MERGE_RATE, NONE, MergeConfig, config_for_rate, preset, rung_for_rate
 from ..models.checkpoints import load_segformer
 from ..runtime.engine import parse_size, to_tensor
 from ..runtime.metrics import ConfusionMatrix
@@ -37,6 +37,7 @@ DEFAULT_FRAME = "segformerpp_cityscapes_frame/berlin_000543_000019_leftImg8bit.p
 class Row:
     name: str
     run: callable  # pixels -> logits
+    config: str = ""  # the merge configuration behind the row
     times_ms: list[float] = field(default_factory=list)
     agreement: list[float] = field(default_factory=list)
     max_diff_vs_hf: float | None = None
@@ -48,8 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="segformer-b0", help="segformer-b0 .. segformer-b5 (default b0)")
     parser.add_argument("--size", default=None, help="network input HxW, e.g. 1024x2048 (default: the image's size)")
     parser.add_argument("--presets", default="hq,fast,2x2", help="comma-separated presets (default hq,fast,2x2)")
-    parser.add_argument("--rates", default="0.3,0.6,0.9", help="comma-separated merge rates to sweep ('' for none)")
-    parser.add_argument("--matching", default="global", choices=("global", "local"), help="matching for --rates rows")
+    parser.add_argument(
+        "--rates", default="ladder", help="merge rates to sweep: 'ladder' (every rung), a comma-separated list, or ''"
+    )
+    parser.add_argument(
+        "--attention-rates", default="", help="Segformer++ attention-only rates (the continuous mapping), e.g. 0.3,0.9"
+    )
+    parser.add_argument("--matching", default="global", choices=("global", "local"), help="for --attention-rates")
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per row (median reported)")
     parser.add_argument("--weights", default=None, help="checkpoint (hub folder or .pth); default random weights")
     parser.add_argument("--image", default=None, help="an image or a folder of images (default: the Cityscapes frame)")
@@ -60,6 +66,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     return parser.parse_args(argv)
+
+
+def _floats(text: str) -> list[float]:
+    values = [float(v) for v in text.split(",") if v.strip()]
+    for value in values:
+        if not 0.0 <= value <= MAX_MERGE_RATE:
+            raise SystemExit(f"segmerge-bench: rate {value} outside [0, {MAX_MERGE_RATE}]")
+    return values
 
 
 def find_images(image: str | None) -> list[Path]:
@@ -147,15 +161,15 @@ def main(argv: list[str] | None = None) -> int:
 
     merges: list[tuple[str, MergeConfig]] = [("unmerged", NONE)]
     merges += [(name, preset(name)) for name in filter(None, args.presets.split(","))]
-    for text in filter(None, args.rates.split(",")):
-        rate = float(text)
-        if not 0.0 <= rate <= MAX_MERGE_RATE:
-            raise SystemExit(f"segmerge-bench: rate {rate} outside [0, {MAX_MERGE_RATE}]")
-        merges.append((f"rate={rate:g}", config_for_rate(rate, args.matching)))
+    rates = [rung.rate for rung in LADDER[1:]] if args.rates == "ladder" else _floats(args.rates)
+    for rate in rates:
+        merges.append((f"rate={rate:g}", rung_for_rate(rate).config))
+    for rate in _floats(args.attention_rates):
+        merges.append((f"attn={rate:g}/{args.matching}", config_for_rate(rate, args.matching)))
 
-    rows = [Row(name, (lambda config: lambda x: ours(x, config))(config)) for name, config in merges]
+    rows = [Row(name, (lambda config: lambda x: ours(x, config))(config), config.name) for name, config in merges]
     if hf is not None:
-        rows.insert(0, Row("hf-transformers", lambda x: hf(pixel_values=x).logits))
+        rows.insert(0, Row("hf-transformers", lambda x: hf(pixel_values=x).logits, "transformers"))
 
     if images:
         first = read_rgb(images[0])
@@ -177,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows:
                 prediction = _upsampled_argmax(outputs[row.name], rgb.shape[:2])
                 row.agreement.append(float((prediction == reference).float().mean()))
-                if hf is not None and row.name != "hf-transformers":
+                same_shape = hf is not None and outputs[row.name].shape == outputs["hf-transformers"].shape
+                if same_shape and row.name != "hf-transformers":
                     diff = (outputs[row.name] - outputs["hf-transformers"]).abs().max().item()
                     row.max_diff_vs_hf = max(row.max_diff_vs_hf or 0.0, diff)
                 if label is not None:
@@ -221,6 +236,7 @@ def _results(args, device, shape, rows: list[Row]) -> dict:
         "rows": [
             {
                 "name": row.name,
+                "config": row.config,
                 "median_ms": round(medians[row.name], 3),
                 "speedup_vs_hf": round(hf_ms / medians[row.name], 3) if hf_ms else None,
                 "speedup_vs_unmerged": round(medians["unmerged"] / medians[row.name], 3),
@@ -241,7 +257,7 @@ def _device_name(device: torch.device) -> str:
 
 def _print_table(result: dict) -> None:
     print(f"\n{result['model']}  {result['size'][0]}x{result['size'][1]}  {result['device']}")
-    header = f"{'name':<16} {'median ms':>10} {'x vs hf':>8} {'x vs unmerged':>13} {'agreement':>9} {'max|dlogit| hf':>14} {'mIoU':>6}"
+    header = f"{'name':<12} {'config':<24} {'median ms':>10} {'x vs hf':>8} {'x vs unmerged':>13} {'agreement':>9} {'max|dlogit| hf':>14} {'mIoU':>6}"
     print(header)
     print("-" * len(header))
 
@@ -250,7 +266,7 @@ def _print_table(result: dict) -> None:
 
     for row in result["rows"]:
         print(
-            f"{row['name']:<16} {row['median_ms']:>10.1f} {fmt(row['speedup_vs_hf'], '>8.2f')} "
+            f"{row['name']:<12} {row['config']:<24} {row['median_ms']:>10.1f} {fmt(row['speedup_vs_hf'], '>8.2f')} "
             f"{row['speedup_vs_unmerged']:>13.2f} {row['agreement_vs_unmerged']:>9.4f} "
             f"{fmt(row['max_abs_logit_diff_vs_hf'], '>14.2e')} {fmt(row['miou'], '>6.3f')}"
         )
