@@ -101,3 +101,18 @@ def test_merge_settings_change_between_calls_without_rebuilding():
         again = model(pixels)
     assert torch.equal(plain, again)
     assert not torch.equal(plain, fast)
+
+
+def test_ffn_merging_is_switchable_and_exact_when_off():
+    from segmerge_ros.merging.segformerpp import MergeConfig, StageMerge
+
+    torch.manual_seed(5)
+    model = SegFormer(mit_config("b0")).eval().fold_head()
+    pixels = torch.randn(1, 3, 96, 160)
+    ffn_off = MergeConfig((StageMerge(ffn_rate=0.0),) * 4)
+    ffn_on = MergeConfig((StageMerge(ffn_rate=0.5, matching="local"),) * 2 + (StageMerge(),) * 2)
+    with torch.no_grad():
+        plain = model(pixels)
+        assert torch.equal(plain, model(pixels, ffn_off))
+        merged = model(pixels, ffn_on)
+    assert merged.shape == plain.shape and not torch.equal(merged, plain)

@@ -33,9 +33,14 @@ class StageMerge:
     kv_cell: tuple[int, int] = (2, 2)
     q_pool: tuple[int, int] = (1, 1)  # average-pool the queries with this stride instead of matching them
     matching: str = "global"  # "global" (Segformer++) or "local" (own cell only, O(N))
+    # Mix-FFN on merged tokens: its two per-token linears see merged tokens, the 3x3 depthwise conv the full grid
+    # (unmerge before it, merge again after it). Measured slower than unmerged on CPU (docs/benchmarks.md), so no
+    # ladder rung uses it; kept switchable for GPUs, where gathers are cheap relative to the matrix products.
+    ffn_rate: float = 0.0
+    ffn_cell: tuple[int, int] = (2, 2)
 
     def __post_init__(self) -> None:
-        for name in ("q_rate", "kv_rate"):
+        for name in ("q_rate", "kv_rate", "ffn_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
@@ -48,7 +53,7 @@ class StageMerge:
 
     @property
     def is_identity(self) -> bool:
-        return not self.merges_queries and self.kv_rate == 0
+        return not self.merges_queries and self.kv_rate == 0 and self.ffn_rate == 0
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,15 @@ def query_merge(tokens: torch.Tensor, h: int, w: int, stage: StageMerge) -> tupl
     sy, sx = stage.q_cell
     merge, unmerge = bipartite_soft_matching_2d(tokens, h, w, sx, sy, r, stage.matching)
     return merge(tokens), unmerge
+
+
+def ffn_merge(tokens: torch.Tensor, h: int, w: int, stage: StageMerge) -> tuple[MergeFn, MergeFn] | None:
+    """Merge/unmerge closures for the Mix-FFN's per-token linears, or None when the stage does not merge there."""
+    r = merge_count(stage.ffn_rate, h * w)
+    if r <= 0:
+        return None
+    sy, sx = stage.ffn_cell
+    return bipartite_soft_matching_2d(tokens, h, w, sx, sy, r, stage.matching)
 
 
 def _pool_queries(tokens: torch.Tensor, h: int, w: int, stride: tuple[int, int]) -> tuple[torch.Tensor, MergeFn]:

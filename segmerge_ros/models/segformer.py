@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..merging.segformerpp import NONE, MergeConfig, StageMerge, kv_merge, query_merge
+from ..merging.segformerpp import NONE, MergeConfig, StageMerge, ffn_merge, kv_merge, query_merge
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,15 @@ class MixFFN(nn.Module):
         self.dwconv = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        x = nchw_to_tokens(self.dwconv(tokens_to_nchw(self.fc1(x), h, w)))
-        return self.fc2(F.gelu(x))
+    def forward(self, x: torch.Tensor, h: int, w: int, merge: StageMerge | None = None) -> torch.Tensor:
+        closures = ffn_merge(x, h, w, merge) if merge is not None and merge.ffn_rate > 0 else None
+        if closures is None:
+            x = nchw_to_tokens(self.dwconv(tokens_to_nchw(self.fc1(x), h, w)))
+            return self.fc2(F.gelu(x))
+        merge_tokens, unmerge = closures
+        hidden = unmerge(self.fc1(merge_tokens(x)))  # the depthwise conv needs the full grid
+        hidden = F.gelu(nchw_to_tokens(self.dwconv(tokens_to_nchw(hidden, h, w))))
+        return unmerge(self.fc2(merge_tokens(hidden)))
 
 
 class Block(nn.Module):
@@ -143,7 +149,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, h: int, w: int, merge: StageMerge) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), h, w, merge)
-        return x + self.ffn(self.norm2(x), h, w)
+        return x + self.ffn(self.norm2(x), h, w, merge)
 
 
 class Stage(nn.Module):
