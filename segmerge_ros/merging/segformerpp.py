@@ -154,6 +154,17 @@ LADDER: tuple[Rung, ...] = (
 )
 
 
+# Measured variants that no rung uses (segmerge-bench --presets accepts these names too).
+EXPERIMENTS: dict[str, MergeConfig] = {
+    "ffn0.5-local": MergeConfig((StageMerge(ffn_rate=0.5, matching="local"),) * 2 + (StageMerge(),) * 2, name="ffn0.5-local"),
+    "ffn0.5-global": MergeConfig((StageMerge(ffn_rate=0.5),) * 2 + (StageMerge(),) * 2, name="ffn0.5-global"),
+    "q12-0.5-local": MergeConfig(
+        (StageMerge(q_rate=0.5, q_cell=(2, 2), matching="local"),) * 2 + (StageMerge(),) * 2, name="q12-0.5-local"
+    ),
+    "attn0.9-local": config_for_rate(0.9, matching="local"),
+}
+
+
 def rung_for_rate(rate: float, ladder: tuple[Rung, ...] = LADDER) -> Rung:
     """The highest rung whose rate is at most ``rate`` (rate in [0, 0.95])."""
     if not 0.0 <= rate <= MAX_MERGE_RATE:

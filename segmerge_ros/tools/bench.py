@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..merging.segformerpp import LADDER, MAX_MERGE_RATE, NONE, MergeConfig, config_for_rate, preset, rung_for_rate
+from ..merging.segformerpp import EXPERIMENTS, LADDER, MAX_MERGE_RATE, NONE, MergeConfig, config_for_rate, preset, rung_for_rate
 from ..models.checkpoints import load_segformer
 from ..runtime.engine import parse_size, to_tensor
 from ..runtime.metrics import ConfusionMatrix
@@ -48,7 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="segmerge-bench", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="segformer-b0", help="segformer-b0 .. segformer-b5 (default b0)")
     parser.add_argument("--size", default=None, help="network input HxW, e.g. 1024x2048 (default: the image's size)")
-    parser.add_argument("--presets", default="hq,fast,2x2", help="comma-separated presets (default hq,fast,2x2)")
+    parser.add_argument(
+        "--presets", default="hq,fast,2x2", help="comma-separated presets or EXPERIMENTS names (default hq,fast,2x2)"
+    )
     parser.add_argument(
         "--rates", default="ladder", help="merge rates to sweep: 'ladder' (every rung), a comma-separated list, or ''"
     )
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ours, hf, labels = build_models(args, device)
 
     merges: list[tuple[str, MergeConfig]] = [("unmerged", NONE)]
-    merges += [(name, preset(name)) for name in filter(None, args.presets.split(","))]
+    merges += [(name, EXPERIMENTS.get(name) or preset(name)) for name in filter(None, args.presets.split(","))]
     rates = [rung.rate for rung in LADDER[1:]] if args.rates == "ladder" else _floats(args.rates)
     for rate in rates:
         merges.append((f"rate={rate:g}", rung_for_rate(rate).config))
