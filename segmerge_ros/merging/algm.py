@@ -48,7 +48,8 @@ def window_scores(patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     batch, _, dim = patches.shape
     rows, cols = grid[0] // 2, grid[1] // 2
     grid_tokens = patches.reshape(batch, grid[0], grid[1], dim)[:, : rows * 2, : cols * 2]
-    windows = grid_tokens.reshape(batch, rows, 2, cols, 2, dim).permute(0, 1, 3, 2, 4, 5).reshape(batch, rows, cols, 4, dim)
+    windows = grid_tokens.reshape(batch, rows, 2, cols, 2, dim).permute(0, 1, 3, 2, 4, 5)
+    windows = windows.reshape(batch, rows, cols, 4, dim)
     unit = torch.nn.functional.normalize(windows, dim=-1)
     similarity = unit @ unit.transpose(-1, -2)
     off_diagonal = similarity.sum((-1, -2)) - similarity.diagonal(dim1=-2, dim2=-1).sum(-1)
@@ -144,6 +145,8 @@ class ALGMSegmenter(SegmenterViT):
         self.global_block = global_block
         self.proportional_attention = proportional_attention
         self.last_token_counts: dict[str, list[int]] = {}
+        # The rate that set_merge_rate maps onto this threshold (0 when off).
+        self.merge_rate = min(0.95, max(0.0, (1.0 - self.local_threshold) / 0.25))
 
     def method_config(self) -> dict:
         return {

@@ -105,7 +105,10 @@ class ClustViTSegmenter(SegmenterViT):
         self.cluster_hidden = cluster_hidden
         self.cluster_loss_weight = cluster_loss_weight
         self.active_clusters = num_clusters
-        self.cluster = nn.Sequential(nn.Linear(dim, cluster_hidden), nn.GELU(), nn.Linear(cluster_hidden, num_clusters + 1))
+        self.merge_rate = 0.95  # all k clusters: the trained behaviour
+        self.cluster = nn.Sequential(
+            nn.Linear(dim, cluster_hidden), nn.GELU(), nn.Linear(cluster_hidden, num_clusters + 1)
+        )
         self.regenerator = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, dim))
         self.last_token_counts: list[int] = []
         for module in (self.cluster, self.regenerator):

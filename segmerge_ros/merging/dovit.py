@@ -74,6 +74,8 @@ class DoViTSegmenter(SegmenterViT):
             nn.Sequential(nn.LayerNorm(dim, eps=config.ln_eps), nn.Linear(dim, config.num_classes)) for _ in exit_blocks
         )
         self.last_token_counts: list[list[int]] = []
+        # The rate that set_merge_rate maps onto this confidence (0 when off).
+        self.merge_rate = min(0.95, max(0.0, (1.0 - self.exit_confidence) / 0.15))
 
     def method_config(self) -> dict:
         return {

@@ -35,7 +35,8 @@ def merge_groups(
     """
     batch, _, dim = x.shape
     weights = size.to(x.dtype)
-    summed = x.new_zeros(batch, num_groups, dim).scatter_add(1, group[..., None].expand(-1, -1, dim), x * weights[..., None])
+    index = group[..., None].expand(-1, -1, dim)
+    summed = x.new_zeros(batch, num_groups, dim).scatter_add(1, index, x * weights[..., None])
     new_size = size.new_zeros(batch, num_groups).scatter_add(1, group, size)
     merged = summed / new_size.clamp_min(1e-12).to(x.dtype)[..., None]
     return merged, new_size
