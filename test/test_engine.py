@@ -64,3 +64,17 @@ def test_parse_size():
 def test_bad_frame_is_rejected_clearly(engine):
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         engine.infer(np.zeros((10, 10), np.uint8))
+
+
+@pytest.mark.parametrize("name", ["segmenter-vit-t-linear", "algm-vit-t-linear", "dovit-vit-t-linear", "clustvit-vit-t-linear"])
+def test_vit_families_run_in_the_engine_with_their_own_merge_control(name):
+    engine = SegmentationEngine(model=name, input_size="96x128")
+    rgb = np.random.default_rng(2).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    plain = engine.infer(rgb)
+    assert plain.class_map.shape == (90, 120) and engine.family == name.split("-")[0]
+    engine.set_merge_rate(0.9)
+    merged = engine.infer(rgb)
+    assert merged.merge_rate == 0.9 and engine.model.merge_rate == 0.9
+    assert merged.class_map.shape == (90, 120)
+    with pytest.raises(ValueError, match="SegFormer merge preset"):
+        engine.set_preset("hq")

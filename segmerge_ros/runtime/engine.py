@@ -10,9 +10,10 @@ frames (19 channels instead of 1 to resize) but gives blocky edges.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..merging.segformerpp import LADDER, MAX_MERGE_RATE, NONE, MergeConfig, preset, rung_for_rate
+from ..merging.vit_methods import build_vit_model, is_vit_model_name, load_vit_model, parse_vit_name
 from ..models.checkpoints import load_segformer
 from ..models.labels import LabelSet, label_set
 from ..models.segformer import SegFormer, mit_config
@@ -89,7 +91,12 @@ def logits_to_maps(logits: torch.Tensor, size: tuple[int, int], upsample: str = 
 
 
 class SegmentationEngine:
-    """Frame in, result out; the merge configuration can change between any two calls (thread-safe)."""
+    """Frame in, result out; the merge configuration can change between any two calls (thread-safe).
+
+    ``model`` names a SegFormer size (``segformer-b0`` .. ``b5``: Segformer++ merging, the merge-rate ladder) or a
+    plain-ViT family (``<segmenter|algm|clustvit|dovit>-vit-<t|s|b|l>[-linear|-mask]``: ``merge_rate`` maps onto
+    the method's own control, see ``merging/vit_methods.py``; presets are SegFormer's only).
+    """
 
     def __init__(
         self,
@@ -110,10 +117,19 @@ class SegmentationEngine:
         self.backend = backend
         self.upsample = upsample
         self.randomly_initialised = not weights
-        if weights:
+        self.family = "segformer"
+        if is_vit_model_name(model):
+            self.family = parse_vit_name(model)[0]
+            if weights:
+                self.model = load_vit_model(weights, family=self.family)
+            else:
+                torch.manual_seed(0)
+                self.model = build_vit_model(model, num_classes=num_classes).eval()
+            self.labels: LabelSet = label_set(self.model.config.labels)
+        elif weights:
             loaded = load_segformer(weights, size=model)
-            self.model: SegFormer = loaded.model
-            self.labels: LabelSet = loaded.labels
+            self.model = loaded.model
+            self.labels = loaded.labels
         else:
             torch.manual_seed(0)
             self.model = SegFormer(mit_config(model, num_classes=num_classes)).eval().fold_head()
@@ -122,7 +138,12 @@ class SegmentationEngine:
         self._lock = threading.Lock()
         self._merge: MergeConfig = NONE
         self._merge_rate = 0.0
+        self._vit_rate_applied: float | None = None
         self.set_preset(preset)
+
+    @property
+    def is_segformer(self) -> bool:
+        return self.family == "segformer"
 
     @property
     def merge_rate(self) -> float:
@@ -130,8 +151,8 @@ class SegmentationEngine:
 
     @property
     def ladder_rates(self) -> list[float]:
-        """The merge rates at which the configuration changes (the rungs' lower ends)."""
-        return [rung.rate for rung in LADDER]
+        """The merge rates at which the configuration changes (SegFormer's rungs; ViT methods are continuous)."""
+        return [rung.rate for rung in LADDER] if self.is_segformer else []
 
     @property
     def merge_config(self) -> MergeConfig:
@@ -142,13 +163,16 @@ class SegmentationEngine:
         rate = float(rate)
         if not 0.0 <= rate <= MAX_MERGE_RATE:
             raise ValueError(f"merge_rate must lie in [0, {MAX_MERGE_RATE}], got {rate}")
-        config = rung_for_rate(rate).config
+        rung = rung_for_rate(rate)
+        config = rung.config if self.is_segformer else replace(NONE, name=f"{self.family} rate={rate:g}")
         with self._lock:
             self._merge, self._merge_rate = config, rate
 
     def set_preset(self, name: str) -> None:
         """Use a named Segformer++ preset ("none", "hq", "fast", "2x2") instead of the scalar rate."""
         config = preset(name)
+        if not self.is_segformer and name != "none":
+            raise ValueError(f"preset {name!r} is a SegFormer merge preset; {self.family} models take merge_rate")
         with self._lock:
             self._merge = config
             self._merge_rate = 0.0 if name == "none" else float("nan")
@@ -157,17 +181,29 @@ class SegmentationEngine:
         with self._lock:
             self._merge, self._merge_rate = config, rate
 
+    def _run(self, pixels: torch.Tensor, merge: MergeConfig, rate: float) -> torch.Tensor:
+        if self.is_segformer:
+            return self.model(pixels, merge)
+        # ViT methods hold their control as state: change it here, on the inferring thread, between frames.
+        rate = 0.0 if math.isnan(rate) else rate
+        if rate != self._vit_rate_applied:
+            self.model.set_merge_rate(rate)
+            self._vit_rate_applied = rate
+        return self.model.segment(pixels)
+
     @torch.inference_mode()
     def logits(self, rgb: np.ndarray, merge: MergeConfig | None = None) -> torch.Tensor:
-        """The raw logits (1, K, h/4, w/4) for ``rgb`` at the network's input size."""
-        return self.model(to_tensor(rgb, self.input_size, self.device), merge if merge is not None else self._merge)
+        """The raw logits for ``rgb`` at the network's input size (1/4 of it for SegFormer)."""
+        with self._lock:
+            current, rate = self._merge, self._merge_rate
+        return self._run(to_tensor(rgb, self.input_size, self.device), merge if merge is not None else current, rate)
 
     @torch.inference_mode()
     def infer(self, rgb: np.ndarray) -> SegmentationResult:
         start = time.perf_counter()
         with self._lock:
             merge, rate = self._merge, self._merge_rate
-        logits = self.model(to_tensor(rgb, self.input_size, self.device), merge)
+        logits = self._run(to_tensor(rgb, self.input_size, self.device), merge, rate)
         class_map, confidence = logits_to_maps(logits, rgb.shape[:2], self.upsample)
         return SegmentationResult(class_map, confidence, (time.perf_counter() - start) * 1e3, rate, merge.name)
 
