@@ -19,6 +19,8 @@ setup(
     ],
     # Unbounded on purpose: requirements.txt pins the tested versions; bounds here would fight those pins.
     install_requires=["numpy", "opencv-python-headless", "safetensors", "torch"],
+    # TensorRT engines on CUDA machines and Jetsons (NVIDIA builds of torch-tensorrt matching the torch there).
+    extras_require={"tensorrt": ["torch-tensorrt"]},
     zip_safe=True,
     maintainer="segmerge maintainers",
     maintainer_email="segmerge@example.com",
@@ -31,6 +33,7 @@ setup(
             "segmerge-bench = segmerge_ros.tools.bench:main",
             "segmerge-demo = segmerge_ros.tools.demo:main",
             "segmerge-train = segmerge_ros.tools.train:main",
+            "segmerge-build-engines = segmerge_ros.tools.build_engines:main",
         ],
     },
 )

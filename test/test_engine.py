@@ -78,3 +78,12 @@ def test_vit_families_run_in_the_engine_with_their_own_merge_control(name):
     assert merged.class_map.shape == (90, 120)
     with pytest.raises(ValueError, match="SegFormer merge preset"):
         engine.set_preset("hq")
+
+
+def test_unavailable_backend_falls_back_to_eager_with_a_warning(caplog):
+    with caplog.at_level("WARNING"):
+        engine = SegmentationEngine(model="segformer-b0", backend="tensorrt", input_size="64x96")
+    assert engine.backend == "eager"
+    assert any("tensorrt" in record.getMessage() for record in caplog.records)
+    rgb = np.zeros((64, 96, 3), np.uint8)
+    assert engine.infer(rgb).class_map.shape == (64, 96)

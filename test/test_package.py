@@ -32,6 +32,7 @@ CONSOLE_SCRIPTS = {
     "segmerge-bench": "segmerge_ros.tools.bench:main",
     "segmerge-demo": "segmerge_ros.tools.demo:main",
     "segmerge-train": "segmerge_ros.tools.train:main",
+    "segmerge-build-engines": "segmerge_ros.tools.build_engines:main",
 }
 # What a colcon build needs from the checkout; everything else (.venv, .git, docs, tests) stays out of its view.
 PACKAGE_FILES = ["package.xml", "setup.py", "setup.cfg", "resource", PACKAGE, "launch", "config"]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..merging.segformerpp import LADDER, MAX_MERGE_RATE, NONE, MergeConfig, preset, rung_for_rate
 from ..merging.vit_methods import build_vit_model, is_vit_model_name, load_vit_model, parse_vit_name
+from .backends import make_backend
 from ..models.checkpoints import load_segformer
 from ..models.labels import LabelSet, label_set
 from ..models.segformer import SegFormer, mit_config
@@ -30,7 +31,6 @@ LOG = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BACKENDS = ("eager",)
 
 
 @dataclass
@@ -108,13 +108,11 @@ class SegmentationEngine:
         preset: str = "none",
         upsample: str = "logits",
         num_classes: int = 19,
+        precision: str = "fp32",
+        cache_dir: str | None = None,
     ):
         self.device = _pick_device(device)
         self.input_size = parse_size(input_size)
-        if backend not in BACKENDS:
-            LOG.warning("backend %r is not available here; falling back to eager", backend)
-            backend = "eager"
-        self.backend = backend
         self.upsample = upsample
         self.randomly_initialised = not weights
         self.family = "segformer"
@@ -140,6 +138,21 @@ class SegmentationEngine:
         self._merge_rate = 0.0
         self._vit_rate_applied: float | None = None
         self.set_preset(preset)
+        if not self.is_segformer and backend != "eager":
+            # ALGM, ClustViT and DoViT have content-dependent token counts: no static graph to compile.
+            LOG.warning("backend %r serves SegFormer models only; running %s eagerly", backend, self.family)
+            backend = "eager"
+        ladder = [rung.config for rung in LADDER]
+        self._backend = make_backend(backend, self.model, self.device, precision=precision,
+                                     input_size=self.input_size, ladder_configs=ladder, cache_dir=cache_dir,
+                                     model_name=model, log=LOG)
+        self.backend = self._backend.name  # the backend actually in use (eager after a fallback)
+        if self.backend != "eager":
+            if self.input_size is None:
+                LOG.warning("backend %s without a fixed input_size: each new frame size and rung is prepared on "
+                            "first use and stalls that frame", self.backend)
+            else:
+                self._backend.warm(configs=ladder + [self._merge])  # a rate switch never stalls a frame
 
     @property
     def is_segformer(self) -> bool:
@@ -183,7 +196,7 @@ class SegmentationEngine:
 
     def _run(self, pixels: torch.Tensor, merge: MergeConfig, rate: float) -> torch.Tensor:
         if self.is_segformer:
-            return self.model(pixels, merge)
+            return self._backend.run(pixels, merge)
         # ViT methods hold their control as state: change it here, on the inferring thread, between frames.
         rate = 0.0 if math.isnan(rate) else rate
         if rate != self._vit_rate_applied:
