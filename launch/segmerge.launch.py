@@ -1,0 +1,70 @@
+"""Start segmerge_node (and RViz on request).
+
+    ros2 launch segmerge_ros segmerge.launch.py image_topics:=/camera/image_raw use_rviz:=true
+    ros2 launch segmerge_ros segmerge.launch.py image_topics:="[/left/image_raw, /right/image_raw/compressed]"
+    ros2 launch segmerge_ros segmerge.launch.py params_file:=/path/to/my.yaml namespace:=robot1
+
+Arguments:
+  image_topics  camera topic(s): one name, or a list "[a, b]" / "a,b"; empty (default) = the params file's value
+  params_file   parameters (default: the installed config/segmerge.yaml)
+  namespace     namespace for the node; relative image topics and all outputs live in it (default: none)
+  use_rviz      also start rviz2 with config/segmerge.rviz (default: false)
+"""
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.conditions import IfCondition
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+PACKAGE = "segmerge_ros"
+
+
+def parse_topics(text):
+    """'a' -> ['a']; '[a, b]' or 'a,b' -> ['a', 'b']; '' -> [] (keep the params file's image_topics)."""
+    return [t.strip().strip("'\"") for t in text.strip().strip("[]").split(",") if t.strip().strip("'\"")]
+
+
+def _segmerge_node(context):
+    parameters = [LaunchConfiguration("params_file").perform(context)]
+    topics = parse_topics(LaunchConfiguration("image_topics").perform(context))
+    if topics:
+        parameters.append({"image_topics": topics})
+    return [
+        Node(
+            package=PACKAGE,
+            executable="segmerge_node",
+            name="segmerge",
+            namespace=LaunchConfiguration("namespace"),
+            parameters=parameters,
+            output="screen",
+            emulate_tty=True,
+        )
+    ]
+
+
+def generate_launch_description():
+    share = get_package_share_directory(PACKAGE)
+    default_params = os.path.join(share, "config", "segmerge.yaml")
+    rviz_config = os.path.join(share, "config", "segmerge.rviz")
+    return LaunchDescription([
+        DeclareLaunchArgument("image_topics", default_value="",
+                              description="camera topic(s): 'a', '[a, b]' or 'a,b'; empty = the params file's"),
+        DeclareLaunchArgument("params_file", default_value=default_params,
+                              description="segmerge_node parameters (YAML)"),
+        DeclareLaunchArgument("namespace", default_value="", description="namespace for segmerge_node"),
+        DeclareLaunchArgument("use_rviz", default_value="false", description="also start rviz2"),
+        OpaqueFunction(function=_segmerge_node),
+        Node(
+            package="rviz2",
+            executable="rviz2",
+            name="segmerge_rviz",
+            namespace=LaunchConfiguration("namespace"),
+            arguments=["-d", rviz_config],
+            condition=IfCondition(LaunchConfiguration("use_rviz")),
+            output="screen",
+        ),
+    ])

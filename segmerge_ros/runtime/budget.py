@@ -1,0 +1,303 @@
+"""Chooses the next frame's merge rate so that per-frame latency meets a target (pure Python, no ROS).
+
+How it works:
+
+1. Calibration (warm-up): run a few merge rates spread over [min_rate, max_rate], a few frames each, and keep the
+   median latency per rate.
+2. Model: fit a non-increasing piecewise-linear latency(rate) through those medians (isotonic regression, because more
+   merging never costs more in expectation; measurement noise must not make the curve bend back).
+3. Choice: the smallest rate whose predicted latency meets the target (least merging = best quality). Targets
+   below what max_rate reaches give max_rate; targets above latency(min_rate) give min_rate.
+4. Feedback: the machine's speed drifts (other processes, thermal limits, a different image size), so the model is
+   scaled by an EMA of measured/predicted latency, and the rate is re-chosen from the scaled model.
+5. No oscillation: the rate is held while the smoothed latency is within a deadband of the target (widened when the
+   machine's timing is noisy), for at least ``min_dwell`` frames after a move; steps are capped, and changes
+   smaller than ``min_step`` are ignored.
+
+"fps" mode is latency mode with a target of 1000/fps ms: with one worker, the frame period is the processing time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import statistics
+from dataclasses import dataclass
+from enum import Enum
+from typing import Sequence
+
+
+class BudgetMode(str, Enum):
+    OFF = "off"
+    LATENCY = "latency"
+    FPS = "fps"
+
+    @classmethod
+    def parse(cls, value: "str | BudgetMode") -> "BudgetMode":
+        try:
+            return cls(str(value.value if isinstance(value, BudgetMode) else value).strip().lower())
+        except ValueError:
+            raise ValueError(f"unknown budget mode {value!r}; use one of {', '.join(m.value for m in cls)}") from None
+
+
+@dataclass(frozen=True)
+class BudgetTuning:
+    """Controller constants; the defaults settle in about 15 frames on a plant with 5-10 % latency noise."""
+
+    calibration_points: int = 3     # rates tried during warm-up, spread evenly over [min_rate, max_rate]
+    frames_per_point: int = 3       # frames per calibration rate; the median rejects one outlier
+    ema_alpha: float = 0.1          # weight of the newest measured/predicted ratio
+    deadband: float = 0.06          # relative latency error tolerated before the rate moves
+    max_deadband: float = 0.12      # cap when noise widens it: the mean must still land within +-15 %
+    max_step: float = 0.2           # largest rate change per frame
+    min_step: float = 0.01          # smaller changes are not worth a parameter event
+    min_dwell: int = 3              # frames at a rate before the controller may leave it again
+    point_spacing: float = 0.05     # learned points replace model points closer than this
+    worthwhile_saving: float = 0.1  # merging that saves less over the whole range is not used at all
+
+
+def isotonic_non_increasing(values: list[float]) -> list[float]:
+    """Least-squares non-increasing fit of ``values`` (pool-adjacent-violators)."""
+    blocks: list[list[float]] = []  # [mean, weight]
+    for value in values:
+        blocks.append([value, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            mean2, w2 = blocks.pop()
+            mean1, w1 = blocks.pop()
+            blocks.append([(mean1 * w1 + mean2 * w2) / (w1 + w2), w1 + w2])
+    fitted: list[float] = []
+    for mean, weight in blocks:
+        fitted.extend([mean] * int(weight))
+    return fitted
+
+
+class LatencyModel:
+    """A non-increasing piecewise-linear latency(rate), constant beyond its end points."""
+
+    def __init__(self, rates: list[float], latencies_ms: list[float]):
+        if not rates or len(rates) != len(latencies_ms):
+            raise ValueError("need one latency per rate, at least one point")
+        order = sorted(range(len(rates)), key=lambda i: rates[i])
+        self.rates = [float(rates[i]) for i in order]
+        self.latencies_ms = isotonic_non_increasing([float(latencies_ms[i]) for i in order])
+
+    def predict(self, rate: float) -> float:
+        rates, lat = self.rates, self.latencies_ms
+        if rate <= rates[0]:
+            return lat[0]
+        if rate >= rates[-1]:
+            return lat[-1]
+        i = bisect.bisect_right(rates, rate) - 1
+        t = (rate - rates[i]) / (rates[i + 1] - rates[i])
+        return lat[i] + t * (lat[i + 1] - lat[i])
+
+    def smallest_rate_for(self, target_ms: float, min_rate: float, max_rate: float, tolerance: float = 0.0) -> float:
+        """The least merging predicted to meet ``target_ms``; for an unreachable target, the fastest rate.
+
+        Exception: when merging saves less than ``tolerance`` (a fraction) over the whole range, as on CPUs where it
+        does not pay, an unreachable target keeps min_rate: maximal merging would cost quality and buy nothing.
+        """
+        fastest = self.predict(max_rate)
+        if self.predict(min_rate) <= max(target_ms, fastest * (1.0 + tolerance)):
+            return min_rate
+        target_ms = max(target_ms, fastest)
+        # Walk the segments inside [min_rate, max_rate]; the first one that reaches the target holds the answer.
+        knots = [min_rate] + [r for r in self.rates if min_rate < r < max_rate] + [max_rate]
+        for lo, hi in zip(knots, knots[1:]):
+            lat_lo, lat_hi = self.predict(lo), self.predict(hi)
+            if lat_hi <= target_ms < lat_lo:
+                return hi if lat_hi == target_ms else lo + (hi - lo) * (lat_lo - target_ms) / (lat_lo - lat_hi)
+        return max_rate
+
+
+class BudgetController:
+    """Feedback controller from measured per-frame latency to the next frame's merge rate.
+
+    Call :meth:`update` once per processed frame with that frame's latency (and the rate it actually ran at); use
+    the returned rate for the next frame. In mode "off" it returns None and keeps no state.
+    """
+
+    def __init__(self, mode: str | BudgetMode = BudgetMode.OFF, target_latency_ms: float = 100.0,
+                 target_fps: float = 10.0, min_rate: float = 0.0, max_rate: float = 0.9,
+                 tuning: BudgetTuning | None = None, levels: Sequence[float] | None = None):
+        """``levels``: the rates at which the engine's configuration changes, when it has discrete steps (a rate
+        between two levels runs the lower level's configuration). Chosen rates are then rounded up to a level, so
+        the prediction is met rather than straddled; without levels every rate is its own configuration."""
+        self.tuning = tuning or BudgetTuning()
+        self.levels = sorted(float(level) for level in levels) if levels else None
+        self.mode = BudgetMode.OFF
+        self.target_latency_ms = 100.0
+        self.target_fps = 10.0
+        self.min_rate, self.max_rate = 0.0, 0.9
+        self.set_limits(min_rate, max_rate)
+        self.set_target(mode, target_latency_ms=target_latency_ms, target_fps=target_fps)
+        self.reset()
+
+    # -- configuration -------------------------------------------------------------------------------------------
+    def set_target(self, mode: str | BudgetMode | None = None, target_latency_ms: float | None = None,
+                   target_fps: float | None = None) -> None:
+        """Change mode and/or targets; a calibrated model is kept, so a new target takes effect at once."""
+        if target_latency_ms is not None:
+            if not target_latency_ms > 0:
+                raise ValueError(f"target latency must be > 0 ms, got {target_latency_ms}")
+            self.target_latency_ms = float(target_latency_ms)
+        if target_fps is not None:
+            if not target_fps > 0:
+                raise ValueError(f"target fps must be > 0, got {target_fps}")
+            self.target_fps = float(target_fps)
+        if mode is not None:
+            self.mode = BudgetMode.parse(mode)
+
+    def set_limits(self, min_rate: float, max_rate: float) -> None:
+        if not 0.0 <= min_rate <= max_rate <= 0.95:
+            raise ValueError(f"need 0 <= min_rate <= max_rate <= 0.95, got min {min_rate}, max {max_rate}")
+        changed = (min_rate, max_rate) != (self.min_rate, self.max_rate)
+        self.min_rate, self.max_rate = float(min_rate), float(max_rate)
+        if changed and hasattr(self, "_model"):
+            self.reset()  # the calibration points no longer span the allowed range
+
+    def reset(self) -> None:
+        """Forget the calibration and the feedback state (e.g. after a model or input-size change)."""
+        n = self.tuning.calibration_points
+        if self.max_rate - self.min_rate < 1e-6 or n < 2:
+            self._schedule = [self.min_rate]
+        else:
+            spread = [self.min_rate + (self.max_rate - self.min_rate) * i / (n - 1) for i in range(n)]
+            self._schedule = sorted({self._snap(rate) for rate in spread})
+        self._samples: dict[float, list[float]] = {}
+        self._model: LatencyModel | None = None
+        self._scale = 1.0
+        self._feedback_frames = 0
+        self._frames_at_rate = 0
+        self._noise_var = 0.0
+        self._rate: float | None = None
+        self.frames_seen = 0
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self.mode is not BudgetMode.OFF
+
+    @property
+    def target_ms(self) -> float | None:
+        if self.mode is BudgetMode.LATENCY:
+            return self.target_latency_ms
+        if self.mode is BudgetMode.FPS:
+            return 1000.0 / self.target_fps
+        return None
+
+    @property
+    def calibrated(self) -> bool:
+        return self._model is not None
+
+    @property
+    def model(self) -> LatencyModel | None:
+        return self._model
+
+    @property
+    def rate(self) -> float | None:
+        """The rate last handed out (None before the first update)."""
+        return self._rate
+
+    def predicted_latency_ms(self, rate: float) -> float | None:
+        return None if self._model is None else self._scale * self._model.predict(rate)
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def update(self, latency_ms: float, rate_used: float | None = None) -> float | None:
+        """Record one frame's latency (measured at ``rate_used``, default: the last rate returned) and return the
+        merge rate for the next frame, or None in mode "off"."""
+        if not self.active:
+            return None
+        self.frames_seen += 1
+        rate_used = self._rate if rate_used is None else float(rate_used)
+        if self._model is None:
+            return self._calibrate(latency_ms, rate_used)
+        return self._correct(latency_ms, rate_used)
+
+    def _calibrate(self, latency_ms: float, rate_used: float | None) -> float:
+        if rate_used is not None:
+            point = next((r for r in self._schedule if abs(r - rate_used) < 5e-4), None)  # callers may round
+            if point is not None and len(self._samples.get(point, [])) < self.tuning.frames_per_point:
+                self._samples.setdefault(point, []).append(float(latency_ms))
+        pending = [r for r in self._schedule if len(self._samples.get(r, [])) < self.tuning.frames_per_point]
+        if pending:
+            self._rate = pending[0]
+            return self._rate
+        rates = list(self._samples)
+        self._model = LatencyModel(rates, [statistics.median(self._samples[r]) for r in rates])
+        # Seed the noise estimate with the calibration's spread around each point's median; the median absolute
+        # deviation, because one slow first frame at a new rate must not pass for noise.
+        deviations = [abs(x / statistics.median(v) - 1.0) for v in self._samples.values() for x in v]
+        self._noise_var = (1.4826 * statistics.median(deviations)) ** 2
+        self._scale = 1.0
+        self._feedback_frames = 0
+        self._frames_at_rate = 0
+        self._rate = self._choose(self.target_ms)
+        return self._rate
+
+    def _correct(self, latency_ms: float, rate_used: float | None) -> float:
+        tuning = self.tuning
+        current = self._rate if self._rate is not None else self.min_rate
+        if rate_used is not None and abs(rate_used - current) > 5e-4:
+            # Someone else set the rate (budget mode was off for a while): continue from what actually runs.
+            current, self._frames_at_rate = min(max(rate_used, self.min_rate), self.max_rate), 0
+        if rate_used is not None:
+            predicted = self._model.predict(rate_used)
+            if predicted > 0:
+                # One slow outlier frame (a GC pause, another process) must not swing the rate: clip the ratio.
+                ratio = min(max(float(latency_ms) / predicted, self._scale / 1.5), self._scale * 1.5)
+                # Averaging starts with large weights (a plain mean of the first frames after calibration) and
+                # settles to the EMA, so the first correction is quick and later ones smooth.
+                self._feedback_frames += 1
+                alpha = max(tuning.ema_alpha, 1.0 / (self._feedback_frames + 1))
+                deviation = ratio / self._scale - 1.0
+                self._noise_var = (1 - tuning.ema_alpha) * self._noise_var + tuning.ema_alpha * deviation ** 2
+                self._scale = (1 - alpha) * self._scale + alpha * ratio
+        self._frames_at_rate += 1
+        target = self.target_ms
+        expected = self._scale * self._model.predict(current)
+        if abs(expected - target) <= self.deadband * target or self._frames_at_rate < tuning.min_dwell:
+            return self._hold(current)
+        # Leaving this rate: first teach the model what it measured here, so that its shape becomes right where
+        # the controller works (the calibration's few noisy points can be off, even flat, between them).
+        self._learn_point(current, expected)
+        wanted = self._choose(target / self._scale)
+        step = max(-tuning.max_step, min(tuning.max_step, wanted - current))
+        new_rate = self._snap(current + step)
+        if abs(new_rate - current) < tuning.min_step:
+            return self._hold(current)
+        self._frames_at_rate = 0
+        self._rate = new_rate
+        return self._rate
+
+    @property
+    def deadband(self) -> float:
+        """The relative error tolerated before moving: the tuning's deadband, widened on a noisy machine to 2.5
+        standard deviations of the smoothed latency (up to ``max_deadband``), so noise alone does not move the
+        rate."""
+        alpha = self.tuning.ema_alpha
+        smoothed_sd = math.sqrt(self._noise_var * alpha / (2.0 - alpha))
+        return min(max(self.tuning.deadband, 2.5 * smoothed_sd), self.tuning.max_deadband)
+
+    def _choose(self, target_ms: float) -> float:
+        return self._snap(self._model.smallest_rate_for(target_ms, self.min_rate, self.max_rate,
+                                                        self.tuning.worthwhile_saving))
+
+    def _snap(self, rate: float) -> float:
+        """With discrete levels, the least merging level at or above ``rate`` (so a prediction between two levels
+        is met, not straddled); the limits themselves are always allowed."""
+        if self.levels is None or rate <= self.min_rate + 1e-9 or rate >= self.max_rate - 1e-9:
+            return min(max(rate, self.min_rate), self.max_rate)
+        return next((level for level in self.levels if rate - 1e-9 <= level <= self.max_rate), self.max_rate)
+
+    def _hold(self, rate: float) -> float:
+        self._rate = min(max(rate, self.min_rate), self.max_rate)
+        return self._rate
+
+    def _learn_point(self, rate: float, latency_ms: float) -> None:
+        """Put the measured (rate, latency) into the model, replacing points too close to it to disagree with."""
+        rates = [r for r in self._model.rates if abs(r - rate) >= self.tuning.point_spacing]
+        latencies = [self._scale * self._model.predict(r) for r in rates]
+        self._model = LatencyModel(rates + [rate], latencies + [latency_ms])
+        # The model is now in today's units; keep whatever part of the measurement isotonic smoothing left out.
+        self._scale = latency_ms / self._model.predict(rate)
