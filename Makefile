@@ -31,8 +31,16 @@ test: export ROS_AUTOMATIC_DISCOVERY_RANGE = LOCALHOST
 test: setup
 	$(VPY) -m pytest $(PYTEST_FLAGS) $(TESTS)
 
+# The main job: the node and a camera over DDS on a real video. Without ../shared/data (and no --source in
+# DEMO_ARGS) the video comes from Debian's opencv-doc, installed here when missing and possible.
+demo: export ROS_AUTOMATIC_DISCOVERY_RANGE = LOCALHOST
 demo: setup
-	$(VENV)/bin/segmerge-demo $(DEMO_ARGS)
+	@$(VPY) -c "from segmerge_ros.runtime.sources import default_video as v; raise SystemExit(v() is None)" \
+		|| echo "$(DEMO_ARGS)" | grep -q -- "--source" \
+		|| (echo "no demo video found: installing Debian's opencv-doc (vtest.avi)"; \
+		    ($$(command -v sudo) apt-get update -qq && $$(command -v sudo) apt-get install -y -qq opencv-doc) \
+		    || echo "could not install opencv-doc: pass DEMO_ARGS='--source VIDEO_OR_FOLDER'")
+	$(VPY) -m segmerge_ros.ros.demo $(DEMO_ARGS)
 
 bench: setup
 	$(VENV)/bin/segmerge-bench $(BENCH_ARGS)

@@ -287,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", default=None,
                         help=f"checkpoint (default: shared data's {STUDENT}; 'none' forces random weights)")
     parser.add_argument("--out", default="out/demo", help="folder for overlay PNGs and logs (default out/demo)")
-    parser.add_argument("--input-size", default="288x384", help="network input HxW (default 288x384, the size the "
-                        "shared SegFormer-B0 was trained at)")
+    parser.add_argument("--input-size", default="", help="network input HxW (default: the camera's own size; at "
+                        "vtest's 576x768 the merge-rate ladder has authority, at 288x384 fixed costs dominate)")
     parser.add_argument("--encoding", choices=("jpeg", "rgb8", "bgr8"), default="jpeg",
                         help="camera transport (default jpeg on <topic>/compressed: with Fast DDS's defaults, "
                              "best-effort raw frames above ~0.5 MB lose fragments and arrive only in part)")
