@@ -7,13 +7,18 @@ Per camera ``<ns>/<name>`` (a ``/compressed`` suffix is stripped first) it publi
 - ``<ns>/segmentation/overlay``     sensor_msgs/Image rgb8, class colours over the frame (only while subscribed)
 - ``<ns>/segmentation/labels``      std_msgs/String JSON {classes, palette, ...}, transient local (latched)
 - ``<ns>/label_info``               vision_msgs/LabelInfo, transient local, when vision_msgs is installed
+- ``<ns>/pose/keypoints``           sensor_msgs/PointCloud2, while pose.enable: every frame, height = persons (0 when
+                                    none), width 17, fields x, y, z, u, v, score (``ros/pose_msgs.py``)
+- ``<ns>/pose/markers``             visualization_msgs/MarkerArray, while pose.enable, subscribed and K known
 
-and one status per camera on ``/diagnostics``. Parameters: see ``segmerge_ros/ros/params.py``.
+and one status per camera on ``/diagnostics``. It subscribes to ``<ns>/camera_info`` (sensor-data QoS) and keeps
+the latest per camera: its K turns keypoints into unit-depth rays. Parameters: see ``segmerge_ros/ros/params.py``.
 
 Threading: subscription callbacks only drop the message into the camera's one-frame slot (a newer frame replaces an
 unprocessed one, counted as dropped), so stale frames never queue up. One worker thread decodes, infers and
-publishes. Parameter changes, the diagnostics timer and the budget topic run on the executor thread; every parameter
-set, including the node's own, happens there.
+publishes; pose, when enabled, runs there too, after segmentation and inside the time the budget controls. Parameter
+changes, the diagnostics timer and the budget topic run on the executor thread; every parameter set, including the
+node's own, happens there. Pose settings reach the worker as one immutable snapshot, swapped in per frame.
 """
 
 from __future__ import annotations
@@ -35,17 +40,20 @@ from rclpy.exceptions import NameValidationException, ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.qos_overriding_options import QoSOverridingOptions
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Float32, String
+from visualization_msgs.msg import MarkerArray
 
 from ..models.checkpoint_errors import CheckpointError
 from ..models.labels import overlay
 from ..runtime.budget import BudgetController, BudgetMode
 from ..runtime.engine import SegmentationEngine
+from ..runtime.pose import PoseEstimator, PoseResult, draw_skeletons
 from .conversions import BadFrame, message_to_rgb, mono8_image, rgb8_image
-from .params import PARAMETERS, SPECS, check_choice
+from .params import PARAMETERS, POSE_FOLLOW_SEGMENTATION, SPECS, check_choice, check_preset
+from .pose_msgs import camera_matrix, keypoints_cloud, pose_markers
 
 try:  # not installable everywhere (e.g. the pip-only ROS used for tests); String labels always exist
     from vision_msgs.msg import LabelInfo, VisionClass
@@ -90,8 +98,22 @@ def output_topic(input_topic: str, name: str) -> str:
 class FrameTiming:
     latency_ms: float       # now - header.stamp when published (nan for an unstamped frame)
     inference_ms: float
-    processing_ms: float    # slot -> published: what the budget controls
+    processing_ms: float    # slot -> published: what the budget controls (pose included)
     merge_rate: float
+    persons: int = -1       # -1: pose was off for this frame
+    pose_ms: float = math.nan
+
+
+@dataclass(frozen=True)
+class PoseSettings:
+    """The pose parameters as one snapshot: the executor thread swaps in a new one, the worker reads one per frame."""
+
+    enable: bool = False
+    mode: str = "segmentation"
+    max_persons: int = 4
+    min_person_area: int = 400
+    keypoint_threshold: float = 0.3
+    merge_rate: float = POSE_FOLLOW_SEGMENTATION
 
 
 class Camera:
@@ -115,7 +137,14 @@ class Camera:
         self.overlay_pub = publisher(Image, "segmentation/overlay", OUTPUT_QOS)
         self.labels_pub = publisher(String, "segmentation/labels", LATCHED_QOS, overrides=False)
         self.label_info_pub = publisher(LabelInfo, "label_info", LATCHED_QOS, overrides=False) if LabelInfo else None
+        self.keypoints_pub = publisher(PointCloud2, "pose/keypoints", OUTPUT_QOS)
+        self.markers_pub = publisher(MarkerArray, "pose/markers", OUTPUT_QOS)
         self.output_namespace = posixpath.dirname(posixpath.dirname(self.mask_pub.topic_name))
+        # The latest calibration of this camera (set on the executor thread, read by the worker: one reference).
+        self.camera_info: CameraInfo | None = None
+        self.camera_info_sub = node.create_subscription(CameraInfo, output_topic(topic, "camera_info"),
+                                                        self._on_camera_info, qos_profile_sensor_data,
+                                                        qos_overriding_options=overridable)
 
         # Guarded by node.frame_ready.
         self.pending: Image | CompressedImage | None = None
@@ -137,6 +166,9 @@ class Camera:
                 self.dropped += 1  # the worker has not taken the previous frame: it is stale now
             self.pending = msg
             self.node.frame_ready.notify()
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        self.camera_info = msg
 
     def publish_labels(self, labels, model_info: dict) -> None:
         table = {
@@ -170,6 +202,15 @@ class SegmergeNode(Node):
         self._budget_lock = threading.Lock()  # controller + engine rate changes from worker and executor
 
         topics = self._checked_topics(self.param("image_topics"))  # cheap checks before the slow model load
+        self._check_startup_values()
+        self._pose: PoseEstimator | None = None  # built on first enable: no cost while pose is off
+        self._pose_lock = threading.Lock()  # two enables in a row build it once
+        self._pose_settings = self._read_pose_settings()
+        self._warned_no_person_classes = False
+        if self._pose_settings.enable:
+            reason = self._ensure_pose()  # before the segmentation model: bad pose weights fail fast
+            if reason:
+                raise StartupError(reason)
         self.engine = self._build_engine()
         self._publish_overlay = bool(self.param("publish_overlay"))
         self._overlay_alpha = float(self.param("overlay_alpha"))
@@ -190,7 +231,9 @@ class SegmergeNode(Node):
         self._set_budget_mode(self.param("budget.mode"))
 
         self.cameras = self._create_cameras(topics)
-        model_info = {key: self.param(key) for key in ("model", "weights", "device", "backend", "input_size")}
+        model_info = {key: self.param(key) for key in ("model", "weights", "device", "backend", "input_size",
+                                                        "precision")}
+        model_info["backend_in_use"] = self.engine.backend
         model_info["randomly_initialised"] = self.engine.randomly_initialised
         for camera in self.cameras:
             camera.publish_labels(self.engine.labels, model_info)
@@ -212,8 +255,9 @@ class SegmergeNode(Node):
         outputs = ", ".join(sorted({c.output_namespace for c in self.cameras}))
         self.get_logger().info(
             f"ready: {len(self.cameras)} camera(s) [{', '.join(c.topic for c in self.cameras)}] -> "
-            f"segmentation/* in [{outputs}]; {self.param('model')} on {self.engine.device}, "
-            f"input_size {self.param('input_size') or 'camera resolution'}, {self._merge_description()}")
+            f"segmentation/* in [{outputs}]; {self.param('model')} on {self.engine.device} ({self.engine.backend}), "
+            f"input_size {self.param('input_size') or 'camera resolution'}, {self._merge_description()}; "
+            f"{self._pose_description()}")
 
     # -- parameters (the one place that reads them) ---------------------------------------------------------------
     def param(self, name: str):
@@ -231,15 +275,27 @@ class SegmergeNode(Node):
             except ParameterException as error:
                 raise StartupError(f"parameter {spec.name}: {error}") from None
 
-    def _build_engine(self) -> SegmentationEngine:
-        model, weights = self.param("model"), self.param("weights")
-        reason = check_choice("model", model) or check_choice("preset", self.param("preset")) or \
-            check_choice("budget.mode", self.param("budget.mode"))
+    def _check_startup_values(self) -> None:
+        """Choices, model names and cross-parameter limits of the values given at start-up (rclpy checked types
+        and ranges while declaring)."""
+        for spec in PARAMETERS:
+            reason = check_choice(spec.name, self.param(spec.name))
+            if reason:
+                raise StartupError(reason)
+        reason = check_preset(self.param("model"), self.param("preset"))
         if reason:
             raise StartupError(reason)
+        if self.param("budget.min_merge_rate") > self.param("budget.max_merge_rate"):
+            raise StartupError(f"budget.min_merge_rate {self.param('budget.min_merge_rate')} exceeds "
+                               f"budget.max_merge_rate {self.param('budget.max_merge_rate')}")
+
+    def _build_engine(self) -> SegmentationEngine:
+        model, weights = self.param("model"), self.param("weights")
         try:
             engine = SegmentationEngine(model=model, weights=weights or None, device=self.param("device"),
-                                        backend=self.param("backend"), input_size=self.param("input_size") or None)
+                                        backend=self.param("backend"), input_size=self.param("input_size") or None,
+                                        precision=self.param("precision"),
+                                        cache_dir=self.param("engine_cache_dir") or None)
         except (CheckpointError, FileNotFoundError) as error:
             raise StartupError(f"cannot load weights {weights!r} for {model}: {error}") from None
         except ValueError as error:
@@ -253,6 +309,79 @@ class SegmergeNode(Node):
         height, width = engine.input_size or (240, 320)
         engine.infer(np.zeros((height, width, 3), dtype=np.uint8))
         return engine
+
+    # -- pose -----------------------------------------------------------------------------------------------------
+    def _read_pose_settings(self) -> PoseSettings:
+        return PoseSettings(
+            enable=bool(self.param("pose.enable")), mode=str(self.param("pose.mode")),
+            max_persons=int(self.param("pose.max_persons")), min_person_area=int(self.param("pose.min_person_area")),
+            keypoint_threshold=float(self.param("pose.keypoint_threshold")),
+            merge_rate=float(self.param("pose.merge_rate")))
+
+    def _ensure_pose(self) -> str | None:
+        """Build the pose estimator unless it exists; returns why it cannot be built, or None."""
+        with self._pose_lock:
+            if self._pose is not None:
+                return None
+            model, weights = self.param("pose.model"), self.param("pose.weights")
+            settings = self._read_pose_settings()
+            try:
+                pose = PoseEstimator(model, weights or None, device=self.param("device"),
+                                     max_persons=settings.max_persons, min_person_area=settings.min_person_area,
+                                     keypoint_threshold=settings.keypoint_threshold, mode=settings.mode)
+            except (CheckpointError, OSError, ValueError, RuntimeError) as error:
+                if weights:
+                    return f"cannot load pose.weights {weights!r} for {model}: {error}"
+                return f"cannot build the {model} pose model: {error}"
+            if pose.randomly_initialised:
+                banner = "!" * 78
+                self.get_logger().warning(
+                    f"\n{banner}\n  NO POSE WEIGHTS GIVEN: THE {model} POSE MODEL IS RANDOMLY INITIALISED. The "
+                    f"keypoints are meaningless.\n  Set 'pose.weights' to a Segformer++ mmpose pose checkpoint "
+                    f"(.pth).\n{banner}")
+            self._pose = pose
+        return None
+
+    def _pose_description(self) -> str:
+        settings = self._pose_settings
+        if not settings.enable:
+            return "pose off"
+        rate = "following segmentation" if settings.merge_rate < 0 else f"{settings.merge_rate:.2f}"
+        return (f"pose on ({self.param('pose.model')}, mode {settings.mode}, at most {settings.max_persons} "
+                f"person(s), merge rate {rate})")
+
+    def _estimate_pose(self, rgb: np.ndarray, class_map: np.ndarray, rate_used: float,
+                       settings: PoseSettings) -> PoseResult:
+        """Worker side: apply this frame's settings snapshot to the estimator, then estimate."""
+        pose = self._pose
+        pose.mode = settings.mode
+        pose.max_persons = settings.max_persons
+        pose.min_person_area = settings.min_person_area
+        pose.keypoint_threshold = settings.keypoint_threshold
+        if settings.merge_rate >= 0:
+            pose.set_merge_rate(settings.merge_rate)
+        elif self.engine.is_segformer:
+            # The encoder stages of the rung or preset this frame ran with (head and input scale are the
+            # segmentation's own); the config is read after infer(), so a change in between shows a frame later.
+            pose.set_merge_config(self.engine.merge_config, rate_used)
+        else:
+            # ViT methods have no merge configuration to share: their rate selects the pose ladder's rung.
+            pose.set_merge_rate(rate_used if math.isfinite(rate_used) else 0.0)
+        person_ids = self.engine.labels.person_ids
+        if settings.mode == "segmentation" and not person_ids and not self._warned_no_person_classes:
+            self._warned_no_person_classes = True
+            self.get_logger().warning(
+                f"pose.mode segmentation: label set {self.engine.labels.name!r} has no person class, so no person "
+                "is ever found; use pose.mode full_frame or a model with a person class")
+        return pose.estimate(rgb, class_map, person_ids)
+
+    def _publish_pose(self, camera: "Camera", pose: PoseResult, header, image_size: tuple[int, int]) -> None:
+        """Keypoints every frame (height 0 without persons); markers only while subscribed and with a known K."""
+        k = camera_matrix(camera.camera_info, image_size)
+        camera.keypoints_pub.publish(keypoints_cloud(header, pose.keypoints, pose.scores, k))
+        if k is not None and camera.markers_pub.get_subscription_count():
+            camera.markers_pub.publish(pose_markers(header, pose.keypoints, pose.scores, k,
+                                                    pose.keypoint_threshold))
 
     @staticmethod
     def _checked_topics(topics: list[str]) -> list[str]:
@@ -315,6 +444,14 @@ class SegmergeNode(Node):
         if low > high:
             return SetParametersResult(
                 successful=False, reason=f"budget.min_merge_rate {low} exceeds budget.max_merge_rate {high}")
+        if "preset" in values:
+            reason = check_preset(self.param("model"), values["preset"])
+            if reason:
+                return SetParametersResult(successful=False, reason=reason)
+        if values.get("pose.enable") is True:
+            reason = self._ensure_pose()  # first enable: build now, so a failure refuses the set with its reason
+            if reason:
+                return SetParametersResult(successful=False, reason=reason)
         return SetParametersResult(successful=True)
 
     def _after_parameters_set(self, parameters: list[Parameter]) -> None:
@@ -324,6 +461,11 @@ class SegmergeNode(Node):
             self._publish_overlay = bool(self.param("publish_overlay"))
         if "overlay_alpha" in names:
             self._overlay_alpha = float(self.param("overlay_alpha"))
+        if any(name.startswith("pose.") for name in names):
+            was_enabled = self._pose_settings.enable
+            self._pose_settings = self._read_pose_settings()  # the worker picks it up from the next frame
+            if manual and (self._pose_settings.enable != was_enabled or "pose.mode" in names):
+                self.get_logger().info(f"now {self._pose_description()}")
         with self._budget_lock:
             if names & {"budget.target_latency_ms", "budget.target_fps"}:
                 self._budget.set_target(target_latency_ms=self.param("budget.target_latency_ms"),
@@ -430,17 +572,26 @@ class SegmergeNode(Node):
         camera.mask_pub.publish(mono8_image(result.class_map, header))
         if camera.confidence_pub.get_subscription_count():
             camera.confidence_pub.publish(mono8_image(result.confidence, header))
+        settings = self._pose_settings  # one snapshot for the whole frame
+        pose = None
+        if settings.enable and self._pose is not None:
+            pose = self._estimate_pose(rgb, result.class_map, result.merge_rate, settings)
+            self._publish_pose(camera, pose, header, (rgb.shape[1], rgb.shape[0]))
         if self._publish_overlay and camera.overlay_pub.get_subscription_count():
             blended = overlay(rgb, result.class_map, self.engine.labels.palette, self._overlay_alpha)
+            if pose is not None and pose.num_persons:
+                draw_skeletons(blended, pose.keypoints, pose.scores, pose.keypoint_threshold, inplace=True)
             camera.overlay_pub.publish(rgb8_image(blended, header))
-        processing_ms = (time.perf_counter() - started) * 1e3
+        processing_ms = (time.perf_counter() - started) * 1e3  # pose included: the budget controller sees it
 
         stamp_ns = header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
         latency_ms = (self.get_clock().now().nanoseconds - stamp_ns) / 1e6 if stamp_ns else math.nan
         with self.frame_ready:
             camera.published += 1
             camera.last_merge = result.merge_name
-            camera.timings.append(FrameTiming(latency_ms, result.inference_ms, processing_ms, result.merge_rate))
+            camera.timings.append(FrameTiming(latency_ms, result.inference_ms, processing_ms, result.merge_rate,
+                                              pose.num_persons if pose is not None else -1,
+                                              pose.pose_ms if pose is not None else math.nan))
         self._budget_step(processing_ms, result.merge_rate)
 
     def _budget_step(self, processing_ms: float, rate_used: float) -> None:
@@ -512,6 +663,10 @@ class SegmergeNode(Node):
             "budget_target_ms": f"{target_ms:.2f}" if target_ms is not None else "nan",
             "last_bad_reason": bad_reason,
         }
+        posed = [t for t in timings if t.persons >= 0]
+        if self._pose_settings.enable or posed:
+            values["persons"] = str(posed[-1].persons) if posed else "0"  # in the window's last frame
+            values["pose_ms"] = f"{mean(t.pose_ms for t in posed):.2f}"
         level, message = DiagnosticStatus.OK, f"{len(timings)} frames in {window_s:.1f} s"
         if not timings:
             level, message = DiagnosticStatus.WARN, "no frames processed in the last period"

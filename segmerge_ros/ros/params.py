@@ -10,9 +10,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..merging.segformerpp import MAX_MERGE_RATE, PRESETS
+from ..merging.vit_methods import is_vit_model_name
+from ..runtime.backends import BACKEND_NAMES, PRECISIONS
+from ..runtime.pose import POSE_MODES
 
-MODELS = tuple(f"segformer-b{i}" for i in range(6))
+MODELS = tuple(f"segformer-b{i}" for i in range(6))  # SegFormer sizes (also the pose model's choices)
+VIT_MODEL_PATTERN = "<segmenter|algm|clustvit|dovit>-vit-<t|s|b|l>[-linear|-mask]"
 BUDGET_MODES = ("off", "latency", "fps")
+PRECISION_NAMES = tuple(PRECISIONS)
+POSE_FOLLOW_SEGMENTATION = -1.0  # pose.merge_rate value: use the segmentation's merge configuration
 
 
 @dataclass(frozen=True)
@@ -22,19 +28,30 @@ class ParamSpec:
     description: str
     read_only: bool = False
     float_range: tuple[float, float] | None = None
+    int_range: tuple[int, int] | None = None
     choices: tuple[str, ...] | None = None
+    strict_choices: bool = True  # False: other values are accepted too (the node falls back, with a warning)
+    constraints: str | None = None  # shown as additional_constraints when there are no choices
 
     def descriptor(self):
         """The rcl_interfaces ParameterDescriptor: ranges are enforced by rclpy itself, choices by the node."""
-        from rcl_interfaces.msg import FloatingPointRange, ParameterDescriptor
+        from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
         descriptor = ParameterDescriptor(description=self.description, read_only=self.read_only)
         if self.float_range is not None:
             descriptor.floating_point_range = [
                 FloatingPointRange(from_value=float(self.float_range[0]), to_value=float(self.float_range[1]), step=0.0)
             ]
+        if self.int_range is not None:
+            descriptor.integer_range = [
+                IntegerRange(from_value=int(self.int_range[0]), to_value=int(self.int_range[1]), step=1)
+            ]
         if self.choices is not None:
             descriptor.additional_constraints = "one of: " + ", ".join(self.choices)
+            if not self.strict_choices:
+                descriptor.additional_constraints += " (others fall back, with a warning)"
+        elif self.constraints is not None:
+            descriptor.additional_constraints = self.constraints
         return descriptor
 
 
@@ -43,14 +60,26 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "Camera topics. Each takes sensor_msgs/Image, or sensor_msgs/CompressedImage (JPEG/PNG) when the name "
               "ends in /compressed. Outputs go to <ns>/segmentation/* beside each (<ns> = the topic's namespace).",
               read_only=True),
-    ParamSpec("model", "segformer-b0", "SegFormer size.", read_only=True, choices=MODELS),
+    ParamSpec("model", "segformer-b0",
+              "Model family and size: segformer-b0 .. segformer-b5 (Segformer++ token merging: the merge_rate "
+              f"ladder and the presets), or a plain ViT {VIT_MODEL_PATTERN} (e.g. algm-vit-s-linear; merge_rate "
+              "drives the method's own control, no presets). Unknown names stop the node.", read_only=True,
+              constraints=f"segformer-b0 .. segformer-b5, or {VIT_MODEL_PATTERN}"),
     ParamSpec("weights", "",
               "Checkpoint: a Hugging Face hub folder (config.json + model.safetensors), a .safetensors or an mmseg "
               ".pth. Empty: a randomly initialised model (outputs are meaningless; for plumbing tests only).",
               read_only=True),
     ParamSpec("device", "cpu", "Torch device: cpu, cuda or cuda:N (falls back to cpu without CUDA).", read_only=True),
-    ParamSpec("backend", "eager", "Inference backend; unknown ones fall back to eager with a warning.",
-              read_only=True),
+    ParamSpec("backend", "eager",
+              "Inference backend: eager, compile (torch.compile per ladder rung) or tensorrt (engines cached in "
+              "engine_cache_dir). Unknown ones, or one that cannot run here, fall back to eager with a warning; "
+              "plain-ViT models always run eagerly.", read_only=True, choices=BACKEND_NAMES, strict_choices=False),
+    ParamSpec("precision", "fp32",
+              "Compute precision: fp32, fp16 or bf16. Half precisions need CUDA (bf16 where the GPU supports it); "
+              "on the CPU the node runs fp32 with a warning.", read_only=True, choices=PRECISION_NAMES),
+    ParamSpec("engine_cache_dir", "",
+              "Folder for compiled TensorRT engines and torch.compile's cache (segmerge-build-engines fills it "
+              "ahead of time). Empty = ~/.cache/segmerge_ros/engines.", read_only=True),
     ParamSpec("input_size", "",
               "Network input size HEIGHTxWIDTH (e.g. 288x384); empty = the camera's resolution. Outputs are always "
               "at the camera's resolution.", read_only=True),
@@ -59,9 +88,12 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "frame. Setting it by hand switches budget mode off; in budget mode the node sets it itself.",
               float_range=(0.0, MAX_MERGE_RATE)),
     ParamSpec("preset", "none",
-              "Named Segformer++ merge preset used instead of merge_rate (hq ~ merge_rate 0.6, fast ~ 0.9); "
-              "none = use merge_rate. Setting merge_rate or enabling budget mode resets it to none.",
-              choices=tuple(PRESETS)),
+              "Named Segformer++ merge preset used instead of merge_rate (SegFormer models only): hq (stages 1-2 "
+              "merge 60 % of keys/values on 2x2 cells, stages 3-4 80 % of queries on 4x4), fast (90 % and 90 % on "
+              "4x4), 2x2 (queries average-pooled 2x2); none = use merge_rate. The merge_rate ladder "
+              "(merging/segformerpp.py LADDER) builds on them: rate 0.35 = head2+hq, 0.6 = head2+fast, 0.7-0.9 "
+              "hq with the input scaled to 0.875-0.625 as well. Setting merge_rate or enabling budget mode resets "
+              "it to none.", choices=tuple(PRESETS)),
     ParamSpec("budget.mode", "off",
               "off: merge_rate is fixed. latency: the node picks merge_rate so that per-frame processing time "
               "(decode + inference + publishing) meets budget.target_latency_ms. fps: the same with a target of "
@@ -82,17 +114,67 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "Publish <ns>/segmentation/overlay (class colours blended over the camera image); it is computed only "
               "while someone subscribes."),
     ParamSpec("overlay_alpha", 0.5, "Weight of the class colours in the overlay.", float_range=(0.0, 1.0)),
+    ParamSpec("pose.enable", False,
+              "Human pose (COCO-17 keypoints) on the people found: publishes <ns>/pose/keypoints (PointCloud2) and, "
+              "while subscribed and with a known camera_info, <ns>/pose/markers, and draws skeletons on the "
+              "overlay. The pose model is built on first enable; its time counts toward the budget."),
+    ParamSpec("pose.model", "segformer-b0", "Pose model (Segformer++ top-down pose, MiT size).", read_only=True,
+              choices=MODELS),
+    ParamSpec("pose.weights", "",
+              "Segformer++ mmpose pose checkpoint (.pth). Empty: a randomly initialised pose model (keypoints are "
+              "meaningless; the node warns loudly once). A checkpoint that fails to load refuses pose.enable.",
+              read_only=True),
+    ParamSpec("pose.mode", "segmentation",
+              "segmentation: one crop per connected region of the label set's person classes (largest first); "
+              "full_frame: the whole frame is one person (single-person cameras).", choices=POSE_MODES),
+    ParamSpec("pose.max_persons", 4, "Most people per frame (largest regions first).", int_range=(1, 32)),
+    ParamSpec("pose.min_person_area", 400, "Smallest person region in pixels (camera resolution) to estimate.",
+              int_range=(0, 100_000_000)),
+    ParamSpec("pose.keypoint_threshold", 0.3,
+              "Keypoints scoring below this are not drawn (markers, overlay); the keypoint cloud keeps them all with "
+              "their scores.", float_range=(0.0, 1.0)),
+    ParamSpec("pose.merge_rate", POSE_FOLLOW_SEGMENTATION,
+              "Token-merge rate of the pose model: -1 = follow the segmentation's merge configuration (the same "
+              "ladder rung or preset; budget mode then steers both), or its own rate in [0, 0.95] on the ladder's "
+              "encoder settings.", float_range=(POSE_FOLLOW_SEGMENTATION, MAX_MERGE_RATE),
+              constraints=f"-1, or 0 .. {MAX_MERGE_RATE}"),
 )
 
 SPECS: dict[str, ParamSpec] = {spec.name: spec for spec in PARAMETERS}
 DEFAULTS: dict[str, Any] = {spec.name: spec.default for spec in PARAMETERS}
 
 
+def is_model_name(name: str) -> bool:
+    return name in MODELS or is_vit_model_name(name)
+
+
+def is_segformer_name(name: str) -> bool:
+    return name in MODELS
+
+
 def check_choice(name: str, value: Any) -> str | None:
-    """Why ``value`` is not allowed for ``name`` (choices and cross-parameter limits aside), or None when fine."""
+    """Why ``value`` is not allowed for ``name`` on its own (choices, model names, values a range cannot express;
+    cross-parameter limits aside), or None when fine. Types and ranges are rclpy's to check."""
     spec = SPECS.get(name)
-    if spec is None or spec.choices is None:
+    if spec is None:
         return None
-    if str(value) not in spec.choices:
+    if name == "model":
+        if not is_model_name(str(value)):
+            return (f"model must be segformer-b0 .. segformer-b5 or a plain ViT {VIT_MODEL_PATTERN}; "
+                    f"got {value!r}")
+        return None
+    if name == "pose.merge_rate":
+        if value != POSE_FOLLOW_SEGMENTATION and not 0.0 <= value <= MAX_MERGE_RATE:
+            return f"pose.merge_rate must be -1 (follow the segmentation) or in [0, {MAX_MERGE_RATE}]; got {value!r}"
+        return None
+    if spec.choices is not None and spec.strict_choices and str(value) not in spec.choices:
         return f"{name} must be one of {', '.join(spec.choices)}; got {value!r}"
+    return None
+
+
+def check_preset(model: str, preset: str) -> str | None:
+    """Why ``preset`` cannot run with ``model`` (presets are SegFormer's), or None."""
+    if preset != "none" and not is_segformer_name(model):
+        return (f"preset {preset!r} is a Segformer++ merge preset for SegFormer models; {model} takes merge_rate "
+                "(preset must stay none)")
     return None
