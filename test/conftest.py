@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,3 +31,12 @@ def student_dir(shared_data: Path) -> Path:
     if not (path / "model.safetensors").is_file():
         pytest.fail(f"trained SegFormer-B0 not found at {path}", pytrace=False)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is fastest, and on a shared 2-core machine spinning OpenMP threads stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,13 +15,7 @@ from segmerge_ros.merging.algm import (
 from segmerge_ros.merging.token_groups import compact_groups, merge_groups
 from segmerge_ros.models.vit import Block, SegmenterViT, ViTConfig, key_bias_from_sizes
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and on a shared 2-core machine spinning OpenMP threads stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -8,13 +8,7 @@ import torch
 from segmerge_ros.merging.clustvit import CLUSTER_IGNORE, ClustViTSegmenter, cluster_layout, pseudo_cluster_labels
 from segmerge_ros.models.vit import SegmenterViT, ViTConfig
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and on a shared 2-core machine spinning OpenMP threads stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

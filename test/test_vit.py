@@ -13,13 +13,7 @@ from segmerge_ros.models.checkpoint_errors import CheckpointError
 from segmerge_ros.models.vit import SegmenterViT, ViTConfig, check_merge_rate, resize_pos_embed
 from segmerge_ros.models.vit_checkpoints import load_vit_weights, save_vit_checkpoint
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and on a shared 2-core machine spinning OpenMP threads stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
