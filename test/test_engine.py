@@ -87,3 +87,21 @@ def test_unavailable_backend_falls_back_to_eager_with_a_warning(caplog):
     assert any("tensorrt" in record.getMessage() for record in caplog.records)
     rgb = np.zeros((64, 96, 3), np.uint8)
     assert engine.infer(rgb).class_map.shape == (64, 96)
+
+
+@pytest.mark.parametrize("size", [(576, 768), (301, 407), (97, 130)])
+def test_boundary_only_upsampling_equals_full_bilinear_argmax(size):
+    import torch
+    import torch.nn.functional as F
+
+    from segmerge_ros.runtime.engine import upsampled_argmax
+
+    generator = torch.Generator().manual_seed(size[0])
+    # Smooth logits with real class regions: random low-resolution fields, upsampled.
+    logits = F.interpolate(torch.randn(1, 19, 9, 12, generator=generator), size=(144, 192), mode="bicubic")
+    reference = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(dim=1)[0]
+    ours = upsampled_argmax(logits[0], logits[0].argmax(dim=0), size)
+    assert ours.shape == size
+    assert torch.equal(ours, reference)
+    boundary_share = (reference[1:] != reference[:-1]).float().mean().item()
+    assert 0.001 < boundary_share < 0.2  # the case has boundaries, and most of the picture is inside regions
