@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..merging.segformerpp import EXPERIMENTS, LADDER, MAX_MERGE_RATE, NONE, MergeConfig, config_for_rate, preset, rung_for_rate
 from ..models.checkpoints import load_segformer
+from ..runtime.backends import make_backend
 from ..runtime.engine import parse_size, to_tensor
 from ..runtime.metrics import ConfusionMatrix
 from ..runtime.sources import IMAGE_SUFFIXES, read_rgb, shared_data_dir
@@ -65,6 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-images", type=int, default=9, help="images used for agreement/mIoU (default 9)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers row even when installed")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--backend", default="eager",
+        help="eager, compile or tensorrt, or several comma-separated (side by side: rows of the later ones are "
+        "named <row>@<backend>); each row is prepared during the quality pass, before timing",
+    )
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     return parser.parse_args(argv)
@@ -169,7 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     for rate in _floats(args.attention_rates):
         merges.append((f"attn={rate:g}/{args.matching}", config_for_rate(rate, args.matching)))
 
-    rows = [Row(name, (lambda config: lambda x: ours(x, config))(config), config.name) for name, config in merges]
+    rows = []
+    for index, backend_name in enumerate(args.backend.split(",")):
+        run = ours
+        if backend_name != "eager" or args.precision != "fp32":
+            backend = make_backend(backend_name, ours, device, precision=args.precision, model_name=args.model,
+                                   strict=True)
+            run = backend.run
+        suffix = "" if index == 0 else f"@{backend_name}"
+        rows += [
+            Row(name + suffix, (lambda run, config: lambda x: run(x, config))(run, config), config.name)
+            for name, config in merges
+        ]
     if hf is not None:
         rows.insert(0, Row("hf-transformers", lambda x: hf(pixel_values=x).logits, "transformers"))
 
