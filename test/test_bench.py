@@ -1,0 +1,40 @@
+"""segmerge-bench end to end on a tiny size: the JSON schema the issue asks for, and parity with transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from segmerge_ros.tools import bench
+
+pytest.importorskip("transformers", reason="transformers is a test dependency: run `make setup`")
+
+ROW_KEYS = {
+    "name": str,
+    "median_ms": float,
+    "speedup_vs_unmerged": float,
+    "agreement_vs_unmerged": float,
+}
+
+
+def test_bench_writes_the_documented_json(tmp_path, shared_data):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--size", "64x128", "--repeat", "1", "--presets", "hq", "--rates", "0.45", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) >= {"device", "model", "size", "rows"} and result["size"] == [64, 128]
+    names = [row["name"] for row in result["rows"]]
+    assert names == ["hf-transformers", "unmerged", "hq", "rate=0.45"]
+    for row in result["rows"]:
+        for key, kind in ROW_KEYS.items():
+            assert isinstance(row[key], kind), (row["name"], key)
+        assert set(row) >= {"speedup_vs_hf", "max_abs_logit_diff_vs_hf", "miou"}
+    unmerged = result["rows"][1]
+    assert unmerged["agreement_vs_unmerged"] == 1.0 and unmerged["speedup_vs_unmerged"] == 1.0
+    assert unmerged["max_abs_logit_diff_vs_hf"] <= 1e-4  # same weights, same input: our model matches transformers
+    assert result["rows"][2]["max_abs_logit_diff_vs_hf"] > 1e-4  # hq really merges
+
+
+def test_bench_rejects_out_of_range_rates():
+    with pytest.raises(SystemExit, match="outside"):
+        bench.main(["--size", "64x128", "--repeat", "1", "--rates", "0.97", "--no-hf"])
