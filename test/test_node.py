@@ -187,9 +187,11 @@ def test_merge_rate_set_through_the_parameter_service_applies_to_the_next_frames
     set_ok(client, {"budget.mode": "off", "merge_rate": 0.0})
     stream(client, frames, 4, 0.2)
     set_ok(client, {"merge_rate": 0.5})
-    since = time.monotonic()
+    # A diagnostics window published just after the set may still hold frames processed before it; windows that
+    # arrive a full period (1 s) later hold only frames processed after it.
+    since = time.monotonic() + 1.2
     stream(client, frames, 12, 0.2)
-    assert client.spin_until(lambda: len(busy_windows(client, CAM_A, since)) >= 2, 10)
+    assert client.spin_until(lambda: len(busy_windows(client, CAM_A, since)) >= 1, 10)
     windows = busy_windows(client, CAM_A, since)
     assert {w.values["merge_rate"] for w in windows} == {"0.5000"}, [w.values for w in windows]
     assert client.get_parameters("merge_rate")["merge_rate"] == 0.5
