@@ -19,7 +19,6 @@ Token counts depend on the content: shapes are dynamic, eager execution only.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from segmerge_ros.merging.token_groups import compact_selected, gather_tokens

@@ -16,6 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -186,11 +187,47 @@ def mmseg_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return result
 
 
-def _unwrap(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+def ours_to_mmseg(state: Mapping[str, torch.Tensor], backbone_only: bool = False) -> dict[str, torch.Tensor]:
+    """Our keys -> mmseg/mmpose keys (the inverse of ``mmseg_to_ours``, for writing ``.pth`` files): q/k/v packed
+    into ``in_proj_*``, Mix-FFN linears as 1x1 convs. ``backbone_only`` leaves non-encoder keys as they are (the
+    pose head already uses mmpose's names)."""
+    rules = [rule for rule in _inverse_rules(_MMSEG_RULES) if not backbone_only or rule[1].startswith("backbone.")]
+    staged: dict[str, torch.Tensor] = {}
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        split = re.match(r"(encoder\..*\.attn)\.([qkv])\.(weight|bias)$", key)
+        if split:
+            packed.setdefault(f"{split.group(1)}.in_proj_{split.group(3)}", {})[split.group(2)] = value
+            continue
+        if re.search(r"\.ffn\.fc[12]\.weight$", key) and value.dim() == 2:
+            value = value[:, :, None, None]
+        staged[key] = value
+    for key, parts in packed.items():
+        staged[key] = torch.cat([parts[name] for name in "qkv"], dim=0)
+    return _rename(staged, rules)
+
+
+def _inverse_rules(rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Swap pattern and target of renaming rules whose groups are ``(\d)``/``(\d+)`` used in order."""
+    inverse = []
+    for pattern, target in rules:
+        groups = re.findall(r"\(\\d\+?\)", pattern)
+        pieces = re.split(r"\\(\d)", target)  # literal, group number, literal, ...
+        inverse_pattern = "".join(
+            re.escape(piece) if i % 2 == 0 else groups[int(piece) - 1] for i, piece in enumerate(pieces)
+        )
+        numbers = iter(range(1, len(groups) + 1))
+        inverse_target = re.sub(r"\(\\d\+?\)", lambda _: f"\\{next(numbers)}", pattern).replace("\\.", ".")
+        inverse.append((inverse_pattern, inverse_target))
+    return inverse
+
+
+def unwrap_state_dict(checkpoint: object, source: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded ``.pth``: a bare state dict or an mmseg/mmpose ``state_dict`` wrapper."""
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):
         checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise CheckpointError(f"checkpoint {path} holds no state dict (expected tensors or a 'state_dict' wrapper)")
+    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise CheckpointError(f"checkpoint {source} holds no state dict (expected tensors or a 'state_dict' wrapper)")
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
 
 
@@ -208,7 +245,7 @@ def infer_mmseg_size(state: dict[str, torch.Tensor]) -> str:
 
 
 def _load_mmseg(path: Path, size: str | None, num_classes: int | None) -> LoadedSegFormer:
-    raw = _unwrap(_read_tensors(path), path)
+    raw = unwrap_state_dict(_read_tensors(path), path)
     if not any(k.startswith("backbone.layers.") for k in raw):
         raise CheckpointError(
             f"checkpoint {path}: no 'backbone.layers.*' keys; neither the mmseg nor the Hugging Face layout "

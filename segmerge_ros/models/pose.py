@@ -17,15 +17,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import re
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from segmerge_ros.merging.segformerpp import NONE, MergeConfig
 from segmerge_ros.models.checkpoint_errors import CheckpointError, load_state_dict_strict
-from segmerge_ros.models.checkpoints import infer_mmseg_size, mmseg_to_ours
+from segmerge_ros.models.checkpoints import infer_mmseg_size, mmseg_to_ours, ours_to_mmseg, unwrap_state_dict
 from segmerge_ros.models.segformer import ConvBNReLU, MixTransformer, mit_config
 
 # COCO-17 keypoints in dataset order.
@@ -122,14 +120,6 @@ class SegformerPose(nn.Module):
 
 # --- checkpoints (mmpose layout) -----------------------------------------------------------------------------------
 
-def _unwrap(checkpoint: object, source: str) -> dict[str, torch.Tensor]:
-    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):
-        checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise CheckpointError(f"checkpoint {source} holds no state dict (expected tensors or a 'state_dict' wrapper)")
-    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
-
-
 def mmpose_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """mmpose TopdownPoseEstimator keys -> SegformerPose keys.
 
@@ -140,45 +130,9 @@ def mmpose_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return mmseg_to_ours(dict(state_dict))
 
 
-# Inverse of the backbone rules of checkpoints.mmseg_to_ours (ours -> mmseg), for writing mmpose-layout files.
-_TO_MMSEG_RULES = [
-    (r"encoder\.stages\.(\d)\.patch_embed\.proj\.", r"backbone.layers.\1.0.projection."),
-    (r"encoder\.stages\.(\d)\.patch_embed\.norm\.", r"backbone.layers.\1.0.norm."),
-    (r"encoder\.stages\.(\d)\.blocks\.(\d+)\.norm1\.", r"backbone.layers.\1.1.\2.norm1."),
-    (r"encoder\.stages\.(\d)\.blocks\.(\d+)\.norm2\.", r"backbone.layers.\1.1.\2.norm2."),
-    (r"encoder\.stages\.(\d)\.blocks\.(\d+)\.attn\.proj\.", r"backbone.layers.\1.1.\2.attn.attn.out_proj."),
-    (r"encoder\.stages\.(\d)\.blocks\.(\d+)\.attn\.sr\.", r"backbone.layers.\1.1.\2.attn.sr."),
-    (r"encoder\.stages\.(\d)\.blocks\.(\d+)\.attn\.sr_norm\.", r"backbone.layers.\1.1.\2.attn.norm."),
-    (r"encoder\.stages\.(\d)\.blocks\.(\d+)\.ffn\.fc1\.", r"backbone.layers.\1.1.\2.ffn.layers.0."),
-    (r"encoder\.stages\.(\d)\.blocks\.(\d+)\.ffn\.dwconv\.", r"backbone.layers.\1.1.\2.ffn.layers.1."),
-    (r"encoder\.stages\.(\d)\.blocks\.(\d+)\.ffn\.fc2\.", r"backbone.layers.\1.1.\2.ffn.layers.4."),
-    (r"encoder\.stages\.(\d)\.norm\.", r"backbone.layers.\1.2."),
-]
-
-
 def ours_to_mmpose(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """SegformerPose keys -> mmpose keys (what a Segformer++ pose checkpoint holds); inverse of mmpose_to_ours."""
-    rules = [(re.compile("^" + a), b) for a, b in _TO_MMSEG_RULES]
-    out: dict[str, torch.Tensor] = {}
-    packed: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state_dict.items():
-        qkv = re.match(r"encoder\.stages\.(\d)\.blocks\.(\d+)\.attn\.([qkv])\.(weight|bias)$", key)
-        if qkv:
-            stage, block, part, kind = qkv.groups()
-            packed.setdefault(f"backbone.layers.{stage}.1.{block}.attn.attn.in_proj_{kind}", {})[part] = value
-            continue
-        for pattern, target in rules:
-            new_key, hits = pattern.subn(target, key)
-            if hits:
-                if re.search(r"\.ffn\.layers\.[04]\.weight$", new_key) and value.dim() == 2:
-                    value = value[:, :, None, None]
-                out[new_key] = value
-                break
-        else:
-            out[key] = value
-    for key, parts in packed.items():
-        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return out
+    return ours_to_mmseg(state_dict, backbone_only=True)
 
 
 def load_pose_checkpoint(model: SegformerPose, path: str | Path) -> None:
@@ -200,7 +154,7 @@ def read_pose_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
         raise CheckpointError(f"cannot read pose checkpoint {path}: {exc}") from exc
-    sd = _unwrap(raw, str(path))
+    sd = unwrap_state_dict(raw, str(path))
     if not any(k.startswith("head.") for k in sd):
         hint = " (it looks like a segmentation checkpoint: decode_head.*)" if any(
             k.startswith("decode_head.") for k in sd) else ""

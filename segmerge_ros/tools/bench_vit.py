@@ -34,7 +34,6 @@ from segmerge_ros.tools.train import (
     model_normalisation,
     parse_size,
     predict_logits,
-    resize_frame,
     to_tensor_batch,
 )
 
