@@ -15,7 +15,7 @@ setup(
         (f"share/{PACKAGE}", ["package.xml"]),
         # Globs, so launch and config files added later are installed without touching this file.
         (f"share/{PACKAGE}/launch", sorted(glob("launch/*.launch.py"))),
-        (f"share/{PACKAGE}/config", sorted(glob("config/*.yaml") + glob("config/*.rviz"))),
+        (f"share/{PACKAGE}/config", sorted(glob("config/*.yaml") + glob("config/*.rviz") + glob("config/*.xml"))),
     ],
     # Unbounded on purpose: requirements.txt pins the tested versions; bounds here would fight those pins.
     install_requires=["numpy", "opencv-python-headless", "safetensors", "torch"],

@@ -9,23 +9,48 @@ Arguments:
   params_file   parameters (default: the installed config/segmerge.yaml)
   namespace     namespace for the node; relative image topics and all outputs live in it (default: none)
   use_rviz      also start rviz2 with config/segmerge.rviz (default: false)
+
+Fast DDS: unless FASTRTPS_DEFAULT_PROFILES_FILE is already set, the node (and RViz) get the installed
+config/fastdds.xml, whose large shared-memory segment lets raw frames of up to 1920x1080 arrive. The segment that
+carries a frame is the publisher's: start camera drivers with the same variable. The profile used is logged.
 """
 
 import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction, SetEnvironmentVariable
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 PACKAGE = "segmerge_ros"
+PROFILE_VARIABLE = "FASTRTPS_DEFAULT_PROFILES_FILE"
 
 
 def parse_topics(text):
     """'a' -> ['a']; '[a, b]' or 'a,b' -> ['a', 'b']; '' -> [] (keep the params file's image_topics)."""
     return [t.strip().strip("'\"") for t in text.strip().strip("[]").split(",") if t.strip().strip("'\"")]
+
+
+def fastdds_profile(environment, default_profile):
+    """(profile, chosen_by_user): the user's FASTRTPS_DEFAULT_PROFILES_FILE when set, else the package's profile."""
+    chosen = environment.get(PROFILE_VARIABLE, "")
+    return (chosen, True) if chosen else (default_profile, False)
+
+
+def _fastdds_profile(context, default_profile):
+    profile, chosen_by_user = fastdds_profile(context.environment, default_profile)
+    rmw = context.environment.get("RMW_IMPLEMENTATION", "")
+    if rmw and not rmw.startswith("rmw_fastrtps"):
+        return [LogInfo(msg=f"segmerge: RMW_IMPLEMENTATION={rmw}: the Fast DDS profile {profile} does not apply")]
+    if chosen_by_user:
+        return [LogInfo(msg=f"segmerge: Fast DDS profile {profile} ({PROFILE_VARIABLE} from the environment)")]
+    return [
+        SetEnvironmentVariable(PROFILE_VARIABLE, profile),
+        LogInfo(msg=f"segmerge: Fast DDS profile {profile} (the package's; start camera drivers with "
+                    f"{PROFILE_VARIABLE}={profile} too, raw frames travel in the publisher's shared memory)"),
+    ]
 
 
 def _segmerge_node(context):
@@ -50,6 +75,7 @@ def generate_launch_description():
     share = get_package_share_directory(PACKAGE)
     default_params = os.path.join(share, "config", "segmerge.yaml")
     rviz_config = os.path.join(share, "config", "segmerge.rviz")
+    default_profile = os.path.join(share, "config", "fastdds.xml")
     return LaunchDescription([
         DeclareLaunchArgument("image_topics", default_value="",
                               description="camera topic(s): 'a', '[a, b]' or 'a,b'; empty = the params file's"),
@@ -57,6 +83,8 @@ def generate_launch_description():
                               description="segmerge_node parameters (YAML)"),
         DeclareLaunchArgument("namespace", default_value="", description="namespace for segmerge_node"),
         DeclareLaunchArgument("use_rviz", default_value="false", description="also start rviz2"),
+        # Before the node and RViz: environment changes apply to the processes launched after them.
+        OpaqueFunction(function=_fastdds_profile, args=[default_profile]),
         OpaqueFunction(function=_segmerge_node),
         Node(
             package="rviz2",

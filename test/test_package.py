@@ -5,11 +5,7 @@ from __future__ import annotations
 import configparser
 import os
 import runpy
-import shutil
 import stat
-import subprocess
-import sys
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -17,6 +13,8 @@ import pytest
 import setuptools
 
 import segmerge_ros
+
+import colcon_workspace  # test/ helper: the session's one colcon build
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "segmerge_ros"
@@ -34,9 +32,6 @@ CONSOLE_SCRIPTS = {
     "segmerge-train": "segmerge_ros.tools.train:main",
     "segmerge-build-engines": "segmerge_ros.tools.build_engines:main",
 }
-# What a colcon build needs from the checkout; everything else (.venv, .git, docs, tests) stays out of its view.
-PACKAGE_FILES = ["package.xml", "setup.py", "setup.cfg", "resource", PACKAGE, "launch", "config"]
-COLCON_BUILD_BUDGET_S = 60
 
 
 def _text(root: ET.Element, tag: str) -> str:
@@ -112,7 +107,7 @@ def test_setup_py_data_files_use_globs_over_launch_and_config(setup_kwargs):
     assert data_files["share/ament_index/resource_index/packages"] == {f"resource/{PACKAGE}"}
     assert data_files[f"share/{PACKAGE}"] == {"package.xml"}
     launch = {f"launch/{p.name}" for p in (REPO_ROOT / "launch").glob("*.launch.py")}
-    config = {f"config/{p.name}" for p in REPO_ROOT.glob("config/*") if p.suffix in (".yaml", ".rviz")}
+    config = {f"config/{p.name}" for p in REPO_ROOT.glob("config/*") if p.suffix in (".yaml", ".rviz", ".xml")}
     assert data_files[f"share/{PACKAGE}/launch"] == launch
     assert data_files[f"share/{PACKAGE}/config"] == config
     assert (REPO_ROOT / "resource" / PACKAGE).is_file()
@@ -127,41 +122,8 @@ def test_setup_cfg_puts_scripts_where_ros2_run_looks():
 
 @pytest.fixture(scope="module")
 def colcon_install(tmp_path_factory) -> Path:
-    """`colcon build` of a copy holding only the package files; returns the install base."""
-    colcon = Path(sys.executable).with_name("colcon")
-    if not colcon.exists():
-        found = shutil.which("colcon")
-        if found is None:
-            pytest.fail("colcon not found: install requirements-test.txt (colcon-common-extensions)", pytrace=False)
-        colcon = Path(found)
-    work = tmp_path_factory.mktemp("colcon")
-    source = work / "src" / PACKAGE
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for name in PACKAGE_FILES:
-        origin = REPO_ROOT / name
-        if origin.is_dir():
-            shutil.copytree(origin, source / name, ignore=ignore)
-        elif origin.exists():
-            source.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(origin, source / name)
-    # Isolate from user colcon defaults/mixins and from any sourced ROS workspace.
-    env = {k: v for k, v in os.environ.items() if k not in ("AMENT_PREFIX_PATH", "COLCON_PREFIX_PATH")}
-    env["COLCON_HOME"] = str(work / "colcon_home")
-    command = [
-        str(colcon), "--log-base", str(work / "log"), "build",
-        "--base-paths", str(work / "src"),
-        "--build-base", str(work / "build"),
-        "--install-base", str(work / "install"),
-        "--event-handlers", "console_direct-", "summary-",
-    ]
-    started = time.monotonic()
-    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300,
-                            stdin=subprocess.DEVNULL)
-    elapsed = time.monotonic() - started
-    assert result.returncode == 0, f"colcon build failed:\n{result.stdout}\n{result.stderr}"
-    assert elapsed < COLCON_BUILD_BUDGET_S, f"colcon build took {elapsed:.1f} s"
-    print(f"colcon build: {elapsed:.2f} s")
-    return work / "install"
+    """The install base of the session's `colcon build` of a copy holding only the package files."""
+    return colcon_workspace.colcon_install(tmp_path_factory)
 
 
 def test_colcon_install_layout(colcon_install):
