@@ -27,7 +27,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Float32, Header
 
 from segmerge_ros.ros.conversions import jpeg_image, rgb8_image
-from segmerge_ros.ros.demo import SegmergeClient, camera_command, node_command, ros_env, stop_process
+from segmerge_ros.ros.client import SegmergeClient, camera_command, node_command, ros_env, stop_process
 from segmerge_ros.runtime.sources import iter_frames
 
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"

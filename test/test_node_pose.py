@@ -28,7 +28,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 
 from segmerge_ros.models.pose import COCO_SKELETON
 from segmerge_ros.ros.conversions import rgb8_image
-from segmerge_ros.ros.demo import SegmergeClient, node_command, ros_env, stop_process
+from segmerge_ros.ros.client import SegmergeClient, node_command, ros_env, stop_process
 from segmerge_ros.ros.pose_msgs import read_keypoints_cloud
 from segmerge_ros.runtime.sources import iter_frames
 

@@ -1,0 +1,150 @@
+"""One input camera of the node: its subscriptions, its one-frame slot, its publishers and its counters.
+
+For a camera topic ``<ns>/<name>`` (``<ns>/<name>/compressed`` for JPEG/PNG) the outputs go to
+``<ns>/segmentation/*`` and ``<ns>/pose/*``, and the calibration is read from ``<ns>/camera_info``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import threading
+from collections import deque
+
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos_overriding_options import QoSOverridingOptions
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from std_msgs.msg import String
+from visualization_msgs.msg import MarkerArray
+
+from .diagnostics import CameraSnapshot, FrameTiming
+from .frame_pipeline import CONFIDENCE, KEYPOINTS, MARKERS, MASK, OVERLAY
+
+try:  # not installable everywhere (e.g. the pip-only ROS used for tests); String labels always exist
+    from vision_msgs.msg import LabelInfo, VisionClass
+except ImportError:
+    LabelInfo = VisionClass = None
+
+COMPRESSED_SUFFIX = "/compressed"
+
+# Cameras and simulators often publish best effort; a reliable subscription would never match them. Depth 1: only
+# the newest frame matters. Overridable with qos_overrides.<topic>.subscription.* parameters.
+INPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT,
+                       durability=DurabilityPolicy.VOLATILE)
+# Reliable publishers match both reliable (RViz's default) and best-effort subscribers.
+OUTPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                        durability=DurabilityPolicy.VOLATILE)
+LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def strip_compressed(topic: str) -> str:
+    return topic[: -len(COMPRESSED_SUFFIX)] if topic.endswith(COMPRESSED_SUFFIX) else topic
+
+
+def output_topic(input_topic: str, name: str) -> str:
+    """``<ns>/<name>`` for the camera topic ``<ns>/<image>`` (``<ns>/<image>/compressed``); relative stays relative."""
+    namespace = posixpath.dirname(strip_compressed(input_topic))
+    if namespace == "":
+        return name
+    return posixpath.join(namespace, name)
+
+
+class Camera:
+    """One input topic: its frame slot, its publishers and its counters.
+
+    The subscription callback only drops the message into the slot (a newer frame replaces an unprocessed one and
+    counts as dropped) and wakes the worker through ``frame_ready``, which also guards the counters.
+    """
+
+    def __init__(self, node: Node, topic: str, frame_ready: threading.Condition):
+        self.frame_ready = frame_ready
+        self.compressed = topic.endswith(COMPRESSED_SUFFIX)
+        message_type = CompressedImage if self.compressed else Image
+        overridable = QoSOverridingOptions.with_default_policies()
+        self.subscription = node.create_subscription(message_type, topic, self._on_frame, INPUT_QOS,
+                                                     qos_overriding_options=overridable)
+        self.topic = self.subscription.topic_name  # fully resolved, for logs and diagnostics
+
+        def publisher(msg_type, name, qos, overrides=True):
+            kwargs = {"qos_overriding_options": overridable} if overrides else {}
+            return node.create_publisher(msg_type, output_topic(topic, name), qos, **kwargs)
+
+        self.mask_pub = publisher(Image, "segmentation/mask", OUTPUT_QOS)
+        self.confidence_pub = publisher(Image, "segmentation/confidence", OUTPUT_QOS)
+        self.overlay_pub = publisher(Image, "segmentation/overlay", OUTPUT_QOS)
+        self.labels_pub = publisher(String, "segmentation/labels", LATCHED_QOS, overrides=False)
+        self.label_info_pub = publisher(LabelInfo, "label_info", LATCHED_QOS, overrides=False) if LabelInfo else None
+        self.keypoints_pub = publisher(PointCloud2, "pose/keypoints", OUTPUT_QOS)
+        self.markers_pub = publisher(MarkerArray, "pose/markers", OUTPUT_QOS)
+        self.publishers = {MASK: self.mask_pub, CONFIDENCE: self.confidence_pub, OVERLAY: self.overlay_pub,
+                           KEYPOINTS: self.keypoints_pub, MARKERS: self.markers_pub}
+        self.output_namespace = posixpath.dirname(posixpath.dirname(self.mask_pub.topic_name))
+        # The latest calibration of this camera (set on the executor thread, read by the worker: one reference).
+        self.camera_info: CameraInfo | None = None
+        self.camera_info_sub = node.create_subscription(CameraInfo, output_topic(topic, "camera_info"),
+                                                        self._on_camera_info, qos_profile_sensor_data,
+                                                        qos_overriding_options=overridable)
+
+        # Guarded by frame_ready.
+        self.pending: Image | CompressedImage | None = None
+        self.received = 0
+        self.dropped = 0
+        # Written by the worker only (under frame_ready); read by diagnostics under frame_ready.
+        self.published = 0
+        self.bad = 0
+        self.failed = 0
+        self.last_bad_reason = ""
+        self.last_failure = ""
+        self.last_bad_warning = -math.inf
+        self.timings: deque[FrameTiming] = deque(maxlen=2000)
+        self.last_merge = ""
+        self.reported_bad = 0
+        self.reported_failed = 0
+
+    def _on_frame(self, msg) -> None:
+        with self.frame_ready:
+            self.received += 1
+            if self.pending is not None:
+                self.dropped += 1  # the worker has not taken the previous frame: it is stale now
+            self.pending = msg
+            self.frame_ready.notify()
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        self.camera_info = msg
+
+    def publish(self, kind: str, message) -> None:
+        self.publishers[kind].publish(message)
+
+    def has_subscribers(self, kind: str) -> bool:
+        return self.publishers[kind].get_subscription_count() > 0
+
+    def publish_labels(self, labels, model_info: dict) -> None:
+        table = {
+            "label_set": labels.name,
+            "classes": list(labels.classes),
+            "palette": labels.palette.tolist(),
+            "person_ids": list(labels.person_ids),
+            "mask_topic": self.mask_pub.topic_name,
+            **model_info,
+        }
+        self.labels_pub.publish(String(data=json.dumps(table)))
+        if self.label_info_pub is not None:
+            info = LabelInfo()
+            info.class_map = [VisionClass(class_id=i, class_name=name) for i, name in enumerate(labels.classes)]
+            self.label_info_pub.publish(info)
+
+    def snapshot(self, window_s: float) -> CameraSnapshot:
+        """The diagnostics window since the last call (call under frame_ready): takes the timings, marks the bad and
+        failed frames as reported."""
+        timings = list(self.timings)
+        self.timings.clear()
+        snapshot = CameraSnapshot(
+            topic=self.topic, timings=timings, window_s=window_s, received=self.received, dropped=self.dropped,
+            published=self.published, bad=self.bad, failed=self.failed, new_bad=self.bad - self.reported_bad,
+            new_failed=self.failed - self.reported_failed, last_bad_reason=self.last_bad_reason,
+            last_failure=self.last_failure, merge_name=self.last_merge)
+        self.reported_bad, self.reported_failed = self.bad, self.failed
+        return snapshot

@@ -1,0 +1,146 @@
+"""The node's diagnostics as pure functions: a snapshot of one camera's counters and frame timings in, one
+``diagnostic_msgs/DiagnosticStatus`` out (no DDS, no node: unit-tested directly), and the throttled failure log.
+
+Levels: ERROR while frames fail inside the worker (``failed_frames`` rose during the window); WARN for new bad
+frames, for no frames in the window, and whenever budget mode misses its target at the rate it chose; OK otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+
+from ..runtime.budget import BudgetMode
+
+MISSED_BUDGET_MARGIN = 1.15  # a window's mean processing time this far over the target counts as a miss
+FAILURE_REPEAT_PERIOD_S = 5.0  # a known cause is logged again (one line, with its count) at most this often
+
+
+@dataclass
+class FrameTiming:
+    """One processed frame as the diagnostics see it."""
+
+    latency_ms: float       # now - header.stamp when published (nan for an unstamped frame)
+    inference_ms: float
+    processing_ms: float    # slot -> published: what the budget controls (pose included)
+    merge_rate: float
+    persons: int = -1       # -1: pose was off for this frame
+    pose_ms: float = math.nan
+
+
+@dataclass(frozen=True)
+class CameraSnapshot:
+    """One camera over one diagnostics window; counters are totals since start, ``new_*`` the window's increase."""
+
+    topic: str
+    timings: list[FrameTiming]
+    window_s: float
+    received: int
+    dropped: int
+    published: int
+    bad: int
+    failed: int
+    new_bad: int = 0
+    new_failed: int = 0
+    last_bad_reason: str = ""
+    last_failure: str = ""
+    merge_name: str = ""
+
+
+@dataclass(frozen=True)
+class BudgetSnapshot:
+    mode: BudgetMode
+    target_ms: float | None
+    max_rate: float
+    calibrating: bool = False
+
+
+def _mean(values) -> float:
+    values = [v for v in values if math.isfinite(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def camera_status(node_name: str, camera: CameraSnapshot, budget: BudgetSnapshot, current_rate: float,
+                  current_merge_name: str, pose_enabled: bool) -> DiagnosticStatus:
+    """The DiagnosticStatus of one camera for one window. ``current_rate``/``current_merge_name``: the engine's
+    setting, shown when the window processed no frame."""
+    timings = camera.timings
+    rate = timings[-1].merge_rate if timings else current_rate
+    processing_ms = _mean(t.processing_ms for t in timings)
+    values = {
+        "merge_rate": f"{rate:.4f}",
+        "merge_config": camera.merge_name or current_merge_name,
+        "latency_ms": f"{_mean(t.latency_ms for t in timings):.2f}",
+        "inference_ms": f"{_mean(t.inference_ms for t in timings):.2f}",
+        "processing_ms": f"{processing_ms:.2f}",
+        "fps": f"{len(timings) / camera.window_s:.2f}",
+        "dropped_frames": str(camera.dropped),
+        "bad_frames": str(camera.bad),
+        "failed_frames": str(camera.failed),
+        "frames_in": str(camera.received),
+        "frames_out": str(camera.published),
+        "budget_mode": budget.mode.value,
+        "budget_target_ms": f"{budget.target_ms:.2f}" if budget.target_ms is not None else "nan",
+        "last_bad_reason": camera.last_bad_reason,
+        "last_failure": camera.last_failure,
+    }
+    posed = [t for t in timings if t.persons >= 0]
+    if pose_enabled or posed:
+        values["persons"] = str(posed[-1].persons) if posed else "0"  # in the window's last frame
+        values["pose_ms"] = f"{_mean(t.pose_ms for t in posed):.2f}"
+
+    level, message = DiagnosticStatus.OK, f"{len(timings)} frames in {camera.window_s:.1f} s"
+    if not timings:
+        level, message = DiagnosticStatus.WARN, "no frames processed in the last period"
+    missed = (budget.target_ms is not None and timings and not budget.calibrating
+              and processing_ms > MISSED_BUDGET_MARGIN * budget.target_ms)
+    if camera.new_failed:
+        level, message = DiagnosticStatus.ERROR, f"{camera.new_failed} frame(s) failed: {camera.last_failure}"
+    elif camera.new_bad:
+        level, message = DiagnosticStatus.WARN, f"{camera.new_bad} bad frame(s): {camera.last_bad_reason}"
+    elif missed and rate >= budget.max_rate - 1e-6:
+        level, message = DiagnosticStatus.WARN, (f"budget {budget.target_ms:.1f} ms not met even at max_merge_rate "
+                                                 f"({processing_ms:.1f} ms)")
+    elif missed:
+        level, message = DiagnosticStatus.WARN, (f"budget {budget.target_ms:.1f} ms missed at merge rate {rate:.2f} "
+                                                 f"({processing_ms:.1f} ms)")
+    return DiagnosticStatus(level=level, name=f"{node_name}: {camera.topic}", message=message,
+                            hardware_id=camera.topic, values=[KeyValue(key=k, value=v) for k, v in values.items()])
+
+
+def failure_cause(error: BaseException) -> str:
+    """What identifies a failure's cause: its type and where it was raised (the message may vary per frame)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+    return f"{type(error).__name__} at {where}"
+
+
+@dataclass
+class FailureLog:
+    """Frames that fail inside the worker: the first failure of each cause is logged with its traceback, later ones
+    of the same cause as one line with their count, at most every ``repeat_period_s``."""
+
+    repeat_period_s: float = FAILURE_REPEAT_PERIOD_S
+    clock: Callable[[], float] = time.monotonic
+    _counts: dict[str, int] = field(default_factory=dict)
+    _last_logged: dict[str, float] = field(default_factory=dict)
+
+    def record(self, where: str, error: BaseException) -> str | None:
+        """Count one failure; returns the text to log now, or None while this cause is throttled."""
+        cause = failure_cause(error)
+        count = self._counts.get(cause, 0) + 1
+        self._counts[cause] = count
+        now = self.clock()
+        if count == 1:
+            self._last_logged[cause] = now
+            trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            return f"{where}: frame failed ({cause}): {error!r}\n{trace.rstrip()}"
+        if now - self._last_logged[cause] >= self.repeat_period_s:
+            self._last_logged[cause] = now
+            return f"{where}: frame failed again ({cause}, {count} times so far): {error!r}"
+        return None

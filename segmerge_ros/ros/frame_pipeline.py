@@ -1,0 +1,224 @@
+"""One camera frame through the node's whole per-frame path, without DDS: message in, output messages out.
+
+    pipeline = FramePipeline(engine, pose=None, warn=print)
+    outputs = pipeline.process(msg, camera_info=None, settings=FrameSettings(), publish=None)
+
+``msg`` is a ``sensor_msgs/Image`` or ``CompressedImage``. The pipeline decodes it (``conversions.py``), refuses it
+when the network cannot run on it, runs the engine with its current merge configuration, optionally pose on the
+people found, and builds the output messages, each carrying the input header unchanged. ``publish(kind, message)``,
+when given, receives every message as soon as it is built (the node publishes the mask before pose runs); the
+same messages come back in :class:`FrameOutputs`. A frame that cannot be processed for a reason in the frame itself
+raises :class:`~segmerge_ros.ros.conversions.BadFrame` with that reason; anything else that goes wrong (a bug, the
+device running out of memory) propagates as it is.
+
+The node (``node.py``) runs every frame through this object; ``segmerge-bag`` runs recorded frames through it.
+Budget control stays with the caller: after each frame, :func:`budget_step` feeds the frame's processing time and
+the rate it ran at to a :class:`~segmerge_ros.runtime.budget.BudgetController` and sets the rate it chooses on the
+engine for the next frame.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from std_msgs.msg import Header
+from visualization_msgs.msg import MarkerArray
+
+from ..models.labels import overlay
+from ..runtime.budget import BudgetController
+from ..runtime.engine import SegmentationEngine, SegmentationResult
+from ..runtime.pose import PoseEstimator, PoseResult, draw_skeletons
+from .conversions import BadFrame, message_to_rgb, mono8_image, rgb8_image
+from .params import POSE_FOLLOW_SEGMENTATION
+from .pose_msgs import camera_matrix, keypoints_cloud, pose_markers
+
+__all__ = ["BadFrame", "FrameOutputs", "FramePipeline", "FrameSettings", "FrameTimes", "PoseSettings",
+           "budget_step", "minimum_network_side"]
+
+# Output kinds, as handed to ``publish`` and named in FrameOutputs.
+MASK, CONFIDENCE, OVERLAY, KEYPOINTS, MARKERS = "mask", "confidence", "overlay", "keypoints", "markers"
+
+
+@dataclass(frozen=True)
+class PoseSettings:
+    """The pose parameters as one snapshot: the node's executor thread swaps in a new one, the worker reads one per
+    frame."""
+
+    enable: bool = False
+    mode: str = "segmentation"
+    max_persons: int = 4
+    min_person_area: int = 400
+    keypoint_threshold: float = 0.3
+    merge_rate: float = POSE_FOLLOW_SEGMENTATION  # -1: the segmentation's merge configuration of this frame
+
+
+@dataclass(frozen=True)
+class FrameSettings:
+    """Which outputs one frame produces (the node asks only for what has subscribers)."""
+
+    confidence: bool = True
+    overlay: bool = True
+    overlay_alpha: float = 0.5
+    markers: bool = True      # pose markers; built only while pose runs and K is known
+    pose: PoseSettings = field(default_factory=PoseSettings)
+
+
+@dataclass(frozen=True)
+class FrameTimes:
+    decode_ms: float
+    inference_ms: float      # the engine: pre-processing, network, post-processing
+    pose_ms: float           # nan when pose did not run
+    processing_ms: float     # the whole call, publishing included: what budget mode controls
+    merge_rate: float        # the rate this frame ran at (nan for a preset)
+    merge_name: str          # the merge configuration's name (ladder rung or preset)
+    persons: int = -1        # -1: pose did not run
+
+
+@dataclass
+class FrameOutputs:
+    header: Header
+    mask: Image
+    confidence: Image | None
+    overlay: Image | None
+    keypoints: PointCloud2 | None
+    markers: MarkerArray | None
+    times: FrameTimes
+    segmentation: SegmentationResult
+    pose: PoseResult | None
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def minimum_network_side(engine: SegmentationEngine) -> int:
+    """The smallest height/width the engine's network runs at: every MiT stage's spatial-reduction convolution needs
+    a grid at least as large as its kernel (29 px for SegFormer's strides and reductions). Plain ViTs pad any size."""
+    if not engine.is_segformer:
+        return 1
+    config = engine.model.config
+    side = 1
+    while True:
+        grid, fits = side, True
+        for patch, stride, reduction in zip(config.patch_sizes, config.strides, config.sr_ratios):
+            grid = _conv_out(grid, patch, stride, patch // 2)
+            if grid < max(reduction, 1):
+                fits = False
+                break
+        if fits:
+            return side
+        side += 1
+
+
+class FramePipeline:
+    """The per-frame path: decode, check, segment, pose, build messages. Not thread-safe: one caller at a time.
+
+    ``pose`` may be None (pose frames then run without pose) and may be set later, e.g. once a pose model built in
+    the background is ready. ``warn`` receives one-off warnings about the configuration (e.g. a label set without a
+    person class in pose segmentation mode).
+    """
+
+    def __init__(self, engine: SegmentationEngine, pose: PoseEstimator | None = None,
+                 warn: Callable[[str], None] | None = None):
+        self.engine = engine
+        self.pose = pose
+        self._warn = warn or (lambda message: None)
+        self._warned_no_person_classes = False
+        self.min_side = minimum_network_side(engine)
+
+    def process(self, msg: Image | CompressedImage, camera_info: CameraInfo | None = None,
+                settings: FrameSettings = FrameSettings(),
+                publish: Callable[[str, object], None] | None = None) -> FrameOutputs:
+        """Run one frame; raises BadFrame (with the reason) for a frame that cannot be processed."""
+        started = time.perf_counter()
+        rgb = message_to_rgb(msg)
+        self._check_size(rgb)
+        decoded = time.perf_counter()
+        header = msg.header  # copied unchanged: consumers sync outputs with frames by stamp and frame_id
+        emit = publish or (lambda kind, message: None)
+
+        result = self.engine.infer(rgb)
+        mask = mono8_image(result.class_map, header)
+        emit(MASK, mask)
+        confidence = None
+        if settings.confidence:
+            confidence = mono8_image(result.confidence, header)
+            emit(CONFIDENCE, confidence)
+
+        pose = keypoints = markers = None
+        if settings.pose.enable and self.pose is not None:
+            pose = self._estimate_pose(rgb, result, settings.pose)
+            k = camera_matrix(camera_info, (rgb.shape[1], rgb.shape[0]))
+            keypoints = keypoints_cloud(header, pose.keypoints, pose.scores, k)
+            emit(KEYPOINTS, keypoints)
+            if k is not None and settings.markers:
+                markers = pose_markers(header, pose.keypoints, pose.scores, k, pose.keypoint_threshold)
+                emit(MARKERS, markers)
+
+        overlay_msg = None
+        if settings.overlay:
+            blended = overlay(rgb, result.class_map, self.engine.labels.palette, settings.overlay_alpha)
+            if pose is not None and pose.num_persons:
+                draw_skeletons(blended, pose.keypoints, pose.scores, pose.keypoint_threshold, inplace=True)
+            overlay_msg = rgb8_image(blended, header)
+            emit(OVERLAY, overlay_msg)
+
+        times = FrameTimes(
+            decode_ms=(decoded - started) * 1e3, inference_ms=result.inference_ms,
+            pose_ms=pose.pose_ms if pose is not None else math.nan,
+            processing_ms=(time.perf_counter() - started) * 1e3,  # pose included: the budget controller sees it
+            merge_rate=result.merge_rate, merge_name=result.merge_name,
+            persons=pose.num_persons if pose is not None else -1)
+        return FrameOutputs(header, mask, confidence, overlay_msg, keypoints, markers, times, result, pose)
+
+    def _check_size(self, rgb: np.ndarray) -> None:
+        if self.engine.input_size is not None:
+            return  # the engine resizes every frame to its input size
+        height, width = rgb.shape[:2]
+        if min(height, width) < self.min_side:
+            raise BadFrame(f"frame {width}x{height} is too small for the network: it needs at least {self.min_side} "
+                           f"px per side at its input (or set input_size, which resizes every frame)")
+
+    def _estimate_pose(self, rgb: np.ndarray, result: SegmentationResult, settings: PoseSettings) -> PoseResult:
+        """Apply this frame's settings snapshot to the estimator, then estimate."""
+        pose = self.pose
+        pose.mode = settings.mode
+        pose.max_persons = settings.max_persons
+        pose.min_person_area = settings.min_person_area
+        pose.keypoint_threshold = settings.keypoint_threshold
+        if settings.merge_rate >= 0:
+            pose.set_merge_rate(settings.merge_rate)
+        elif self.engine.is_segformer:
+            # The encoder stages of the rung or preset this frame ran with (head and input scale are the
+            # segmentation's own); the config is read after infer(), so a change in between shows a frame later.
+            pose.set_merge_config(self.engine.merge_config, result.merge_rate)
+        else:
+            # ViT methods have no merge configuration to share: their rate selects the pose ladder's rung.
+            pose.set_merge_rate(result.merge_rate if math.isfinite(result.merge_rate) else 0.0)
+        person_ids = self.engine.labels.person_ids
+        if settings.mode == "segmentation" and not person_ids and not self._warned_no_person_classes:
+            self._warned_no_person_classes = True
+            self._warn(f"pose.mode segmentation: label set {self.engine.labels.name!r} has no person class, so no "
+                       "person is ever found; use pose.mode full_frame or a model with a person class")
+        return pose.estimate(rgb, result.class_map, person_ids)
+
+
+def budget_step(controller: BudgetController, engine: SegmentationEngine, processing_ms: float,
+                rate_used: float) -> float | None:
+    """After a frame: feed its processing time and the rate it ran at to the controller and set the controller's
+    choice on the engine for the next frame. Returns that rate (rounded to 4 decimals: parameter events need no float
+    noise), or None while budget mode is off."""
+    if not controller.active:
+        return None
+    next_rate = controller.update(processing_ms, rate_used if math.isfinite(rate_used) else None)
+    if next_rate is None:
+        return None
+    next_rate = round(next_rate, 4)
+    if next_rate != engine.merge_rate:
+        engine.set_merge_rate(next_rate)
+    return next_rate
