@@ -383,11 +383,18 @@ class PoseEstimator:
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"pose needs an HxWx3 uint8 RGB frame, got {rgb.dtype} {rgb.shape}")
         boxes = self.person_boxes(rgb.shape, class_map, person_ids)
+        return self.estimate_boxes(rgb, boxes, 1.0 if self.mode == "full_frame" else self.padding, t0)
+
+    def estimate_boxes(self, rgb: np.ndarray, boxes: np.ndarray, padding: float | None = None,
+                       started: float | None = None) -> PoseResult:
+        """Keypoints of the people in given xyxy ``boxes`` (N, 4) of an RGB uint8 frame (e.g. ground-truth boxes
+        in an evaluation); ``padding`` defaults to the estimator's."""
+        t0 = time.perf_counter() if started is None else started
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         if len(boxes) == 0:
             return PoseResult.empty(self.model.num_keypoints, (time.perf_counter() - t0) * 1e3,
                                     self.keypoint_threshold)
-        padding = 1.0 if self.mode == "full_frame" else self.padding
-        center, scale = box_to_center_scale(boxes, self.input_size, padding)
+        center, scale = box_to_center_scale(boxes, self.input_size, self.padding if padding is None else padding)
         crops = crop_people(np.ascontiguousarray(rgb), center, scale, self.input_size)
         with self._torch.inference_mode():
             heatmaps = self.forward(self.preprocess(crops))

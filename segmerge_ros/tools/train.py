@@ -18,6 +18,9 @@ Checkpoints: ``OUT/model.safetensors`` + ``OUT/config.json`` (``save_vit_checkpo
 ``OUT/optimizer.safetensors`` + ``OUT/train_state.json`` for ``--resume``; ``OUT/train_log.jsonl`` logs losses and
 evaluations. A plain-text progress bar goes to stderr.
 
+Pose: ``segmerge-train pose ...`` distils a Segformer++ pose student from MoveNet and ``segmerge-train pose-eval
+--weights DIR/pose.pth`` evaluates one (``segmerge_ros/tools/train_pose.py``, docs/pose.md).
+
 Example (distillation from the trained SegFormer-B0 on vtest frames 0-639)::
 
     segmerge-train --model algm-vit-t-linear --data frames:../shared/data/opencv_samples/vtest.avi \\
@@ -627,6 +630,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("pose", "pose-eval"):
+        from segmerge_ros.tools.train_pose import main_eval, main_train
+
+        return (main_train if argv[0] == "pose" else main_eval)(argv[1:])
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
