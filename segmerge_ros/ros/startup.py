@@ -1,0 +1,107 @@
+"""What the node builds from its parameters, as functions of a parameter reader ``param(name) -> value``.
+
+The node passes its own ``self.param``; ``segmerge-bag`` passes the values its options amount to. So both build the
+same engine (warmed up), pose estimator, pose settings snapshot, merge setting and labels message, with the same
+messages when something cannot be built.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import numpy as np
+from std_msgs.msg import String
+
+from ..models.checkpoint_errors import CheckpointError
+from ..models.labels import LabelSet
+from ..runtime.engine import SegmentationEngine
+from ..runtime.pose import PoseEstimator
+from .frame_pipeline import PoseSettings
+from .parameter_policy import label_count_refusal
+
+Param = Callable[[str], Any]
+Warn = Callable[[str], None]
+BANNER = "!" * 78
+
+
+class StartupError(RuntimeError):
+    """A configuration that cannot run; the message is shown to the user as is (no traceback)."""
+
+
+def build_engine(param: Param, warn: Warn) -> SegmentationEngine:
+    """The segmentation engine of parameters model, weights, device, backend, input_size, precision and
+    engine_cache_dir, after one warm-up pass (so the first frame does not pay torch's one-off start-up costs)."""
+    model, weights = param("model"), param("weights")
+    try:
+        engine = SegmentationEngine(model=model, weights=weights or None, device=param("device"),
+                                    backend=param("backend"), input_size=param("input_size") or None,
+                                    precision=param("precision"), cache_dir=param("engine_cache_dir") or None)
+    except (CheckpointError, FileNotFoundError) as error:
+        raise StartupError(f"cannot load weights {weights!r} for {model}: {error}") from None
+    except ValueError as error:
+        raise StartupError(f"invalid model settings: {error}") from None
+    reason = label_count_refusal(len(engine.labels.classes))
+    if reason:
+        raise StartupError(reason)
+    if engine.randomly_initialised:
+        warn(f"\n{BANNER}\n  NO WEIGHTS GIVEN: {model} IS RANDOMLY INITIALISED. The masks are meaningless.\n"
+             f"  Set the 'weights' parameter to a checkpoint (hub folder, .safetensors or .pth).\n{BANNER}")
+    height, width = engine.input_size or (240, 320)
+    engine.infer(np.zeros((height, width, 3), dtype=np.uint8))
+    return engine
+
+
+def pose_settings(param: Param) -> PoseSettings:
+    """The pose.* parameters as one snapshot."""
+    return PoseSettings(
+        enable=bool(param("pose.enable")), mode=str(param("pose.mode")), max_persons=int(param("pose.max_persons")),
+        min_person_area=int(param("pose.min_person_area")),
+        keypoint_threshold=float(param("pose.keypoint_threshold")), merge_rate=float(param("pose.merge_rate")))
+
+
+def build_pose(param: Param, warn: Warn) -> PoseEstimator:
+    """The pose estimator of pose.model and pose.weights (slow: seconds); StartupError says why it cannot be built."""
+    model, weights = param("pose.model"), param("pose.weights")
+    settings = pose_settings(param)
+    try:
+        pose = PoseEstimator(model, weights or None, device=param("device"), max_persons=settings.max_persons,
+                             min_person_area=settings.min_person_area,
+                             keypoint_threshold=settings.keypoint_threshold, mode=settings.mode)
+    except (CheckpointError, OSError, ValueError, RuntimeError) as error:
+        raise StartupError(f"cannot load pose.weights {weights!r} for {model}: {error}" if weights
+                           else f"cannot build the {model} pose model: {error}") from None
+    if pose.randomly_initialised:
+        warn(f"\n{BANNER}\n  NO POSE WEIGHTS GIVEN: THE {model} POSE MODEL IS RANDOMLY INITIALISED. The keypoints are "
+             f"meaningless.\n  Set 'pose.weights' to a Segformer++ mmpose pose checkpoint (.pth).\n{BANNER}")
+    return pose
+
+
+def apply_merge_settings(engine: SegmentationEngine, param: Param) -> None:
+    """The preset parameter when set, else merge_rate."""
+    preset = param("preset")
+    if preset != "none":
+        engine.set_preset(preset)
+    else:
+        engine.set_merge_rate(param("merge_rate"))
+
+
+def model_info(param: Param, engine: SegmentationEngine) -> dict:
+    """What the labels message says about the model that made the masks."""
+    info = {key: param(key) for key in ("model", "weights", "device", "backend", "input_size", "precision")}
+    info["backend_in_use"] = engine.backend
+    info["randomly_initialised"] = engine.randomly_initialised
+    return info
+
+
+def labels_message(labels: LabelSet, info: dict, mask_topic: str) -> String:
+    """``<ns>/segmentation/labels``: JSON with the label set, class names, palette, person classes and the model."""
+    table = {
+        "label_set": labels.name,
+        "classes": list(labels.classes),
+        "palette": labels.palette.tolist(),
+        "person_ids": list(labels.person_ids),
+        "mask_topic": mask_topic,
+        **info,
+    }
+    return String(data=json.dumps(table))
