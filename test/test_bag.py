@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from mcap.reader import make_reader
 from rclpy.serialization import deserialize_message, serialize_message
-from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.rosbag2 import Reader, Writer
 from rosbags.typesys import Stores, get_typestore
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Float32, Header, String
@@ -106,7 +106,8 @@ def read_bag(path: Path) -> dict[str, list[tuple[int, object]]]:
     topics: dict[str, list] = {}
     with Reader(path) as reader:
         for connection, log_time, raw in reader.messages():
-            topics.setdefault(connection.topic, []).append((log_time, deserialize_message(raw, types[connection.msgtype])))
+            message = deserialize_message(raw, types[connection.msgtype])
+            topics.setdefault(connection.topic, []).append((log_time, message))
     return topics
 
 
@@ -198,6 +199,12 @@ def test_summary_counts_frames_processed_and_bad(runs):
     outputs += 2 * (2 * FRAMES - 1)  # merge_rate and processing_ms per good frame
     assert f"{total_in} messages read, {total_in + outputs} written; {2 * FRAMES - 1} frames processed" in ran.stdout
     assert sum(len(messages) for messages in ran.topics.values()) == total_in + outputs
+
+
+def test_progress_bar_is_quiet_off_a_terminal(runs):
+    ran = runs["mcap"]
+    assert "RANDOMLY INITIALISED" in ran.stderr  # stderr was captured ...
+    assert "ETA" not in ran.stderr and "━" not in ran.stderr and "fps" not in ran.stderr  # ... without a bar
 
 
 def test_a_corrupt_frame_is_counted_skipped_and_named(runs):
@@ -306,6 +313,18 @@ def test_a_failing_frame_is_counted_logged_with_its_traceback_and_the_rest_writt
 
 
 # -- bad input ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options, reason", [
+    (["--merge-rate", "1.5"], "merge_rate must lie in [0, 0.95]; got 1.5"),
+    (["--preset", "turbo"], "preset must be one of"),
+    (["--model", "segformer-b9"], "model must be segformer-b0 .. segformer-b5"),
+    (["--pose-mode", "sideways"], "pose.mode must be one of"),
+    (["--budget-ms", "0"], "budget.target_latency_ms must lie in"),
+])
+def test_options_the_node_would_refuse_are_refused_before_any_work(bags, tmp_path, capsys, options, reason):
+    ran = run_tool(capsys, [bags["mcap"], tmp_path / "out", *options])
+    assert ran.code == 1 and reason in ran.stderr and not (tmp_path / "out").exists()
+
+
 def test_missing_input_is_a_clear_error(tmp_path, capsys):
     ran = run_tool(capsys, [tmp_path / "nothing", tmp_path / "out"])
     assert ran.code == 1 and "input bag" in ran.stderr and "does not exist" in ran.stderr

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import posixpath
 import sqlite3
 import struct
 import sys
@@ -115,10 +114,9 @@ class InputBag:
     def count(self, topics) -> int:
         return sum(c.msgcount for c in self.connections if c.topic in topics)
 
-    def messages(self, topics=None) -> Iterator[tuple[object, int, bytes]]:
-        """(connection, log time ns, raw CDR); damage found on the way raises BagError."""
-        connections = [c for c in self.connections if topics is None or c.topic in topics]
-        iterator = self.reader.messages(connections=connections)
+    def messages(self) -> Iterator[tuple[object, int, bytes]]:
+        """Every message as (connection, log time ns, raw CDR); damage found on the way raises BagError."""
+        iterator = self.reader.messages()
         while True:
             try:
                 item = next(iterator)
@@ -144,7 +142,8 @@ def select_cameras(topic_types: dict[str, str], wanted: list[str] | None) -> lis
     if wanted:
         for topic in wanted:
             if topic not in topic_types:
-                raise BagError(f"topic {topic} is not in the bag; its image topics: {', '.join(sorted(images)) or 'none'}")
+                listing = ", ".join(sorted(images)) or "none"
+                raise BagError(f"topic {topic} is not in the bag; its image topics: {listing}")
             if topic not in images:
                 raise BagError(f"topic {topic} is a {topic_types[topic]}, not a sensor_msgs/Image or CompressedImage")
         topics = list(dict.fromkeys(wanted))
@@ -301,7 +300,8 @@ class BagRun:
         types = source.topic_types()
         self.tallies = {topic: CameraTally(topic, types[topic]) for topic in cameras}
         # <ns>/camera_info -> the camera reading it; the latest message applies, as live.
-        self.info_topics = {output_topic(topic, "camera_info"): topic for topic in cameras}
+        self.info_topics = {output_topic(topic, "camera_info"): topic for topic in cameras
+                            if types.get(output_topic(topic, "camera_info")) == CAMERA_INFO_TYPE}
         self.camera_info: dict[str, CameraInfo] = {}
         self.failures = FailureLog()
         self.start_ns = source.reader.start_time
@@ -443,8 +443,10 @@ def check_values(values: dict) -> None:
     """Refuse what the node would refuse at start-up, with its reasons."""
     reason = startup_refusal(values)
     for name, spec in SPECS.items():  # ranges: rclpy checks them for the node
-        if reason is None and spec.float_range is not None and not spec.float_range[0] <= values[name] <= spec.float_range[1]:
-            reason = f"{name} must lie in [{spec.float_range[0]:g}, {spec.float_range[1]:g}]; got {values[name]:g}"
+        if reason is None and spec.float_range is not None:
+            low, high = spec.float_range
+            if not low <= values[name] <= high:
+                reason = f"{name} must lie in [{low:g}, {high:g}]; got {values[name]:g}"
     if reason:
         raise BagError(reason)
 
@@ -499,9 +501,10 @@ def run(args: argparse.Namespace, console: Console) -> BagSummary:
         apply_merge_settings(engine, param)
         budget = None
         if values["budget.mode"] != BudgetMode.OFF.value:
-            budget = BudgetController(mode=values["budget.mode"], target_latency_ms=values["budget.target_latency_ms"],
-                                      min_rate=values["budget.min_merge_rate"], max_rate=values["budget.max_merge_rate"],
-                                      levels=engine.ladder_rates or None)
+            budget = BudgetController(mode=values["budget.mode"],
+                                      target_latency_ms=values["budget.target_latency_ms"],
+                                      min_rate=values["budget.min_merge_rate"],
+                                      max_rate=values["budget.max_merge_rate"], levels=engine.ladder_rates or None)
         # Every output is written (live, the node builds confidence, overlay and markers only for subscribers).
         settings = FrameSettings(confidence=True, overlay=values["publish_overlay"],
                                  overlay_alpha=values["overlay_alpha"], markers=True, pose=pose_settings(param))
@@ -532,7 +535,8 @@ def print_summary(summary: BagSummary, console: Console) -> None:
     for tally in summary.cameras.values():
         ms = tally.processing_ms
         table.add_row(tally.topic, tally.msgtype.rsplit("/", 1)[-1], str(tally.frames), str(tally.processed),
-                      str(tally.bad), str(tally.failed), f"{percentile(ms, 50):.1f}", f"{percentile(ms, 90):.1f}", tally.rates_used())
+                      str(tally.bad), str(tally.failed), f"{percentile(ms, 50):.1f}", f"{percentile(ms, 90):.1f}",
+                      tally.rates_used())
     console.print(table)
     fps = summary.processed / summary.wall_s if summary.wall_s > 0 else math.nan
     console.print(f"{summary.messages_in} messages read, {summary.messages_out} written; {summary.processed} frames "
