@@ -7,7 +7,11 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 # Re-run the (slow) install only when a requirement or packaging file changes.
 STAMP := $(VENV)/.segmerge-setup.stamp
-SETUP_INPUTS := requirements.txt requirements-test.txt requirements-nodeps.txt setup.py setup.cfg package.xml
+# The real ROS 2 command line (ros2 launch/param/topic/run) from the Jazzy sources in ../shared, where it exists;
+# test/test_ros2_cli.py uses it (and skips, saying why, without ../shared).
+ROS2_CLI := ../shared/ros2-jazzy-cli
+SETUP_INPUTS := requirements.txt requirements-test.txt requirements-nodeps.txt setup.py setup.cfg package.xml \
+	$(wildcard $(ROS2_CLI)/install.sh $(ROS2_CLI)/sources.tgz)
 
 TESTS ?= test
 PYTEST_FLAGS ?= -q
@@ -24,6 +28,9 @@ $(STAMP): $(SETUP_INPUTS)
 	$(VPY) -m pip install --no-deps -r requirements-nodeps.txt
 	# Editable, so console scripts land in .venv/bin and source edits need no reinstall.
 	$(VPY) -m pip install --no-deps --no-build-isolation -e .
+	# After the pip installs (it needs rclpy); a no-op when its sources are already installed.
+	@if [ -f $(ROS2_CLI)/install.sh ]; then bash $(ROS2_CLI)/install.sh $(VENV); \
+	else echo "no $(ROS2_CLI): the ros2 CLI tests will skip"; fi
 	touch $@
 
 # Keep DDS discovery on this host: tests must not see (or disturb) other machines' ROS graphs.

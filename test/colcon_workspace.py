@@ -68,8 +68,7 @@ def colcon_install(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def sourced_environment(install: Path, base: dict[str, str]) -> dict[str, str]:
     """``base`` after ``. <install>/setup.bash`` (colcon's own script: AMENT_PREFIX_PATH, PYTHONPATH, PATH)."""
-    env = {k: v for k, v in base.items() if k not in ("AMENT_PREFIX_PATH", "COLCON_PREFIX_PATH")}
-    result = subprocess.run(["bash", "-c", f'. "{install}/setup.bash" && env -0'], env=env, capture_output=True,
+    result = subprocess.run(["bash", "-c", f'. "{install}/setup.bash" && env -0'], env=base, capture_output=True,
                             check=True, timeout=60, stdin=subprocess.DEVNULL)
     pairs = (entry.split("=", 1) for entry in result.stdout.decode().split("\0") if "=" in entry)
     return {name: value for name, value in pairs if not name.startswith("BASH_FUNC_")}
