@@ -1,4 +1,4 @@
-"""The launch file, params YAML and RViz layout, checked without `launch` (not installable here).
+"""The launch file, params YAML and RViz layout, checked without `launch` (test_ros2_cli.py runs them for real).
 
 The launch file is read as a Python syntax tree; the YAML is compared with the node's parameter table, and also
 handed to rcl's own parser through a real rclpy node, so types and the node-name key are what rcl reads.
@@ -81,16 +81,37 @@ def test_launch_defaults_to_the_installed_config(launch_tree):
     assert isinstance(keyword(params_default, "default_value"), ast.Name)  # the installed path, not a literal
 
 
-def test_launch_topic_argument_parsing():
+def launch_function(name: str):
+    """A plain function of the launch file (with its module constants), run without `launch` installed."""
     module = ast.parse(LAUNCH.read_text())
-    function = next(n for n in module.body if isinstance(n, ast.FunctionDef) and n.name == "parse_topics")
+    constants = [n for n in module.body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)]
+    function = next(n for n in module.body if isinstance(n, ast.FunctionDef) and n.name == name)
     namespace: dict = {}
-    exec(compile(ast.Module(body=[function], type_ignores=[]), str(LAUNCH), "exec"), namespace)
-    parse = namespace["parse_topics"]
+    exec(compile(ast.Module(body=[*constants, function], type_ignores=[]), str(LAUNCH), "exec"), namespace)
+    return namespace[name]
+
+
+def test_launch_topic_argument_parsing():
+    parse = launch_function("parse_topics")
     assert parse("") == []
     assert parse("/camera/image_raw") == ["/camera/image_raw"]
     assert parse("[/left/image, '/right/image/compressed']") == ["/left/image", "/right/image/compressed"]
     assert parse("a,b") == ["a", "b"]
+
+
+def test_launch_keeps_the_users_fast_dds_profile_else_gives_the_packaged_one(launch_tree):
+    choose = launch_function("fastdds_profile")
+    packaged = "/ws/install/segmerge_ros/share/segmerge_ros/config/fastdds.xml"
+    assert choose({}, packaged) == (packaged, False)
+    assert choose({"FASTRTPS_DEFAULT_PROFILES_FILE": ""}, packaged) == (packaged, False)
+    assert choose({"FASTRTPS_DEFAULT_PROFILES_FILE": "/etc/my_dds.xml"}, packaged) == ("/etc/my_dds.xml", True)
+    joined = [[constant(a, launch_tree) for a in c.args[1:]] for c in calls(launch_tree, "join")]
+    assert ["config", "fastdds.xml"] in joined and (ROOT / "config" / "fastdds.xml").is_file()
+    # Set before the node starts: an environment change applies only to processes launched after it.
+    description = next(c for c in calls(launch_tree, "LaunchDescription"))
+    functions = [keyword(a, "function").id for a in description.args[0].elts
+                 if isinstance(a, ast.Call) and getattr(a.func, "id", "") == "OpaqueFunction"]
+    assert functions.index("_fastdds_profile") < functions.index("_segmerge_node")
 
 
 def test_config_has_every_parameter_with_the_table_default():
