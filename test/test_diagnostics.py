@@ -80,6 +80,12 @@ def test_pose_keys_while_pose_runs():
     assert (v["persons"], v["pose_ms"]) == ("2", "12.00")
     v = values(status(snapshot(), pose=True))  # enabled, but no frame of the window ran pose
     assert v["persons"] == "0" and math.isnan(float(v["pose_ms"]))
+    assert "pose_model" not in v
+    building = camera_status("segmerge", snapshot(), OFF, 0.0, "none", pose_enabled=True, pose_model="building")
+    assert values(building)["pose_model"] == "building"
+    failed = camera_status("segmerge", snapshot(), OFF, 0.0, "none", pose_enabled=False,
+                           pose_model="failed: cannot load pose.weights 'x.pth'")
+    assert values(failed)["pose_model"].startswith("failed: ") and "persons" not in values(failed)
 
 
 def raise_here(error: Exception):

@@ -23,9 +23,12 @@ import rclpy
 from rcl_interfaces.msg import ParameterType, ParameterValue
 from rclpy.context import Context
 from rclpy.qos import QoSProfile, ReliabilityPolicy
+from safetensors.torch import save_file
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Float32, Header
 
+from segmerge_ros.models.checkpoints import ours_to_mmseg
+from segmerge_ros.models.segformer import SegFormer, mit_config
 from segmerge_ros.ros.conversions import jpeg_image, rgb8_image
 from segmerge_ros.ros.client import SegmergeClient, camera_command, node_command, ros_env, stop_process
 from segmerge_ros.runtime.sources import iter_frames
@@ -362,10 +365,12 @@ def test_budget_topic_sets_the_latency_target(client, node):
     set_ok(client, {"budget.mode": "off"})
 
 
-def test_node_log_has_one_random_weights_warning_and_no_traceback(client, node):
+def test_node_log_has_one_random_weights_warning_and_no_traceback_or_failed_frame(client, node):
     text = Path(node.stderr_path).read_text()
     assert text.count("RANDOMLY INITIALISED") == 1
-    assert "Traceback" not in text
+    assert "Traceback" not in text and "frame failed" not in text
+    assert client.spin_until(lambda: client.latest(CAM_A) and client.latest(CAM_B), 5)
+    assert all(w.values["failed_frames"] == "0" for w in client.diagnostics[CAM_A] + client.diagnostics[CAM_B])
 
 
 def start_node(name: str, params: dict, tmp_path: Path):
@@ -403,7 +408,7 @@ def test_clean_exit_on_signal_within_2_s_while_frames_flow(sig, frames, tmp_path
     stderr = err.read()
     assert process.returncode == 0, stderr
     assert took < 2.0, f"exit took {took:.2f} s"
-    assert "Traceback" not in stderr and "Error" not in stderr, stderr
+    assert "Traceback" not in stderr and "Error" not in stderr and "frame failed" not in stderr, stderr
 
 
 def test_weights_that_fail_to_load_are_fatal_without_traceback(tmp_path):
@@ -415,3 +420,95 @@ def test_weights_that_fail_to_load_are_fatal_without_traceback(tmp_path):
     stderr = err.read()
     assert "FATAL" in stderr and "cannot load weights" in stderr and str(broken) in stderr
     assert "Traceback" not in stderr
+
+
+def test_a_model_with_more_classes_than_a_mono8_mask_holds_is_refused_at_start(tmp_path):
+    model = SegFormer(mit_config("segformer-b0", head="mmseg", layer_norm_eps=1e-6, num_classes=300))
+    weights = tmp_path / "300_classes.safetensors"
+    save_file({k: v.contiguous() for k, v in ours_to_mmseg(model.state_dict()).items()}, str(weights))
+    process, err = start_node("many_classes", {"weights": str(weights), "input_size": "64x64"}, tmp_path)
+    assert process.wait(90) != 0
+    err.seek(0)
+    stderr = err.read()
+    assert "FATAL" in stderr and "300 classes" in stderr and "mono8" in stderr, stderr
+    assert "Traceback" not in stderr
+
+
+# -- a node at the camera's own resolution (no input_size), with pose weights that exist but do not load ---------
+PLAIN_CAM = "/plain_cam/image/compressed"
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """(client, node process, camera publisher): one node the next three tests share; the last one stops it."""
+    name = "plain_node"
+    logs = tmp_path_factory.mktemp("plain")
+    broken = logs / "broken_pose.pth"
+    broken.write_bytes(b"not a checkpoint")
+    context = Context()
+    rclpy.init(context=context, domain_id=domain_id(name))
+    probe = SegmergeClient(context, name="plain_probe")
+    publisher = probe.node.create_publisher(CompressedImage, PLAIN_CAM,
+                                            QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+    stderr = open(logs / "stderr", "w+")
+    process = subprocess.Popen(node_command({"image_topics": [PLAIN_CAM], "pose.weights": str(broken),
+                                             "pose.mode": "full_frame"}),
+                               env=quiet_env(name), stdout=subprocess.DEVNULL, stderr=stderr)
+    probe.wait_ready(90.0, process)
+    probe.spin_until(lambda: publisher.get_subscription_count() > 0, 20)
+    process.stderr_file = stderr
+    yield probe, process, publisher
+    stop_process(process, signal.SIGKILL)
+    probe.close()
+    rclpy.try_shutdown(context=context)
+    stderr.close()
+
+
+def plain_counter(probe, key: str) -> int:
+    window = probe.latest(PLAIN_CAM)
+    return int(window.number(key)) if window else 0
+
+
+def test_frames_too_small_for_the_network_are_bad_frames_with_the_reason(plain, frames):
+    probe, process, publisher = plain
+    masks = probe.subscribe_images("/plain_cam/segmentation/mask")
+    probe.spin_for(1.0)
+    publisher.publish(jpeg_image(cv2.resize(frames[0], (200, 28)), header(probe, "plain")))
+    assert probe.spin_until(lambda: plain_counter(probe, "bad_frames") == 1, 10)
+    window = probe.latest(PLAIN_CAM)
+    assert "too small for the network" in window.values["last_bad_reason"], window.values
+    assert window.values["failed_frames"] == "0"
+    publisher.publish(jpeg_image(cv2.resize(frames[0], (200, 29)), header(probe, "plain")))  # just large enough
+    assert probe.spin_until(lambda: masks, 20), "a 200x29 frame gave no mask"
+    assert (masks[-1].msg.height, masks[-1].msg.width) == (29, 200)
+    assert process.poll() is None
+
+
+def test_a_pose_model_that_fails_to_build_switches_pose_enable_back_off(plain):
+    probe, process, _ = plain
+    # The set returns at once (the model builds off the executor); the failure turns the parameter back off.
+    set_ok(probe, {"pose.enable": True})
+    assert probe.spin_until(lambda: probe.get_parameters("pose.enable") == {"pose.enable": False}, 30)
+    assert probe.spin_until(lambda: probe.latest(PLAIN_CAM).values.get("pose_model", "")
+                            .startswith("failed: cannot load pose.weights"), 5), probe.latest(PLAIN_CAM)
+    assert process.poll() is None
+
+
+def test_shutdown_waits_for_the_frame_in_progress(plain, frames):
+    """A frame that takes seconds (1280x960 at full resolution, one thread) is in progress when SIGINT arrives: the
+    node waits for it before destroying itself, and exits cleanly."""
+    probe, process, publisher = plain
+    probe.spin_for(1.2)
+    before_in, before_out = plain_counter(probe, "frames_in"), plain_counter(probe, "frames_out")
+    publisher.publish(jpeg_image(cv2.resize(frames[1], (1280, 960)), header(probe, "plain")))
+    # Received but not yet published: the worker, idle before, is processing it.
+    assert probe.spin_until(lambda: plain_counter(probe, "frames_in") == before_in + 1, 10)
+    assert plain_counter(probe, "frames_out") == before_out, "the frame was done before the signal: not in flight"
+    took = stop_process(process, signal.SIGINT, timeout_s=60.0)
+    stderr_file = process.stderr_file
+    stderr_file.seek(0)
+    stderr = stderr_file.read()
+    assert process.returncode == 0, stderr
+    assert "waiting for the frame in progress on /plain_cam/image" in stderr, stderr
+    assert "Traceback" not in stderr and "frame failed" not in stderr, stderr
+    print(f"exit took {took:.2f} s")

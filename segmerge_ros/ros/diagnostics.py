@@ -66,9 +66,10 @@ def _mean(values) -> float:
 
 
 def camera_status(node_name: str, camera: CameraSnapshot, budget: BudgetSnapshot, current_rate: float,
-                  current_merge_name: str, pose_enabled: bool) -> DiagnosticStatus:
+                  current_merge_name: str, pose_enabled: bool, pose_model: str = "") -> DiagnosticStatus:
     """The DiagnosticStatus of one camera for one window. ``current_rate``/``current_merge_name``: the engine's
-    setting, shown when the window processed no frame."""
+    setting, shown when the window processed no frame. ``pose_model``: "building", "ready" or "failed: <reason>"
+    ("" while no pose model was ever asked for)."""
     timings = camera.timings
     rate = timings[-1].merge_rate if timings else current_rate
     processing_ms = _mean(t.processing_ms for t in timings)
@@ -93,6 +94,8 @@ def camera_status(node_name: str, camera: CameraSnapshot, budget: BudgetSnapshot
     if pose_enabled or posed:
         values["persons"] = str(posed[-1].persons) if posed else "0"  # in the window's last frame
         values["pose_ms"] = f"{_mean(t.pose_ms for t in posed):.2f}"
+    if pose_model:
+        values["pose_model"] = pose_model
 
     level, message = DiagnosticStatus.OK, f"{len(timings)} frames in {camera.window_s:.1f} s"
     if not timings:

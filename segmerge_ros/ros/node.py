@@ -18,12 +18,15 @@ Threading: subscription callbacks only drop the message into the camera's one-fr
 unprocessed one, counted as dropped), so stale frames never queue up. One worker thread decodes, infers and
 publishes; pose, when enabled, runs there too, after segmentation and inside the time the budget controls. Parameter
 changes, the diagnostics timer and the budget topic run on the executor thread; every parameter set, including the
-node's own, happens there. Pose settings reach the worker as one immutable snapshot, swapped in per frame.
+node's own, happens there. Pose settings reach the worker as one immutable snapshot, swapped in per frame. The
+pose model is built on a thread of its own on first enable, so the parameter service, diagnostics and frames go on
+meanwhile. Shutdown waits for the frame in progress before the node is destroyed.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 import time
@@ -46,13 +49,15 @@ from .camera import Camera
 from .conversions import BadFrame
 from .diagnostics import BudgetSnapshot, FailureLog, FrameTiming, camera_status
 from .frame_pipeline import FramePipeline, FrameSettings, PoseSettings, budget_step
-from .parameter_policy import complete_parameter_set, refusal_reason, startup_refusal, topics_refusal
+from .parameter_policy import (complete_parameter_set, label_count_refusal, refusal_reason, startup_refusal,
+                               topics_refusal)
 from .params import PARAMETERS, SPECS
 
 NODE_NAME = "segmerge"
 
 DIAGNOSTICS_PERIOD_S = 1.0
 BAD_FRAME_WARN_PERIOD_S = 5.0
+STOP_WAIT_S = 60.0  # longest wait for the frame in progress at shutdown (a huge frame on a slow CPU takes seconds)
 
 
 class StartupError(RuntimeError):
@@ -74,13 +79,18 @@ class SegmergeNode(Node):
         if reason:
             raise StartupError(reason)
         self._pose: PoseEstimator | None = None  # built on first enable: no cost while pose is off
-        self._pose_lock = threading.Lock()  # two enables in a row build it once
+        self._pose_builder: threading.Thread | None = None  # builds the pose model on first live enable
+        self._pose_state = ""  # "", "building", "ready" or "failed: <reason>" (diagnostics key pose_model)
         self._pose_settings = self._read_pose_settings()
         if self._pose_settings.enable:
-            reason = self._ensure_pose()  # before the segmentation model: bad pose weights fail fast
+            reason = self._build_pose()  # before the segmentation model: bad pose weights fail fast
             if reason:
                 raise StartupError(reason)
+        self._in_flight: Camera | None = None  # the camera whose frame the worker is processing
         self.engine = self._build_engine()
+        reason = label_count_refusal(len(self.engine.labels.classes))
+        if reason:
+            raise StartupError(reason)
         self.pipeline = FramePipeline(self.engine, self._pose, warn=self.get_logger().warning)
         self._publish_overlay = bool(self.param("publish_overlay"))
         self._overlay_alpha = float(self.param("overlay_alpha"))
@@ -116,6 +126,7 @@ class SegmergeNode(Node):
         if budget_topic:
             self.create_subscription(Float32, budget_topic, self._on_budget_message, 10)
         self._reflect_rate = self.create_guard_condition(self._reflect_budget_rate)
+        self._pose_failed = self.create_guard_condition(self._disable_failed_pose)
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._last_diagnostics = time.monotonic()
         self.create_timer(DIAGNOSTICS_PERIOD_S, self._publish_diagnostics)
@@ -174,31 +185,57 @@ class SegmergeNode(Node):
             keypoint_threshold=float(self.param("pose.keypoint_threshold")),
             merge_rate=float(self.param("pose.merge_rate")))
 
-    def _ensure_pose(self) -> str | None:
-        """Build the pose estimator unless it exists; returns why it cannot be built, or None."""
-        with self._pose_lock:
-            if self._pose is not None:
-                return None
-            model, weights = self.param("pose.model"), self.param("pose.weights")
-            settings = self._read_pose_settings()
-            try:
-                pose = PoseEstimator(model, weights or None, device=self.param("device"),
-                                     max_persons=settings.max_persons, min_person_area=settings.min_person_area,
-                                     keypoint_threshold=settings.keypoint_threshold, mode=settings.mode)
-            except (CheckpointError, OSError, ValueError, RuntimeError) as error:
-                if weights:
-                    return f"cannot load pose.weights {weights!r} for {model}: {error}"
-                return f"cannot build the {model} pose model: {error}"
-            if pose.randomly_initialised:
-                banner = "!" * 78
-                self.get_logger().warning(
-                    f"\n{banner}\n  NO POSE WEIGHTS GIVEN: THE {model} POSE MODEL IS RANDOMLY INITIALISED. The "
-                    f"keypoints are meaningless.\n  Set 'pose.weights' to a Segformer++ mmpose pose checkpoint "
-                    f"(.pth).\n{banner}")
-            self._pose = pose
-            if getattr(self, "pipeline", None) is not None:
-                self.pipeline.pose = pose
+    def _build_pose(self) -> str | None:
+        """Build the pose estimator (slow: seconds); returns why it cannot be built, or None. Runs at start-up, or
+        on the pose builder thread after a live enable: never on the executor, which must keep serving."""
+        model, weights = self.param("pose.model"), self.param("pose.weights")
+        settings = self._read_pose_settings()
+        self._pose_state = "building"
+        try:
+            pose = PoseEstimator(model, weights or None, device=self.param("device"),
+                                 max_persons=settings.max_persons, min_person_area=settings.min_person_area,
+                                 keypoint_threshold=settings.keypoint_threshold, mode=settings.mode)
+        except (CheckpointError, OSError, ValueError, RuntimeError) as error:
+            reason = (f"cannot load pose.weights {weights!r} for {model}: {error}" if weights
+                      else f"cannot build the {model} pose model: {error}")
+            self._pose_state = f"failed: {reason}"
+            return reason
+        if pose.randomly_initialised:
+            banner = "!" * 78
+            self.get_logger().warning(
+                f"\n{banner}\n  NO POSE WEIGHTS GIVEN: THE {model} POSE MODEL IS RANDOMLY INITIALISED. The "
+                f"keypoints are meaningless.\n  Set 'pose.weights' to a Segformer++ mmpose pose checkpoint "
+                f"(.pth).\n{banner}")
+        self._pose = pose
+        if getattr(self, "pipeline", None) is not None:
+            self.pipeline.pose = pose  # the worker runs pose from its next frame on
+        self._pose_state = "ready"
         return None
+
+    def _start_pose_builder(self) -> None:
+        """First live enable: build the pose model on its own thread; frames run without pose until it is ready."""
+        if self._pose is not None or (self._pose_builder is not None and self._pose_builder.is_alive()):
+            return
+        self.get_logger().info("pose.enable: building the pose model in the background; frames run without pose "
+                               "until it is ready (diagnostics key pose_model)")
+
+        def build() -> None:
+            reason = self._build_pose()
+            if self._stopping:
+                return
+            if reason:
+                self.get_logger().error(f"pose.enable switched back off: {reason}")
+                self._pose_failed.trigger()  # the executor sets the parameter back
+            else:
+                self.get_logger().info("pose model ready: keypoints from the next frame on")
+
+        self._pose_builder = threading.Thread(target=build, name="segmerge-pose-builder", daemon=True)
+        self._pose_builder.start()
+
+    def _disable_failed_pose(self) -> None:
+        """Executor side of a failed pose build: pose.enable shows what runs (off)."""
+        if self._pose is None and self.param("pose.enable"):
+            self._set_internally([Parameter("pose.enable", value=False)])
 
     def _pose_description(self) -> str:
         settings = self._pose_settings
@@ -239,10 +276,11 @@ class SegmergeNode(Node):
         reason = refusal_reason(values, self.param, self.param("model"))
         if reason:
             return SetParametersResult(successful=False, reason=reason)
-        if values.get("pose.enable") is True:
-            reason = self._ensure_pose()  # first enable: build now, so a failure refuses the set with its reason
-            if reason:
-                return SetParametersResult(successful=False, reason=reason)
+        if values.get("pose.enable") is True and self._pose is None:
+            weights = self.param("pose.weights")
+            if weights and not os.path.exists(weights):  # the one failure known before building: refuse it now
+                return SetParametersResult(successful=False,
+                                           reason=f"cannot load pose.weights {weights!r}: no such file")
         return SetParametersResult(successful=True)
 
     def _after_parameters_set(self, parameters: list[Parameter]) -> None:
@@ -257,6 +295,8 @@ class SegmergeNode(Node):
             self._pose_settings = self._read_pose_settings()  # the worker picks it up from the next frame
             if manual and (self._pose_settings.enable != was_enabled or "pose.mode" in names):
                 self.get_logger().info(f"now {self._pose_description()}")
+            if self._pose_settings.enable and self._pose is None:
+                self._start_pose_builder()
         with self._budget_lock:
             if names & {"budget.target_latency_ms", "budget.target_fps"}:
                 self._budget.set_target(target_latency_ms=self.param("budget.target_latency_ms"),
@@ -344,6 +384,7 @@ class SegmergeNode(Node):
                 camera = next(c for c in order if c.pending is not None)
                 next_camera = (self.cameras.index(camera) + 1) % len(self.cameras)
                 msg, camera.pending = camera.pending, None
+                self._in_flight = camera
             try:
                 self._process(camera, msg)
             except BadFrame as bad:
@@ -352,6 +393,9 @@ class SegmergeNode(Node):
                 if self._stopping or not self.context.ok():
                     return
                 self._count_failed(camera, error)
+            finally:
+                with self.frame_ready:
+                    self._in_flight = None
 
     def _process(self, camera: Camera, msg) -> None:
         settings = FrameSettings(
@@ -360,7 +404,7 @@ class SegmergeNode(Node):
             overlay_alpha=self._overlay_alpha,
             markers=camera.has_subscribers("markers"),
             pose=self._pose_settings)  # one snapshot for the whole frame
-        outputs = self.pipeline.process(msg, camera.camera_info, settings, publish=camera.publish)
+        outputs = self.pipeline.process(msg, camera.camera_info, settings, publish=self._publisher(camera))
         times = outputs.times
         stamp = outputs.header.stamp
         stamp_ns = stamp.sec * 1_000_000_000 + stamp.nanosec
@@ -377,6 +421,12 @@ class SegmergeNode(Node):
                 self._budget_rate = next_rate
         if changed:
             self._reflect_rate.trigger()
+
+    def _publisher(self, camera: Camera):
+        def publish(kind: str, message) -> None:
+            if not self._stopping:  # shutting down: the frame in progress finishes, but publishes nothing more
+                camera.publish(kind, message)
+        return publish
 
     def _count_bad(self, camera: Camera, reason: str) -> None:
         with self.frame_ready:
@@ -412,17 +462,25 @@ class SegmergeNode(Node):
             snapshots = [c.snapshot(window_s) for c in self.cameras]
         for snapshot in snapshots:
             array.status.append(camera_status(self.get_name(), snapshot, budget, self.engine.merge_rate,
-                                              self.engine.merge_config.name, self._pose_settings.enable))
+                                              self.engine.merge_config.name, self._pose_settings.enable,
+                                              self._pose_state))
         self._diagnostics_pub.publish(array)
 
     # -- shutdown -------------------------------------------------------------------------------------------------
-    def stop(self, timeout_s: float = 1.0) -> None:
-        """Stop the worker; a frame in the middle of inference is abandoned (the thread is a daemon)."""
+    def stop(self, timeout_s: float = STOP_WAIT_S) -> None:
+        """Stop the worker and wait for it, so nothing uses the node once it is destroyed: a frame in the middle of
+        inference finishes (publishing nothing more)."""
         with self.frame_ready:
             self._stopping = True
+            in_flight = self._in_flight
             self.frame_ready.notify_all()
-        if self._worker.is_alive() and self._worker is not threading.current_thread():
-            self._worker.join(timeout_s)
+        if in_flight is not None:
+            self.get_logger().info(f"stopping: waiting for the frame in progress on {in_flight.topic}")
+        for thread in (self._worker, self._pose_builder):
+            if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+                thread.join(timeout_s)
+                if thread.is_alive():
+                    self.get_logger().error(f"stopping: {thread.name} still busy after {timeout_s:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,12 +117,15 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("pose.enable", False,
               "Human pose (COCO-17 keypoints) on the people found: publishes <ns>/pose/keypoints (PointCloud2) and, "
               "while subscribed and with a known camera_info, <ns>/pose/markers, and draws skeletons on the "
-              "overlay. The pose model is built on first enable; its time counts toward the budget."),
+              "overlay. The pose model is built in the background on first enable (frames run without pose until "
+              "the diagnostics key pose_model says ready); its time counts toward the budget."),
     ParamSpec("pose.model", "segformer-b0", "Pose model (Segformer++ top-down pose, MiT size).", read_only=True,
               choices=MODELS),
     ParamSpec("pose.weights", "",
               "Segformer++ mmpose pose checkpoint (.pth). Empty: a randomly initialised pose model (keypoints are "
-              "meaningless; the node warns loudly once). A checkpoint that fails to load refuses pose.enable.",
+              "meaningless; the node warns loudly once). A missing file refuses pose.enable; one that fails to load "
+              "switches it back off, with the reason logged and in the diagnostics key pose_model (at start-up "
+              "both stop the node).",
               read_only=True),
     ParamSpec("pose.mode", "segmentation",
               "segmentation: one crop per connected region of the label set's person classes (largest first); "
