@@ -2,7 +2,7 @@
 
 With Fast DDS's defaults (a 0.5 MB shared-memory segment) most large raw frames are lost; `python
 test/transport_probe.py` prints the table with and without the profile. Here: the profile is what the README says it
-is, Fast DDS loads it without complaint, and 1280x720 and 512x1024 rgb8 at 15 Hz arrive (>= 90 %, every byte right).
+is, Fast DDS loads it without complaint, and 1280x720 and 1024x512 rgb8 at 15 Hz arrive (>= 90 %, every byte right).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def test_fast_dds_loads_the_profile_without_errors(tmp_path):
     assert transport_probe.FAST_DDS_ERROR in output and "XMLPARSER" in output
 
 
-@pytest.mark.parametrize("size", [(720, 1280), (512, 1024)], ids=["1280x720", "512x1024"])
+@pytest.mark.parametrize("size", [(720, 1280), (512, 1024)], ids=["1280x720", "1024x512"])
 def test_raw_rgb8_frames_at_15_hz_arrive_with_the_profile(size):
     result = transport_probe.measure(size, FRAMES, FPS, transport_probe.PROFILE, transport_probe.TABLE_DOMAIN_ID)
     print(f"{size[1]}x{size[0]} rgb8 with config/fastdds.xml: {result.received}/{result.sent} frames")

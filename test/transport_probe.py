@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "receive":
         return run_receiver(args.size, args.frames, args.fps)
     print(f"rgb8 frames, best-effort sensor-data QoS, {args.frames} frames at {args.fps:g} Hz between two processes")
-    print(f"{'size':<12}{'profile':<22}{'delivered':>10}{'ratio':>8}{'damaged':>9}")
+    print(f"{'HxW':<12}{'profile':<22}{'delivered':>10}{'ratio':>8}{'damaged':>9}")
     domain = TABLE_DOMAIN_ID
     for text in args.sizes.split(","):
         for profile in (PROFILE, None):
