@@ -10,6 +10,7 @@ import json
 import math
 import posixpath
 import threading
+import time
 from collections import deque
 
 from rclpy.node import Node
@@ -19,6 +20,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import String
 from visualization_msgs.msg import MarkerArray
 
+from ..runtime.budget import ArrivalRate
 from .diagnostics import CameraSnapshot, FrameTiming
 from .frame_pipeline import CONFIDENCE, KEYPOINTS, MARKERS, MASK, OVERLAY
 
@@ -92,6 +94,7 @@ class Camera:
         self.pending: Image | CompressedImage | None = None
         self.received = 0
         self.dropped = 0
+        self.arrivals = ArrivalRate()  # the camera's frame rate over several seconds (fps budget mode)
         # Written by the worker only (under frame_ready); read by diagnostics under frame_ready.
         self.published = 0
         self.bad = 0
@@ -107,6 +110,7 @@ class Camera:
     def _on_frame(self, msg) -> None:
         with self.frame_ready:
             self.received += 1
+            self.arrivals.record(time.monotonic())
             if self.pending is not None:
                 self.dropped += 1  # the worker has not taken the previous frame: it is stale now
             self.pending = msg

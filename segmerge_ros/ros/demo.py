@@ -179,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             windows = [w for w in client.windows_after(camera_topic, phase.started + 1.0) if w.time <= phase.ended]
             busy = [w for w in windows if w.number("fps") > 0]
             phase.processing_ms = [w.number("processing_ms") for w in busy]
+            node_targets = [w.number("budget_target_ms") for w in busy if math.isfinite(w.number("budget_target_ms"))]
+            if target_ms is not None and node_targets:
+                # The node's own per-frame target (in fps mode it also depends on the camera's measured rate).
+                phase.target_ms = statistics.median(node_targets)
             phase.rates = sorted({round(w.number("merge_rate"), 3) for w in busy} |
                                  {round(r, 3) for t, r in client.rate_changes if phase.started <= t <= phase.ended})
             phase.final_rate = client.get_parameters("merge_rate")["merge_rate"]

@@ -42,7 +42,7 @@ from rclpy.parameter import Parameter
 from std_msgs.msg import Float32
 
 from ..models.checkpoint_errors import CheckpointError
-from ..runtime.budget import BudgetController, BudgetMode
+from ..runtime.budget import BudgetController, BudgetMode, fps_demand
 from ..runtime.engine import SegmentationEngine
 from ..runtime.pose import PoseEstimator
 from .camera import Camera
@@ -300,7 +300,7 @@ class SegmergeNode(Node):
         with self._budget_lock:
             if names & {"budget.target_latency_ms", "budget.target_fps"}:
                 self._budget.set_target(target_latency_ms=self.param("budget.target_latency_ms"),
-                                        target_fps=self.param("budget.target_fps") * self._active_cameras())
+                                        target_fps=self._fps_demand())
             if names & {"budget.min_merge_rate", "budget.max_merge_rate"}:
                 self._budget.set_limits(self.param("budget.min_merge_rate"), self.param("budget.max_merge_rate"))
             budget_off = "budget.mode" in names and self.param("budget.mode") == BudgetMode.OFF.value
@@ -325,7 +325,7 @@ class SegmergeNode(Node):
     def _set_budget_mode(self, mode: str) -> None:
         mode = BudgetMode.parse(mode)
         was_active = self._budget.active
-        self._budget.set_target(mode=mode, target_fps=self.param("budget.target_fps") * self._active_cameras())
+        self._budget.set_target(mode=mode, target_fps=self._fps_demand())
         if mode is BudgetMode.OFF:
             self._budget_rate = None
         elif not was_active:
@@ -343,11 +343,14 @@ class SegmergeNode(Node):
             return f"merge preset {self.param('preset')}"
         return f"merge_rate {self.param('merge_rate'):.3f}"
 
-    def _active_cameras(self) -> int:
-        """Cameras that delivered frames lately: in fps mode the worker's frame budget is shared among them."""
-        cameras = getattr(self, "cameras", [])
-        active = sum(1 for c in cameras if c.timings or c.pending is not None)
-        return max(1, active)
+    def _fps_demand(self) -> float:
+        """Frames per second the worker owes the cameras in fps mode: budget.target_fps from each camera, or what it
+        sends when that is less, each camera's rate measured over several seconds (a camera below 1 Hz counts
+        steadily instead of flipping the target every diagnostics window)."""
+        now = time.monotonic()
+        with self.frame_ready:
+            rates = [camera.arrivals.rate(now) for camera in getattr(self, "cameras", [])]
+        return fps_demand(rates, self.param("budget.target_fps"))
 
     def _on_budget_message(self, msg: Float32) -> None:
         budget_ms = float(msg.data)
@@ -452,8 +455,8 @@ class SegmergeNode(Node):
         window_s = max(now - self._last_diagnostics, 1e-3)
         self._last_diagnostics = now
         with self._budget_lock:
-            if self._budget.mode is BudgetMode.FPS:  # keep the per-camera fps target right as cameras come and go
-                self._budget.set_target(target_fps=self.param("budget.target_fps") * self._active_cameras())
+            if self._budget.mode is BudgetMode.FPS:  # follow the cameras' rates as they come and go
+                self._budget.set_target(target_fps=self._fps_demand())
             budget = BudgetSnapshot(self._budget.mode, self._budget.target_ms, self._budget.max_rate,
                                     calibrating=self._budget.active and not self._budget.calibrated)
         array = DiagnosticArray()

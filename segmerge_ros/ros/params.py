@@ -11,13 +11,13 @@ from typing import Any
 
 from ..merging.segformerpp import MAX_MERGE_RATE, PRESETS
 from ..merging.vit_methods import is_vit_model_name
-from ..runtime.backends import BACKEND_NAMES, PRECISIONS
+from ..runtime.backends import BACKEND_NAMES, PRECISION_CHOICES
 from ..runtime.pose import POSE_MODES
 
 MODELS = tuple(f"segformer-b{i}" for i in range(6))  # SegFormer sizes (also the pose model's choices)
 VIT_MODEL_PATTERN = "<segmenter|algm|clustvit|dovit>-vit-<t|s|b|l>[-linear|-mask]"
 BUDGET_MODES = ("off", "latency", "fps")
-PRECISION_NAMES = tuple(PRECISIONS)
+PRECISION_NAMES = PRECISION_CHOICES
 POSE_FOLLOW_SEGMENTATION = -1.0  # pose.merge_rate value: use the segmentation's merge configuration
 
 
@@ -69,17 +69,23 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "Checkpoint: a Hugging Face hub folder (config.json + model.safetensors), a .safetensors or an mmseg "
               ".pth. Empty: a randomly initialised model (outputs are meaningless; for plumbing tests only).",
               read_only=True),
-    ParamSpec("device", "cpu", "Torch device: cpu, cuda or cuda:N (falls back to cpu without CUDA).", read_only=True),
+    ParamSpec("device", "cpu",
+              "Torch device: cpu, cuda or cuda:N (falls back to cpu without CUDA). With backend openvino: an OpenVINO "
+              "device (CPU, GPU = Intel graphics, NPU, AUTO).", read_only=True),
     ParamSpec("backend", "eager",
-              "Inference backend: eager, compile (torch.compile per ladder rung) or tensorrt (engines cached in "
-              "engine_cache_dir). Unknown ones, or one that cannot run here, fall back to eager with a warning; "
+              "Inference backend: eager, compile (torch.compile per ladder rung), openvino (one compiled OpenVINO "
+              "model per rung; the fastest on a CPU) or tensorrt (NVIDIA GPUs). Compiled models are cached in "
+              "engine_cache_dir. Unknown ones, or one that cannot run here, fall back to eager with a warning; "
               "plain-ViT models always run eagerly.", read_only=True, choices=BACKEND_NAMES, strict_choices=False),
     ParamSpec("precision", "fp32",
-              "Compute precision: fp32, fp16 or bf16. Half precisions need CUDA (bf16 where the GPU supports it); "
-              "on the CPU the node runs fp32 with a warning.", read_only=True, choices=PRECISION_NAMES),
+              "Compute precision: fp32, bf16, fp16 or auto. bf16 runs on CUDA GPUs that support it and on CPUs with "
+              "native bf16 (AVX512-BF16/AMX; eager and openvino); fp16 needs CUDA. auto: merge_rate 0 in fp32 "
+              "(exact), every faster rung in bf16 (CPU) or fp16 (CUDA), kept only if it agrees with fp32 on at "
+              "least 99.5 % of the first frame's pixels. Elsewhere the node runs fp32 with a warning.",
+              read_only=True, choices=PRECISION_NAMES),
     ParamSpec("engine_cache_dir", "",
-              "Folder for compiled TensorRT engines and torch.compile's cache (segmerge-build-engines fills it "
-              "ahead of time). Empty = ~/.cache/segmerge_ros/engines.", read_only=True),
+              "Folder for compiled models: TensorRT engines, OpenVINO models and torch.compile's cache (segmerge-"
+              "build-engines fills it ahead of time). Empty = ~/.cache/segmerge_ros/engines.", read_only=True),
     ParamSpec("input_size", "",
               "Network input size HEIGHTxWIDTH (e.g. 288x384); empty = the camera's resolution. Outputs are always "
               "at the camera's resolution.", read_only=True),
@@ -97,10 +103,14 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("budget.mode", "off",
               "off: merge_rate is fixed. latency: the node picks merge_rate so that per-frame processing time "
               "(decode + inference + publishing) meets budget.target_latency_ms. fps: the same with a target of "
-              "1000 / (budget.target_fps * active cameras) ms.", choices=BUDGET_MODES),
+              "1000 / D ms, D = the sum over cameras of min(budget.target_fps, the camera's frame rate over the last "
+              "10 s). Switching it on re-calibrates; while the target is missed the node re-probes faster rates and "
+              "diagnostics warn.", choices=BUDGET_MODES),
     ParamSpec("budget.target_latency_ms", 100.0, "Per-frame processing-time target in latency mode (ms).",
               float_range=(1.0, 60000.0)),
-    ParamSpec("budget.target_fps", 10.0, "Output frame-rate target per camera in fps mode.",
+    ParamSpec("budget.target_fps", 10.0,
+              "Output frame-rate target per camera in fps mode (a camera that sends fewer frames needs only its "
+              "own rate).",
               float_range=(0.01, 1000.0)),
     ParamSpec("budget.min_merge_rate", 0.0, "Lowest merge rate budget mode may choose.",
               float_range=(0.0, MAX_MERGE_RATE)),

@@ -13,8 +13,17 @@ How it works:
 5. No oscillation: the rate is held while the smoothed latency is within a deadband of the target (widened when the
    machine's timing is noisy), for at least ``min_dwell`` frames after a move; steps are capped, and changes
    smaller than ``min_step`` are ignored.
+6. Recovery: a calibration taken during a load burst can make the curve look flat ("merging does not pay") or put
+   the fast rates out of reach. While the target is missed at the chosen rate and the model offers nothing better,
+   the controller re-probes the neighbouring faster rung for a few frames. Faster than the model predicted (beyond
+   the timing noise): the model is wrong, so it re-calibrates. As predicted: the point is learned and the wait
+   before the next probe doubles, so a machine where merging really does not pay spends few frames merged.
+   Switching budget mode on again re-calibrates too.
 
 "fps" mode is latency mode with a target of 1000/fps ms: with one worker, the frame period is the processing time.
+With several cameras the worker's frame rate is shared: :func:`fps_demand` adds up what each camera needs, from
+its own frame rate measured over several seconds (:class:`ArrivalRate`), so a camera slower than 1 Hz does not
+flip the per-frame target every second.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import bisect
 import math
 import statistics
+from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 from typing import Sequence
@@ -54,6 +64,9 @@ class BudgetTuning:
     min_dwell: int = 3              # frames at a rate before the controller may leave it again
     point_spacing: float = 0.05     # learned points replace model points closer than this
     worthwhile_saving: float = 0.1  # merging that saves less over the whole range is not used at all
+    probe_step: float = 0.15        # the neighbouring rate probed without discrete levels
+    reprobe_frames: int = 30        # frames before a rate's measurement is old enough to probe it again
+    max_reprobe_frames: int = 960   # cap of that wait, which doubles after each probe that found no gain
 
 
 def isotonic_non_increasing(values: list[float]) -> list[float]:
@@ -136,7 +149,8 @@ class BudgetController:
     # -- configuration -------------------------------------------------------------------------------------------
     def set_target(self, mode: str | BudgetMode | None = None, target_latency_ms: float | None = None,
                    target_fps: float | None = None) -> None:
-        """Change mode and/or targets; a calibrated model is kept, so a new target takes effect at once."""
+        """Change mode and/or targets. A calibrated model is kept while budget mode stays on, so a new target takes
+        effect at once; switching it on from off re-calibrates."""
         if target_latency_ms is not None:
             if not target_latency_ms > 0:
                 raise ValueError(f"target latency must be > 0 ms, got {target_latency_ms}")
@@ -146,8 +160,11 @@ class BudgetController:
                 raise ValueError(f"target fps must be > 0, got {target_fps}")
             self.target_fps = float(target_fps)
         if mode is not None:
-            self.mode = BudgetMode.parse(mode)
-
+            mode = BudgetMode.parse(mode)
+            switched_on = self.mode is BudgetMode.OFF and mode is not BudgetMode.OFF
+            self.mode = mode
+            if switched_on and hasattr(self, "_model"):
+                self.reset()  # the machine and the scene may have changed while budget mode was off
     def set_limits(self, min_rate: float, max_rate: float) -> None:
         if not 0.0 <= min_rate <= max_rate <= 0.95:
             raise ValueError(f"need 0 <= min_rate <= max_rate <= 0.95, got min {min_rate}, max {max_rate}")
@@ -172,6 +189,11 @@ class BudgetController:
         self._noise_var = 0.0
         self._rate: float | None = None
         self.frames_seen = 0
+        self._measured_at: dict[float, int] = {}  # rate -> frame of its newest measurement in the model
+        self._probe: float | None = None  # the rate being probed, with its frames so far
+        self._probe_samples: list[float] = []
+        self._reprobe_frames = self.tuning.reprobe_frames
+        self.probes = 0  # probes started (diagnostics, tests)
 
     # -- state ---------------------------------------------------------------------------------------------------
     @property
@@ -193,6 +215,10 @@ class BudgetController:
     @property
     def model(self) -> LatencyModel | None:
         return self._model
+
+    @property
+    def probing(self) -> bool:
+        return self._probe is not None
 
     @property
     def rate(self) -> float | None:
@@ -225,6 +251,7 @@ class BudgetController:
             return self._rate
         rates = list(self._samples)
         self._model = LatencyModel(rates, [statistics.median(self._samples[r]) for r in rates])
+        self._measured_at = {self._key(r): self.frames_seen for r in rates}
         # Seed the noise estimate with the calibration's spread around each point's median; the median absolute
         # deviation, because one slow first frame at a new rate must not pass for noise.
         deviations = [abs(x / statistics.median(v) - 1.0) for v in self._samples.values() for x in v]
@@ -238,6 +265,8 @@ class BudgetController:
     def _correct(self, latency_ms: float, rate_used: float | None) -> float:
         tuning = self.tuning
         current = self._rate if self._rate is not None else self.min_rate
+        if self._probe is not None:
+            return self._continue_probe(latency_ms, rate_used)
         if rate_used is not None and abs(rate_used - current) > 5e-4:
             # Someone else set the rate (budget mode was off for a while): continue from what actually runs.
             current, self._frames_at_rate = min(max(rate_used, self.min_rate), self.max_rate), 0
@@ -261,13 +290,69 @@ class BudgetController:
         # Leaving this rate: first teach the model what it measured here, so that its shape becomes right where
         # the controller works (the calibration's few noisy points can be off, even flat, between them).
         self._learn_point(current, expected)
+        self._measured_at[self._key(current)] = self.frames_seen
         wanted = self._choose(target / self._scale)
         step = max(-tuning.max_step, min(tuning.max_step, wanted - current))
         new_rate = self._snap(current + step)
         if abs(new_rate - current) < tuning.min_step:
+            if expected > (1.0 + self.deadband) * target:
+                probe = self._probe_candidate(current)
+                if probe is not None:  # missed, and the model offers nothing better: measure the next rung
+                    return self._start_probe(probe)
             return self._hold(current)
         self._frames_at_rate = 0
         self._rate = new_rate
+        return self._rate
+
+    # -- re-probing ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _key(rate: float) -> float:
+        return round(rate, 4)
+
+    def _probe_candidate(self, current: float) -> float | None:
+        """The next faster rung above ``current`` when its measurement is missing or old enough, else None."""
+        if current >= self.max_rate - 1e-9:
+            return None
+        if self.levels is not None:
+            above = [level for level in self.levels if current + 1e-9 < level <= self.max_rate + 1e-9]
+            neighbour = above[0] if above else self.max_rate
+        else:
+            neighbour = min(current + self.tuning.probe_step, self.max_rate)
+        measured = self._measured_at.get(self._key(neighbour))
+        if measured is not None and self.frames_seen - measured < self._reprobe_frames:
+            return None
+        return neighbour
+
+    def _start_probe(self, rate: float) -> float:
+        self._probe, self._probe_samples = rate, []
+        self.probes += 1
+        self._rate = rate
+        return rate
+
+    def _continue_probe(self, latency_ms: float, rate_used: float | None) -> float:
+        probe = self._probe
+        if rate_used is None or abs(rate_used - probe) < 5e-4:
+            self._probe_samples.append(float(latency_ms))
+        if len(self._probe_samples) < self.tuning.frames_per_point:
+            return probe
+        measured = statistics.median(self._probe_samples)
+        predicted = self._scale * self._model.predict(probe)
+        self._probe, self._probe_samples = None, []
+        # The median of a few frames scatters by about sd / sqrt(frames): call it a surprise beyond 2.5 of those.
+        noise = 2.5 * math.sqrt(self._noise_var / self.tuning.frames_per_point)
+        if measured < (1.0 - max(self.deadband, noise)) * predicted:
+            # Faster than the model said: its points were measured under other conditions (a load burst during
+            # calibration); measure them all again rather than patch one.
+            probes = self.probes
+            self.reset()
+            self.probes = probes
+            self._rate = self._schedule[0]
+            return self._rate
+        self._learn_point(probe, measured)
+        self._measured_at[self._key(probe)] = self.frames_seen
+        self._reprobe_frames = min(2 * self._reprobe_frames, self.tuning.max_reprobe_frames)
+        self._frames_at_rate = 0
+        self._rate = self._choose(self.target_ms / self._scale)
         return self._rate
 
     @property
@@ -301,3 +386,39 @@ class BudgetController:
         self._model = LatencyModel(rates + [rate], latencies + [latency_ms])
         # The model is now in today's units; keep whatever part of the measurement isotonic smoothing left out.
         self._scale = latency_ms / self._model.predict(rate)
+
+
+class ArrivalRate:
+    """A camera's frame rate over the last ``window_s`` seconds (a short history, not a 1-s window, so that a camera
+    below 1 Hz counts steadily)."""
+
+    def __init__(self, window_s: float = 10.0):
+        self.window_s = float(window_s)
+        self._times: deque[float] = deque()
+        self._first: float | None = None
+
+    def record(self, now: float) -> None:
+        if self._first is None:
+            self._first = now
+        self._times.append(now)
+        self._forget(now)
+
+    def rate(self, now: float) -> float:
+        """Frames per second over the window (or since the first frame, when that is shorter; at least 1 s)."""
+        self._forget(now)
+        if self._first is None or not self._times:
+            return 0.0
+        span = max(min(self.window_s, now - self._first), 1.0)
+        return len(self._times) / span
+
+    def _forget(self, now: float) -> None:
+        while self._times and self._times[0] < now - self.window_s:
+            self._times.popleft()
+
+
+def fps_demand(camera_rates: Sequence[float], target_fps: float) -> float:
+    """The frames per second the worker must process for every camera to reach ``target_fps``: each camera needs
+    ``min(its rate, target_fps)`` (no camera gives more frames than it sends). With no camera delivering, one
+    camera's worth, so the target stays defined."""
+    demand = sum(min(rate, target_fps) for rate in camera_rates if rate > 0)
+    return demand if demand > 0 else float(target_fps)
