@@ -1,4 +1,9 @@
-"""Layering lint (docs/architecture.md): models -> merging -> runtime -> ros / tools, and ROS only in ros/.
+"""Layering lint (docs/architecture.md): merging primitives -> models -> merging methods -> runtime -> ros / tools,
+ROS only in ros/, and no import cycle among the modules of models/ and merging/.
+
+models/ and merging/ are not two stacked layers: the token-merging primitives of merging/ (bipartite matching,
+token groups, the Segformer++ merge configurations) import no model, the models build on them, and the plain-ViT
+merging methods of merging/ (ALGM, ClustViT, DoViT and their registry) are models built on models/vit.py.
 
 Every .py under segmerge_ros/ is parsed with ast; imports anywhere in a file count (also lazy ones inside
 functions, and importlib.import_module / __import__ with a literal name), relative imports are resolved.
@@ -19,6 +24,9 @@ ROS_MODULES = (
     "rclpy", "sensor_msgs", "std_msgs", "rcl_interfaces", "diagnostic_msgs", "visualization_msgs", "vision_msgs",
     "builtin_interfaces", "geometry_msgs", "cv_bridge", "launch", "launch_ros", "rosidl_runtime_py",
 )
+# The part of merging/ that models/ may use: it imports nothing from models/.
+MERGING_PRIMITIVES = ("segmerge_ros.merging.bipartite", "segmerge_ros.merging.token_groups",
+                      "segmerge_ros.merging.segformerpp")
 # Layer -> internal layers it must not import.
 FORBIDDEN_LAYERS = {
     "models": ("runtime", "ros", "tools"),
@@ -107,3 +115,69 @@ def test_layers_import_only_lower_layers(path, name, imports):
         if _under(name, f"segmerge_ros.{layer}"):
             bad = sorted(i for i in imports for f in forbidden if _under(i, f"segmerge_ros.{f}"))
             assert not bad, f"{path.relative_to(REPO_ROOT)} ({layer}) imports {bad}"
+
+
+def _is_primitive(name: str) -> bool:
+    return any(_under(name, primitive) for primitive in MERGING_PRIMITIVES)
+
+
+@pytest.mark.parametrize("path,name,imports", SOURCES, ids=[name for _, name, _ in SOURCES])
+def test_merging_primitives_import_no_model_and_models_only_primitives(path, name, imports):
+    if _is_primitive(name):
+        bad = sorted(i for i in imports if _under(i, "segmerge_ros.models"))
+        assert not bad, f"{path.relative_to(REPO_ROOT)} is a merging primitive but imports models: {bad}"
+    if _under(name, "segmerge_ros.models"):
+        bad = sorted(i for i in imports if _under(i, "segmerge_ros.merging") and not _is_primitive(i)
+                     and i != "segmerge_ros.merging")
+        assert not bad, f"{path.relative_to(REPO_ROOT)} imports merging methods {bad}; models may use only " \
+                        f"{MERGING_PRIMITIVES}"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (``from X import name`` resolved to the module X or X.name)."""
+    modules = {name for _, name, _ in SOURCES}
+    graph = {}
+    for _, name, imports in SOURCES:
+        graph[name] = {i for i in imports if i in modules and i != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_cycle_between_models_and_merging_modules():
+    inner = ("segmerge_ros.models", "segmerge_ros.merging")
+    graph = {name: {i for i in imports if i.startswith(inner)}
+             for name, imports in import_graph().items() if name.startswith(inner)}
+    assert "segmerge_ros.merging.segformerpp" in graph["segmerge_ros.models.segformer"]  # the graph sees imports
+    assert "segmerge_ros.models.vit" in graph["segmerge_ros.merging.algm"]
+    cycle = find_cycle(graph)
+    assert cycle is None, " -> ".join(cycle)

@@ -46,13 +46,30 @@ def test_zero_merge_is_identity_and_local_matching_respects_cells():
     assert torch.allclose(restored, cell_means.repeat_interleave(2, 0).repeat_interleave(2, 1))
 
 
-def test_merge_averages_and_unmerge_copies_back():
+@pytest.mark.parametrize("r", [6, 12])
+def test_merge_averages_and_unmerge_copies_back(r):
+    """Whatever each source matched: every position gets back the mean of its group (a destination and the sources
+    merged into it), a kept source its own value, and each group holds exactly one destination."""
+    torch.manual_seed(r)
     metric = torch.randn(1, 16, 4)
-    merge, unmerge = bipartite_soft_matching_2d(metric, 4, 4, 2, 2, 12)
+    merge, unmerge = bipartite_soft_matching_2d(metric, 4, 4, 2, 2, r)
     ones = torch.ones(1, 16, 3)
-    assert torch.equal(merge(ones), torch.ones(1, 4, 3))
-    restored = unmerge(merge(metric))
-    assert restored.shape == metric.shape
+    assert torch.equal(merge(ones), torch.ones(1, 16 - r, 3))
+    values = torch.randn(1, 16, 3, dtype=torch.float64)  # continuous: two groups never share a value
+    restored = unmerge(merge(values))[0]
+    assert restored.shape == (16, 3)
+    destinations = {0, 2, 8, 10}  # the top-left token of each 2x2 cell
+    groups: dict[tuple, list[int]] = {}
+    for position in range(16):
+        groups.setdefault(tuple(restored[position].tolist()), []).append(position)
+    merged_sources = 0
+    for members in groups.values():
+        expected = values[0, members].mean(dim=0)
+        torch.testing.assert_close(restored[members[0]], expected, rtol=0, atol=1e-12)
+        in_group = destinations.intersection(members)
+        assert len(in_group) == 1 or (len(members) == 1 and not in_group), members
+        merged_sources += len(members) - 1
+    assert merged_sources == r
 
 
 def test_rate_mapping_hits_the_paper_presets_and_is_validated():
