@@ -23,9 +23,11 @@ from segmerge_ros.tools.train_pose import (
     coco_scores,
     distinct_rung_configs,
     evaluate_pose,
+    learning_rate_factor,
     make_sample,
     pck_against_teacher,
     sample_geometry,
+    schedule_progress,
     source_sampling_weights,
     teacher_keypoints,
     train_pose,
@@ -235,3 +237,15 @@ def test_evaluation_on_the_coco_file_end_to_end(shared_data, student_dir, teache
     # A random student is far from both the teacher and the ground truth.
     assert rung["coco_student"]["pck"] < 0.5 * result["coco_teacher"]["pck"]
     assert rung["vs_teacher_tight"]["pck"] < 0.5 and rung["vs_teacher_tight"]["persons"] >= 3
+
+
+def test_a_time_budget_anneals_the_schedule_before_the_deadline():
+    settings = PoseTrainSettings(steps=1000, warmup=10, time_budget=100.0)
+    assert learning_rate_factor(0, settings) == pytest.approx(0.1)  # warm-up by steps
+    assert schedule_progress(100, 10.0, settings) == pytest.approx(0.1)  # steps ahead of time
+    assert schedule_progress(100, 50.0, settings) == pytest.approx(0.5)  # time ahead of steps
+    half = learning_rate_factor(100, settings, schedule_progress(100, 50.0, settings))
+    assert 0.45 < half < 0.55
+    assert learning_rate_factor(100, settings, 1.0) == pytest.approx(0.0, abs=1e-12)
+    steps_only = PoseTrainSettings(steps=1000, warmup=10)
+    assert schedule_progress(500, 1e9, steps_only) == pytest.approx(0.5)  # no budget: time does not count
