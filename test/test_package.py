@@ -31,6 +31,7 @@ CONSOLE_SCRIPTS = {
     "segmerge-demo": "segmerge_ros.tools.demo:main",
     "segmerge-train": "segmerge_ros.tools.train:main",
     "segmerge-build-engines": "segmerge_ros.tools.build_engines:main",
+    "segmerge-bag": "segmerge_ros.ros.bag:main",
 }
 
 
