@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -54,10 +53,9 @@ class Delivery:
 
 
 def probe_env(domain_id: int, profile: Path | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    env["ROS_DOMAIN_ID"] = str(domain_id)
-    env["PYTHONUNBUFFERED"] = "1"
+    from segmerge_ros.ros.client import ros_env
+
+    env = ros_env(domain_id)
     env.pop(PROFILE_VARIABLE, None)
     env.pop("RMW_IMPLEMENTATION", None)  # Fast DDS (Jazzy's default) is what the profile is for
     if profile is not None:
