@@ -21,20 +21,17 @@ from torch import nn
 from segmerge_ros.merging.segformerpp import LADDER, NONE, MergeConfig
 from segmerge_ros.models.segformer import SegFormer, mit_config
 from segmerge_ros.runtime import backends
+from segmerge_ros.runtime import tensorrt_backend
 from segmerge_ros.runtime.backends import (
     BackendUnavailable,
     CompileBackend,
     EagerBackend,
-    EngineCache,
-    EngineIO,
-    TensorRTBackend,
     available_backends,
     build_engines,
-    engine_cache_key,
-    engine_key_fields,
     make_backend,
-    weights_hash,
 )
+from segmerge_ros.runtime.engine_cache import EngineCache, EngineIO, engine_cache_key, engine_key_fields, weights_hash
+from segmerge_ros.runtime.tensorrt_backend import TensorRTBackend
 from segmerge_ros.runtime.engine import to_tensor
 
 SIZE = (64, 96)
@@ -101,13 +98,29 @@ def test_eager_is_the_plain_model(b0, pixels):
         assert torch.equal(backend.run(pixels, config), reference(b0, pixels, config))
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_half_precision_on_cpu_runs_fp32_with_a_warning(b0, precision, caplog):
-    backend = make_backend("eager", b0, "cpu", precision=precision)
+def test_fp16_on_cpu_runs_fp32_with_a_warning(b0, caplog):
+    backend = make_backend("eager", b0, "cpu", precision="fp16")
     assert backend.dtype == torch.float32 and backend.precision == "fp32"
-    assert any(precision in r.getMessage() and "fp32" in r.getMessage() for r in caplog.records)
+    assert any("fp16" in r.getMessage() and "fp32" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="precision"):
         make_backend("eager", b0, "cpu", precision="int8")
+
+
+def test_bf16_on_a_cpu_without_native_bf16_runs_fp32_with_a_warning(b0, caplog, monkeypatch):
+    monkeypatch.setattr(backends, "cpu_bf16_support", lambda: "no native bf16 instructions")
+    backend = make_backend("eager", b0, "cpu", precision="bf16")
+    assert backend.dtype == torch.float32 and backend.precision == "fp32"
+    assert any("bf16" in r.getMessage() and "fp32" in r.getMessage() for r in caplog.records)
+
+
+def test_bf16_on_a_cpu_with_native_bf16_computes_in_bf16(b0, pixels, monkeypatch):
+    monkeypatch.setattr(backends, "cpu_bf16_support", lambda: "")
+    backend = make_backend("eager", b0, "cpu", precision="bf16")
+    assert backend.dtype == torch.bfloat16 and backend.precision == "bf16"
+    exact, half = reference(b0, pixels, NONE), backend.run(pixels, NONE)
+    assert half.dtype == torch.float32 and half.shape == exact.shape
+    difference = (half - exact).abs().max().item()
+    assert 1e-4 < difference < 0.5 * exact.abs().max().item()  # computed in bf16 (not fp32), and still close
 
 
 def test_warm_touches_every_rung_once():
@@ -217,7 +230,7 @@ def test_cuda_graphs_only_with_cuda():
 
 
 def test_tensorrt_without_its_requirements_falls_back(monkeypatch, caplog):
-    monkeypatch.setattr(backends, "_import_torch_tensorrt", lambda: None)
+    monkeypatch.setattr(tensorrt_backend, "import_torch_tensorrt", lambda: None)
     model = CountingModel().eval()
     backend = make_backend("tensorrt", model, "cpu")
     assert isinstance(backend, EagerBackend)
@@ -231,7 +244,7 @@ def test_tensorrt_without_its_requirements_falls_back(monkeypatch, caplog):
 def test_build_tool_refuses_clearly_without_tensorrt(monkeypatch, capsys):
     from segmerge_ros.tools import build_engines as tool
 
-    monkeypatch.setattr(backends, "_import_torch_tensorrt", lambda: None)
+    monkeypatch.setattr(tensorrt_backend, "import_torch_tensorrt", lambda: None)
     assert tool.main(["--size", "64x96", "--backend", "tensorrt", "--device", "cpu"]) == 2
     assert "torch_tensorrt" in capsys.readouterr().err
 

@@ -89,7 +89,8 @@ def bipartite_soft_matching_2d(
         num_kept = kept_pos.shape[1]
         # Where each grid position finds its value after merging: one gather unmerges.
         slot = torch.empty(batch, num_tokens, dtype=torch.long, device=metric.device)
-        slot[:, dst_pos] = torch.arange(num_kept, num_kept + num_dst, device=metric.device)
+        # scatter_ rather than index assignment: the same result, and it exports (OpenVINO) for any grid size.
+        slot.scatter_(1, dst_pos.expand(batch, -1), torch.arange(num_kept, num_kept + num_dst, device=metric.device).expand(batch, -1))
         slot.scatter_(1, kept_pos, torch.arange(num_kept, device=metric.device).expand(batch, -1))
         slot.scatter_(1, merged_pos, merged_dst + num_kept)
 

@@ -153,6 +153,13 @@ LADDER: tuple[Rung, ...] = (
     _rung(0.9, "head2+hq+scale0.625", PRESETS["hq"], input_scale=0.625),
 )
 
+# Backends whose own measurements call for another ladder (docs/benchmarks.md); the others use LADDER.
+BACKEND_LADDERS: dict[str, tuple[Rung, ...]] = {}
+
+
+def ladder_for_backend(backend: str) -> tuple[Rung, ...]:
+    return BACKEND_LADDERS.get(backend, LADDER)
+
 
 # Measured variants that no rung uses (segmerge-bench --presets accepts these names too).
 EXPERIMENTS: dict[str, MergeConfig] = {
@@ -163,6 +170,13 @@ EXPERIMENTS: dict[str, MergeConfig] = {
     ),
     "attn0.9-local": config_for_rate(0.9, matching="local"),
 }
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """The network input size for an ``input_scale`` rung (never below 32 pixels a side)."""
+    if scale == 1.0:
+        return int(height), int(width)
+    return max(32, round(int(height) * scale)), max(32, round(int(width) * scale))
 
 
 def rung_for_rate(rate: float, ladder: tuple[Rung, ...] = LADDER) -> Rung:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..merging.segformerpp import NONE, MergeConfig, StageMerge, ffn_merge, kv_merge, query_merge
+from ..merging.segformerpp import NONE, MergeConfig, StageMerge, ffn_merge, kv_merge, query_merge, scaled_size
 
 
 @dataclass(frozen=True)
@@ -305,9 +305,8 @@ class SegFormer(nn.Module):
         return result
 
     def forward(self, pixels: torch.Tensor, merge: MergeConfig = NONE) -> torch.Tensor:
-        if merge.input_scale != 1.0:
-            height, width = pixels.shape[-2:]
-            size = (max(32, round(height * merge.input_scale)), max(32, round(width * merge.input_scale)))
+        if merge.input_scale != 1.0:  # the engine scales frames itself (on uint8, before normalising): see there
+            size = scaled_size(pixels.shape[-2], pixels.shape[-1], merge.input_scale)
             pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
         features = self.encoder(pixels, merge)
         if self.folded_head is not None and not self.training:

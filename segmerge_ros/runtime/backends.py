@@ -1,54 +1,51 @@
-"""Inference backends behind the engine: eager PyTorch, ``torch.compile`` and TensorRT (through torch-tensorrt).
+"""Inference backends behind the engine: eager PyTorch, ``torch.compile``, OpenVINO and TensorRT.
 
 Every rung of the merge-rate ladder has static shapes for a given input size (merge counts depend only on the grid,
 never on the image; see ``merging/segformerpp.py``), so the compiled backends prepare one graph per
 (input shape, rung) ahead of time: ``warm()`` compiles or loads them all, and a rate switch during operation only
 picks another prepared graph instead of stalling a frame on compilation.
 
-    backend = make_backend("compile", model, device="cuda", precision="fp16", input_size=(512, 1024),
+    backend = make_backend("openvino", model, precision="bf16", input_size=(512, 1024),
                            ladder_configs=[rung.config for rung in LADDER])
     backend.warm()                       # every rung at (1, 3, 512, 1024)
     logits = backend.run(pixels, config)
     backend.name                         # the backend actually in use ("eager" after a fallback)
 
-Whatever cannot work here (TensorRT without torch_tensorrt or CUDA, inductor without a C++ compiler, a failed
-compilation) falls back to eager with one warning naming what is missing: a CPU-only machine never needs CUDA.
+One backend computes in one precision; the engine holds one per precision its ladder uses (``runtime/ladder.py``).
+Whatever cannot work here (TensorRT without torch_tensorrt or CUDA, inductor without a C++ compiler, OpenVINO not
+installed, bf16 on a CPU without bf16 instructions, a failed compilation or export) falls back with one warning
+naming what is missing: a CPU-only machine never needs CUDA.
 
-TensorRT engines are cached on disk (``EngineCache``). An entry's file name says what was asked for (model, input
-shape, rung, precision); a JSON sidecar records everything the engine depends on (weights hash, the rung's exact
-configuration, TensorRT, torch-tensorrt, torch and CUDA versions, GPU, L4T release). When any of these differ
-from the running system (after a JetPack upgrade, on another GPU, with retrained weights) the entry is rebuilt in
-place with a log line, so stale engines never load and never pile up.
+TensorRT engines and OpenVINO models are cached on disk (``engine_cache.EngineCache``), keyed by everything they
+depend on; the backends themselves live in ``tensorrt_backend.py`` and ``openvino_backend.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import hashlib
-import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from ..merging.segformerpp import MergeConfig
+from .engine_cache import pixel_shape
 
 LOG = logging.getLogger(__name__)
 
-BACKEND_NAMES = ("eager", "compile", "tensorrt")
+BACKEND_NAMES = ("eager", "compile", "openvino", "tensorrt")
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ENGINE_SUFFIX = ".ep"  # torch-tensorrt's ExportedProgram format
-TEGRA_RELEASE = Path("/etc/nv_tegra_release")  # the L4T (JetPack) release on Jetson boards
+# "auto": fp32 at merge rate 0, bf16 for every faster rung where the hardware has it and a real frame agrees
+# (runtime/ladder.py); a policy over PRECISIONS, not a dtype.
+PRECISION_CHOICES = ("fp32", "bf16", "fp16", "auto")
 
 
 class BackendUnavailable(RuntimeError):
@@ -56,21 +53,6 @@ class BackendUnavailable(RuntimeError):
 
 
 # --- shapes and configurations -----------------------------------------------------------------------------------
-
-
-def pixel_shape(input_shape: Sequence[int]) -> tuple[int, int, int, int]:
-    """(H, W) or (N, 3, H, W) -> (N, 3, H, W): the network input the engine feeds."""
-    shape = tuple(int(v) for v in input_shape)
-    if len(shape) == 2:
-        return (1, 3) + shape
-    if len(shape) == 4 and shape[1] == 3:
-        return shape  # type: ignore[return-value]
-    raise ValueError(f"input shape must be (H, W) or (N, 3, H, W), got {input_shape}")
-
-
-def config_fingerprint(config: MergeConfig) -> str:
-    """A short digest of a merge configuration's exact settings (a rung renamed or retuned gets a new one)."""
-    return hashlib.sha256(repr(config).encode()).hexdigest()[:16]
 
 
 class RungModule(nn.Module):
@@ -89,11 +71,18 @@ class RungModule(nn.Module):
 
 
 def resolve_precision(precision: str, device: torch.device, log: logging.Logger = LOG) -> torch.dtype:
-    """The compute dtype for ``precision`` on ``device``: half precisions only on CUDA (and bf16 where supported)."""
+    """The compute dtype for ``precision`` on ``device``: fp16 only on CUDA, bf16 on CUDA where supported and on
+    CPUs with bf16 instructions (``cpu_bf16_support``); otherwise fp32 with one warning."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     dtype = PRECISIONS[precision]
     if dtype == torch.float32:
+        return dtype
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        missing = cpu_bf16_support()
+        if missing:
+            log.warning("precision bf16 on this CPU: %s; running in fp32", missing)
+            return torch.float32
         return dtype
     if device.type != "cuda":
         log.warning("precision %s needs CUDA; running in fp32 on %s", precision, device)
@@ -104,12 +93,34 @@ def resolve_precision(precision: str, device: torch.device, log: logging.Logger 
     return dtype
 
 
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 dot products (x86)
+
+
+@lru_cache(maxsize=1)
+def cpu_bf16_support() -> str:
+    """Empty when this CPU computes bf16 natively (AVX512-BF16 or AMX on x86, or oneDNN says so); otherwise why not.
+
+    Without native instructions bf16 is emulated and slower than fp32, so it is never worth choosing there."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    if flags & set(CPU_BF16_FLAGS):
+        return ""
+    try:
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return ""
+    except (AttributeError, RuntimeError):
+        pass
+    return f"no native bf16 instructions (none of {', '.join(CPU_BF16_FLAGS)})"
+
+
 def precision_name(dtype: torch.dtype) -> str:
     return next(name for name, value in PRECISIONS.items() if value == dtype)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision on CUDA for fp16/bf16; fp32 runs as is (CPU never gets here with a half dtype)."""
+    """Mixed precision for fp16/bf16 (CUDA, or bf16 on a CPU that has it); fp32 runs as is."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -126,17 +137,12 @@ def _find_cxx() -> str | None:
     return None
 
 
-def _import_torch_tensorrt():
-    """torch_tensorrt, or None. Imported only here and inside the TensorRT helpers: it is an optional extra."""
-    try:
-        import torch_tensorrt
-    except Exception:  # ImportError, or a broken install whose native libraries fail to load
-        return None
-    return torch_tensorrt
 
-
-def missing_requirements(name: str, device: torch.device | str = "cpu", compile_backend: str = "inductor") -> list[str]:
-    """What backend ``name`` lacks on ``device`` here, in words; empty when it can run."""
+def missing_requirements(
+    name: str, device: torch.device | str = "cpu", compile_backend: str = "inductor", openvino_device: str = "CPU"
+) -> list[str]:
+    """What backend ``name`` lacks on ``device`` (``openvino_device`` for OpenVINO) here, in words; empty when it
+    can run."""
     device = torch.device(device)
     if name == "eager":
         return []
@@ -154,12 +160,18 @@ def missing_requirements(name: str, device: torch.device | str = "cpu", compile_
         missing = []
         if device.type != "cuda" or not torch.cuda.is_available():
             missing.append("CUDA (TensorRT runs on NVIDIA GPUs only; use device 'cuda')")
-        if _import_torch_tensorrt() is None:
+        from .tensorrt_backend import import_torch_tensorrt
+
+        if import_torch_tensorrt() is None:
             missing.append(
                 "torch_tensorrt (pip install torch-tensorrt matching this torch and CUDA; on Jetson, NVIDIA's "
                 "JetPack wheel)"
             )
         return missing
+    if name == "openvino":
+        from .openvino_backend import openvino_missing
+
+        return openvino_missing(openvino_device)
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_NAMES}")
 
 
@@ -253,9 +265,13 @@ class PreparedBackend(Backend):
     to eager with one warning."""
 
     kind = "prepared"
+    # True: a rung that fails to prepare runs eagerly and the other rungs stay compiled (export failures are
+    # per graph); False: the first failure sends every rung to eager (a broken toolchain fails them all alike).
+    fallback_per_rung = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.eager_rungs: list[str] = []  # rungs that failed to prepare and run eagerly (fallback_per_rung)
         self._prepared: dict[tuple[tuple[int, ...], MergeConfig], Callable[[torch.Tensor], torch.Tensor]] = {}
         self._fallback: EagerBackend | None = None
         self._lock = threading.Lock()  # the engine may be called from several threads
@@ -282,6 +298,8 @@ class PreparedBackend(Backend):
         pixels = pixels.contiguous()
         key = (tuple(pixels.shape), config)
         prepared = self._prepared.get(key)
+        if isinstance(prepared, _EagerRung):
+            return prepared.run(pixels)
         if prepared is not None:
             return self._invoke(prepared, pixels)
         with self._lock:
@@ -302,8 +320,15 @@ class PreparedBackend(Backend):
             prepared = self._build(shape, config)
             output = self._invoke(prepared, example)
         except Exception as error:  # no compiler, unsupported operator, out of memory, ...: never crash the node
-            self._fall_back(f"{self.kind} failed for rung {config.name!r} at {shape}: {type(error).__name__}: {error}")
-            return self._fallback.run(example, config)
+            reason = f"{self.kind} failed for rung {config.name!r} at {shape}: {type(error).__name__}: {error}"
+            if not self.fallback_per_rung:
+                self._fall_back(reason)
+                return self._fallback.run(example, config)
+            self.log.warning("%s; this rung runs eagerly", reason)
+            eager = EagerBackend(self.model, self.device, self.dtype, self.input_size, self.ladder_configs, self.log)
+            self._prepared[key] = _EagerRung(eager, config)
+            self.eager_rungs.append(config.name)
+            return eager.run(example, config)
         self._prepared[key] = prepared
         return output
 
@@ -319,6 +344,16 @@ class PreparedBackend(Backend):
 
     def _invoke(self, prepared: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+class _EagerRung:
+    """A rung that could not be prepared, answered eagerly (``PreparedBackend.fallback_per_rung``)."""
+
+    def __init__(self, eager: "EagerBackend", config: MergeConfig):
+        self.eager, self.config = eager, config
+
+    def run(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.eager.run(pixels, self.config)
 
 
 class CompileBackend(PreparedBackend):
@@ -382,59 +417,6 @@ def _make_room_for_compiled_variants() -> None:
         break
 
 
-class TensorRTBackend(PreparedBackend):
-    """One TensorRT engine per (input shape, rung), built through torch-tensorrt and cached on disk."""
-
-    kind = "tensorrt"
-
-    def __init__(
-        self,
-        *args,
-        cache_dir: str | Path | None = None,
-        model_name: str = "segformer",
-        engine_io: "EngineIO | None" = None,
-        environment: Mapping[str, str] | None = None,
-        **kwargs,
-    ):
-        super().__init__(*args, **kwargs)
-        self.cache = EngineCache(cache_dir or default_cache_dir(), log=self.log)
-        self.model_name = model_name
-        self.engine_io = engine_io or torch_tensorrt_io()
-        self.environment = dict(environment) if environment is not None else tensorrt_environment(self.device)
-        # Explicit typing: the engine's graph is in the compute dtype itself (torch-tensorrt respects the model's
-        # dtypes in every release, while its precision flags changed meaning across releases).
-        typed = self.dtype != torch.float32
-        self._typed_model = copy.deepcopy(self.model).to(self.dtype).eval() if typed else self.model
-        self._weights = weights_hash(self.model.state_dict())
-        self.engines: dict[str, tuple[Path, str]] = {}  # rung name -> (engine file, "built" | "reused")
-
-    def key_fields(self, shape: tuple[int, ...], config: MergeConfig) -> dict[str, str]:
-        return engine_key_fields(self.model_name, self._weights, shape, config, self.precision, self.environment)
-
-    def _build(self, shape, config):
-        fields = self.key_fields(shape, config)
-        module = RungModule(self._typed_model, config)
-        example = torch.zeros(shape, device=self.device, dtype=self.dtype)
-
-        def build(path: Path) -> None:
-            self.log.info("building TensorRT engine for rung %r at %s (%s); this takes minutes",
-                          config.name, shape, self.precision)
-            self.engine_io.build(module, example, self.dtype, path)
-
-        path, status = self.cache.get_or_build(fields, build)
-        try:
-            engine = self.engine_io.load(path)
-        except Exception as error:  # a truncated or foreign file: rebuild once rather than give up
-            self.log.warning("cannot load cached engine %s (%s); rebuilding", path, error)
-            path, status = self.cache.store(fields, build), "built"
-            engine = self.engine_io.load(path)
-        self.engines[config.name] = (path, status)
-        return engine
-
-    def _invoke(self, prepared, pixels):
-        with torch.inference_mode():
-            return prepared(pixels.to(self.dtype)).float()
-
 
 # --- the factory -------------------------------------------------------------------------------------------------
 
@@ -452,14 +434,17 @@ def make_backend(
     log: logging.Logger = LOG,
     compile_backend: str | Callable = "inductor",
     cuda_graphs: bool = True,
+    openvino_device: str = "CPU",
     strict: bool = False,
 ) -> Backend:
     """The backend ``name`` for ``model`` (already on ``device``, in eval mode), or eager with one warning when it
     is unknown or cannot run here (``strict=True`` raises ``BackendUnavailable`` instead, for build-only tools).
 
     ``input_size`` (H, W) and ``ladder_configs`` are ``warm()``'s defaults; ``cache_dir`` holds TensorRT engines
-    (default ``default_cache_dir()``) or, for ``compile``, inductor's on-disk cache. ``cuda_graphs`` applies to
-    ``compile`` on CUDA only. Nothing is compiled until ``warm()`` or the first ``run()``."""
+    and OpenVINO models (default ``engine_cache.default_cache_dir()``) or, for ``compile``, inductor's on-disk
+    cache. ``cuda_graphs`` applies to ``compile`` on CUDA only; ``openvino_device`` is OpenVINO's own device name
+    (CPU, GPU, NPU, ...; the torch model stays on the CPU for export). Nothing is compiled until ``warm()`` or the
+    first ``run()``."""
     device = torch.device(device)
     dtype = resolve_precision(precision, device, log)
     common = dict(input_size=input_size, ladder_configs=ladder_configs, log=log)
@@ -468,7 +453,9 @@ def make_backend(
             raise BackendUnavailable(f"unknown backend {name!r}; choose one of {BACKEND_NAMES}")
         log.warning("unknown backend %r (choose one of %s); falling back to eager", name, ", ".join(BACKEND_NAMES))
         return EagerBackend(model, device, dtype, **common)
-    missing = missing_requirements(name, device, compile_backend if isinstance(compile_backend, str) else "custom")
+    missing = missing_requirements(
+        name, device, compile_backend if isinstance(compile_backend, str) else "custom", openvino_device
+    )
     if missing:
         reason = f"backend {name!r} is unavailable here: missing {' and '.join(missing)}"
         if strict:
@@ -482,7 +469,15 @@ def make_backend(
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir) / "inductor")
         return CompileBackend(model, device, dtype, compile_backend=compile_backend, cuda_graphs=cuda_graphs, **common)
     if name == "tensorrt":
+        from .tensorrt_backend import TensorRTBackend
+
         return TensorRTBackend(model, device, dtype, cache_dir=cache_dir, model_name=model_name, **common)
+    if name == "openvino":
+        from .openvino_backend import OpenVINOBackend
+
+        return OpenVINOBackend(
+            model, device, dtype, cache_dir=cache_dir, model_name=model_name, openvino_device=openvino_device, **common
+        )
     return EagerBackend(model, device, dtype, **common)
 
 
@@ -496,217 +491,19 @@ def build_engines(
     cache_dir: str | Path | None = None,
     model_name: str = "segformer",
     log: logging.Logger = LOG,
+    openvino_device: str = "CPU",
 ) -> Backend:
     """Build-only: prepare (build or reuse) every rung's engine or compiled graph, so that the node's first run on a
     Jetson loads them instead of building. Raises ``BackendUnavailable`` when the backend cannot run here, and
     ``RuntimeError`` when a rung fails to build (never falls back: a build that prepared nothing must say so)."""
     prepared = make_backend(
-        backend, model, device, precision, input_size, configs, cache_dir, model_name=model_name, log=log, strict=True
+        backend, model, device, precision, input_size, configs, cache_dir, model_name=model_name, log=log,
+        openvino_device=openvino_device, strict=True,
     )
     prepared.warm()
-    if prepared.name != backend:
-        raise RuntimeError(f"building the {backend} backend failed; see the warning above")
+    if prepared.name != backend or prepared.eager_rungs:
+        failed = f" (rungs run eagerly: {', '.join(prepared.eager_rungs)})" if prepared.eager_rungs else ""
+        raise RuntimeError(f"building the {backend} backend failed{failed}; see the warning above")
     return prepared
 
 
-# --- the engine cache (pure: testable without TensorRT) ----------------------------------------------------------
-
-# What the user asks for: names the cache slot. Everything else in the key must match or the slot is rebuilt.
-IDENTITY_FIELDS = ("model", "input_shape", "rung", "precision")
-
-
-def default_cache_dir() -> Path:
-    """$SEGMERGE_ENGINE_CACHE, else $XDG_CACHE_HOME/segmerge_ros/engines (~/.cache/segmerge_ros/engines)."""
-    if os.environ.get("SEGMERGE_ENGINE_CACHE"):
-        return Path(os.environ["SEGMERGE_ENGINE_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "segmerge_ros" / "engines"
-
-
-def weights_hash(weights: str | Path | Mapping[str, torch.Tensor]) -> str:
-    """sha256 of the weights: a file's bytes, a hub folder's weight and config files, or a state dict's tensors
-    (names, dtypes, shapes and bytes, in sorted order: the same weights always give the same hash)."""
-    digest = hashlib.sha256()
-    if isinstance(weights, Mapping):
-        for name in sorted(weights):
-            tensor = weights[name].detach().cpu().contiguous()
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
-    path = Path(weights)
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and _is_weight_file(p))
-    if not files:
-        raise FileNotFoundError(f"no weight files at {path}")
-    for file in files:
-        if len(files) > 1:
-            digest.update(file.name.encode() + b"\0")
-        with file.open("rb") as stream:
-            for chunk in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _is_weight_file(path: Path) -> bool:
-    return path.suffix in (".safetensors", ".bin", ".pth", ".pt") or path.name == "config.json"
-
-
-def tensorrt_environment(device: torch.device | str = "cuda") -> dict[str, str]:
-    """The software and hardware a TensorRT engine is tied to (an engine never survives a change of any)."""
-    device = torch.device(device)
-    torch_tensorrt = _import_torch_tensorrt()
-    try:
-        import tensorrt
-
-        tensorrt_version = tensorrt.__version__
-    except Exception:
-        tensorrt_version = "unknown"
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else "none"
-    l4t = TEGRA_RELEASE.read_text().splitlines()[0].strip() if TEGRA_RELEASE.is_file() else "none"
-    return {
-        "tensorrt": tensorrt_version,
-        "torch_tensorrt": getattr(torch_tensorrt, "__version__", "none"),
-        "torch": torch.__version__,
-        "cuda": str(torch.version.cuda),
-        "gpu": gpu,
-        "l4t": l4t,
-    }
-
-
-def engine_key_fields(
-    model_name: str,
-    weights_digest: str,
-    input_shape: Sequence[int],
-    config: MergeConfig,
-    precision: str,
-    environment: Mapping[str, str],
-) -> dict[str, str]:
-    """Everything one engine depends on, as strings (JSON round-trips them unchanged)."""
-    fields = {
-        "model": model_name,
-        "weights": weights_digest,
-        "input_shape": "x".join(str(v) for v in pixel_shape(input_shape)),
-        "rung": config.name,
-        "rung_config": config_fingerprint(config),
-        "precision": precision,
-    }
-    fields.update({name: str(value) for name, value in environment.items()})
-    return fields
-
-
-def engine_cache_key(fields: Mapping[str, object]) -> str:
-    """A digest of every key field: any change in any field gives another key."""
-    canonical = json.dumps({name: str(value) for name, value in fields.items()}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
-
-
-@dataclass
-class EngineIO:
-    """How engines are built and loaded; the default goes through torch-tensorrt, tests pass fakes."""
-
-    build: Callable[[nn.Module, torch.Tensor, torch.dtype, Path], None]
-    load: Callable[[Path], Callable[[torch.Tensor], torch.Tensor]]
-
-
-class EngineCache:
-    """Engines on disk: ``<slot>.ep`` plus ``<slot>.ep.json`` holding the key fields it was built for."""
-
-    def __init__(self, cache_dir: str | Path, log: logging.Logger = LOG):
-        self.cache_dir = Path(cache_dir)
-        self.log = log
-
-    def path_for(self, fields: Mapping[str, object]) -> Path:
-        identity = {name: str(fields.get(name, "")) for name in IDENTITY_FIELDS}
-        readable = "_".join(re.sub(r"[^A-Za-z0-9.=+-]+", "-", identity[name]) for name in IDENTITY_FIELDS)
-        return self.cache_dir / f"{readable}_{engine_cache_key(identity)[:8]}{ENGINE_SUFFIX}"
-
-    @staticmethod
-    def sidecar_for(path: Path) -> Path:
-        return path.with_name(path.name + ".json")
-
-    def lookup(self, fields: Mapping[str, object]) -> Path | None:
-        """The cached engine for ``fields``, or None when there is none or it was built for something else."""
-        path = self.path_for(fields)
-        if not path.is_file():
-            return None
-        try:
-            recorded = json.loads(self.sidecar_for(path).read_text())
-            recorded_fields = {name: str(value) for name, value in recorded["fields"].items()}
-        except (OSError, ValueError, KeyError, AttributeError) as error:
-            self.log.warning("cached engine %s has no readable metadata (%s); rebuilding it", path.name, error)
-            return None
-        wanted = {name: str(value) for name, value in fields.items()}
-        if recorded_fields != wanted or recorded.get("key") != engine_cache_key(wanted):
-            changes = describe_mismatch(recorded_fields, wanted)
-            self.log.warning("cached engine %s is stale (%s); rebuilding it", path.name, changes)
-            return None
-        return path
-
-    def store(self, fields: Mapping[str, object], builder: Callable[[Path], None]) -> Path:
-        """Build with ``builder(path)`` into a temporary file, then move engine and metadata into place."""
-        path = self.path_for(fields)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sidecar = self.sidecar_for(path)
-        sidecar.unlink(missing_ok=True)  # an engine without matching metadata is never trusted, even half-written
-        temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{ENGINE_SUFFIX}")  # keeps the suffix for savers
-        try:
-            builder(temporary)
-            if not temporary.is_file():
-                raise RuntimeError(f"the engine builder wrote nothing to {temporary}")
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
-        wanted = {name: str(value) for name, value in fields.items()}
-        record = {"key": engine_cache_key(wanted), "fields": wanted, "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        sidecar_temporary = sidecar.with_name(sidecar.name + f".{os.getpid()}.tmp")
-        sidecar_temporary.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        os.replace(sidecar_temporary, sidecar)
-        return path
-
-    def get_or_build(self, fields: Mapping[str, object], builder: Callable[[Path], None]) -> tuple[Path, str]:
-        """(path, "reused") for a matching entry, else build it: (path, "built")."""
-        path = self.lookup(fields)
-        if path is not None:
-            return path, "reused"
-        return self.store(fields, builder), "built"
-
-
-def describe_mismatch(recorded: Mapping[str, str], wanted: Mapping[str, str]) -> str:
-    """"tensorrt 10.3.0 -> 10.7.0, gpu Orin -> Thor": the fields that differ, old value first."""
-    names = sorted(set(recorded) | set(wanted))
-    changes = [
-        f"{name} {recorded.get(name, '(none)')} -> {wanted.get(name, '(none)')}"
-        for name in names
-        if recorded.get(name) != wanted.get(name)
-    ]
-    return ", ".join(changes) or "key digest differs"
-
-
-# --- torch-tensorrt (the only code that touches it; not runnable without CUDA and TensorRT) ----------------------
-
-
-def _trt_build(module: nn.Module, example: torch.Tensor, dtype: torch.dtype, path: Path) -> None:
-    """Compile ``module`` for ``example``'s static shape and save it as an ExportedProgram at ``path``.
-
-    The model is already in ``dtype`` (explicit typing); ``enabled_precisions`` additionally lets releases that
-    still use TensorRT's weak typing pick half-precision kernels (newer releases ignore it on the dynamo path).
-    Operators TensorRT cannot convert (the merging's argsort/scatter) stay in PyTorch inside the same program.
-    """
-    import torch_tensorrt
-
-    # torch.export traces with ordinary tensors: leave the engine's inference mode (a rung built on demand is
-    # built inside it) and trace without autograd instead.
-    with torch.inference_mode(False), torch.no_grad():
-        example = torch.zeros(example.shape, dtype=example.dtype, device=example.device)
-        compiled = torch_tensorrt.compile(module, ir="dynamo", inputs=[example], enabled_precisions={dtype})
-        torch_tensorrt.save(compiled, str(path), inputs=[example])
-
-
-def _trt_load(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    import torch_tensorrt
-
-    loaded = torch_tensorrt.load(str(path))
-    return loaded.module() if hasattr(loaded, "module") else loaded  # ExportedProgram -> callable module
-
-
-def torch_tensorrt_io() -> EngineIO:
-    return EngineIO(build=_trt_build, load=_trt_load)

@@ -14,15 +14,19 @@ import math
 import threading
 import time
 from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..merging.segformerpp import LADDER, MAX_MERGE_RATE, NONE, MergeConfig, preset, rung_for_rate
+from ..merging.segformerpp import MAX_MERGE_RATE, NONE, MergeConfig, preset, scaled_size
 from ..merging.vit_methods import build_vit_model, is_vit_model_name, load_vit_model, parse_vit_name
-from .backends import make_backend
+from .backends import PRECISION_CHOICES, PRECISIONS, autocast, cpu_bf16_support, make_backend, precision_name, resolve_precision
+from .ladder import Step, build_ladder, merge_rungs, step_for_rate, with_precision
 from ..models.checkpoints import load_segformer
 from ..models.labels import LabelSet, label_set
 from ..models.segformer import SegFormer, mit_config
@@ -31,6 +35,8 @@ LOG = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# precision auto keeps the half precision when its arg-max agrees with fp32 on at least this share of a real frame
+AUTO_MIN_AGREEMENT = 0.995
 
 
 @dataclass
@@ -80,26 +86,63 @@ def _bilinear_taps(source: int, target: int, device: torch.device) -> tuple[torc
 
 
 def upsampled_argmax(logits: torch.Tensor, labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Arg-max of the bilinearly upsampled (K, h, w) logits at ``size``, without upsampling all K channels.
+    """Arg-max of the bilinearly upsampled (K, h, w) logits at ``size``, without upsampling the K channels.
 
-    Bilinear interpolation is a convex combination of a cell's four corners, so where one class is the arg-max at
-    all four corners it is the arg-max everywhere inside the cell. Only pixels of cells whose corners disagree (the
-    class boundaries, typically a few per cent) are interpolated over the K channels. ``labels`` is the arg-max at
-    (h, w). Same result as ``F.interpolate(...).argmax`` up to floating-point ties.
+    A cell is the square between four neighbouring logit pixels; bilinear interpolation inside it is a convex
+    combination of its corners. So (1) where one class wins at all four corners it wins in the whole cell: those
+    pixels copy the label (one uint8 gather); (2) in the other cells, any class that wins at no corner is bounded by
+    its largest corner value, and the corner winners together are bounded below by max over them of their smallest
+    corner value: where the first bound is below the second (almost every cell), only the (at most four) corner
+    winners are interpolated; (3) the rare remaining cells interpolate all K classes. Same result as
+    ``F.interpolate(...).argmax`` (ties go to the lower class id, as there); ``labels`` is the arg-max at (h, w).
     """
-    _, height, width = logits.shape
-    y0, y1, wy = _bilinear_taps(height, size[0], logits.device)
-    x0, x1, wx = _bilinear_taps(width, size[1], logits.device)
-    out = labels[y0][:, x0]
-    corners_agree = (labels[y0][:, x1] == out) & (labels[y1][:, x0] == out) & (labels[y1][:, x1] == out)
-    rows, cols = torch.nonzero(~corners_agree, as_tuple=True)
-    if rows.numel():
-        ry0, ry1, rwy = y0[rows], y1[rows], wy[rows].unsqueeze(1)
-        cx0, cx1, cwx = x0[cols], x1[cols], wx[cols].unsqueeze(1)
+    num_classes, height, width = logits.shape
+    device = logits.device
+    y0, y1, wy = _bilinear_taps(height, size[0], device)
+    x0, x1, wx = _bilinear_taps(width, size[1], device)
+    # Cell (r, c) spans logit pixels r..r1 x c..c1 (clamped at the last row/column, as the taps are).
+    r1 = (torch.arange(height, device=device) + 1).clamp(max=height - 1)
+    c1 = (torch.arange(width, device=device) + 1).clamp(max=width - 1)
+    corner_labels = torch.stack([labels, labels[:, c1], labels[r1], labels[r1][:, c1]])  # (4 corners, h, w)
+    uniform = (corner_labels == labels).all(dim=0)
+    code_dtype = torch.uint8 if num_classes < 255 else torch.int32
+    boundary_code = torch.iinfo(code_dtype).max
+    code = torch.where(uniform, labels, boundary_code).to(code_dtype)
+    out = code[y0][:, x0]
+    rows, cols = torch.nonzero(out == boundary_code, as_tuple=True)
+    if not rows.numel():
+        return out.long()
+    # Boundary cells: candidate classes, their four corner values, and whether the candidates provably win.
+    cell_r, cell_c = torch.nonzero(~uniform, as_tuple=True)
+    cell_of = torch.full((height, width), -1, dtype=torch.long, device=device)
+    cell_of[cell_r, cell_c] = torch.arange(cell_r.numel(), device=device)
+    candidates = corner_labels[:, cell_r, cell_c].T  # (cells, 4)
+    corner_r = torch.stack([cell_r, cell_r, r1[cell_r], r1[cell_r]])
+    corner_c = torch.stack([cell_c, c1[cell_c], cell_c, c1[cell_c]])
+    corner_logits = logits[:, corner_r, corner_c].permute(2, 1, 0)  # (cells, 4 corners, K)
+    values = corner_logits.gather(2, candidates.unsqueeze(1).expand(-1, 4, -1))  # (cells, 4 corners, 4 candidates)
+    lower = values.min(dim=1).values.max(dim=1).values
+    others = corner_logits.max(dim=1).values.scatter(1, candidates, float("-inf")).max(dim=1).values
+    certain = others + 1e-4 * (1.0 + lower.abs()) < lower  # the margin absorbs the interpolation's rounding
+    cell = cell_of[y0[rows], x0[cols]]
+    pixel_wy, pixel_wx = wy[rows].unsqueeze(1), wx[cols].unsqueeze(1)
+    v = values[cell]  # (pixels, 4 corners, 4 candidates); same operation order as F.interpolate's bilinear
+    top = v[:, 0] * (1 - pixel_wx) + v[:, 1] * pixel_wx
+    bottom = v[:, 2] * (1 - pixel_wx) + v[:, 3] * pixel_wx
+    interpolated = top * (1 - pixel_wy) + bottom * pixel_wy
+    best = interpolated.max(dim=1, keepdim=True).values
+    winner = torch.where(interpolated == best, candidates[cell], num_classes).min(dim=1).values
+    uncertain = ~certain[cell]
+    if uncertain.any():  # a class that wins at no corner might win inside: interpolate every class there
+        ur, uc = rows[uncertain], cols[uncertain]
+        ry0, ry1, rwy = y0[ur], y1[ur], wy[ur].unsqueeze(1)
+        cx0, cx1, cwx = x0[uc], x1[uc], wx[uc].unsqueeze(1)
         flat = logits.permute(1, 2, 0)  # (h, w, K): one gather per corner
         top = flat[ry0, cx0] * (1 - cwx) + flat[ry0, cx1] * cwx
         bottom = flat[ry1, cx0] * (1 - cwx) + flat[ry1, cx1] * cwx
-        out[rows, cols] = (top * (1 - rwy) + bottom * rwy).argmax(dim=1)
+        winner[uncertain] = (top * (1 - rwy) + bottom * rwy).argmax(dim=1)
+    out = out.long()
+    out[rows, cols] = winner
     return out
 
 
@@ -107,22 +150,24 @@ def logits_to_maps(logits: torch.Tensor, size: tuple[int, int], upsample: str = 
     """(1, K, h, w) logits -> (class map uint8, confidence uint8) at ``size``.
 
     The confidence (max softmax probability) is computed at the logits' own resolution and upsampled as one
-    channel: a smooth map does not need K channels upsampled (that cost 20 ms of 45 at 576x768 on 2 cores).
+    channel (OpenCV, bilinear with the same pixel-centre convention): a smooth map does not need K channels
+    upsampled, and OpenCV's SIMD resize costs a fraction of torch's at camera resolution.
     """
+    logits = logits.float()
     best, labels = logits.max(dim=1)
     # max softmax probability = 1 / sum(exp(l - l_max)): no full softmax tensor needed.
-    confidence = 1.0 / torch.exp(logits - best.unsqueeze(1)).sum(dim=1)
+    confidence = (1.0 / torch.exp(logits - best.unsqueeze(1)).sum(dim=1))[0].cpu().numpy()
     if upsample == "logits":
-        labels = upsampled_argmax(logits[0], labels[0], size).unsqueeze(0)
-        confidence = F.interpolate(confidence.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
+        class_map = upsampled_argmax(logits[0], labels[0], size).to(torch.uint8).cpu().numpy()
+        interpolation = cv2.INTER_LINEAR
     elif upsample == "labels":
-        stacked = F.interpolate(torch.stack([labels.float(), confidence], dim=1), size=size, mode="nearest")
-        labels, confidence = stacked[:, 0].long(), stacked[:, 1]
+        small = labels[0].to(torch.uint8).cpu().numpy()
+        class_map = cv2.resize(small, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+        interpolation = cv2.INTER_NEAREST
     else:
         raise ValueError(f"upsample must be 'logits' or 'labels', got {upsample!r}")
-    class_map = labels[0].to(torch.uint8).cpu().numpy()
-    confidence_u8 = (confidence[0] * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
-    return class_map, confidence_u8
+    confidence = cv2.resize(confidence, (size[1], size[0]), interpolation=interpolation)
+    return class_map, cv2.convertScaleAbs(confidence, alpha=255.0)  # rounds and saturates to uint8
 
 
 class SegmentationEngine:
@@ -131,6 +176,10 @@ class SegmentationEngine:
     ``model`` names a SegFormer size (``segformer-b0`` .. ``b5``: Segformer++ merging, the merge-rate ladder) or a
     plain-ViT family (``<segmenter|algm|clustvit|dovit>-vit-<t|s|b|l>[-linear|-mask]``: ``merge_rate`` maps onto
     the method's own control, see ``merging/vit_methods.py``; presets are SegFormer's only).
+
+    ``precision``: fp32, bf16, fp16, or auto (fp32 at merge rate 0, the half precision from the first faster step
+    on, kept only if it agrees with fp32 on the first real frame: ``runtime/ladder.py``). With ``backend="openvino"``
+    ``device`` may name an OpenVINO device (CPU, GPU, NPU, AUTO).
     """
 
     def __init__(
@@ -145,7 +194,9 @@ class SegmentationEngine:
         num_classes: int = 19,
         precision: str = "fp32",
         cache_dir: str | None = None,
+        warm: bool = True,
     ):
+        device, openvino_device = _split_device(device, backend)
         self.device = _pick_device(device)
         self.input_size = parse_size(input_size)
         self.upsample = upsample
@@ -169,25 +220,32 @@ class SegmentationEngine:
             self.labels = label_set(num_classes)
         self.model.to(self.device)
         self._lock = threading.Lock()
-        self._merge: MergeConfig = NONE
-        self._merge_rate = 0.0
         self._vit_rate_applied: float | None = None
-        self.set_preset(preset)
         if not self.is_segformer and backend != "eager":
             # ALGM, ClustViT and DoViT have content-dependent token counts: no static graph to compile.
             LOG.warning("backend %r serves SegFormer models only; running %s eagerly", backend, self.family)
             backend = "eager"
-        ladder = [rung.config for rung in LADDER]
-        self._backend = make_backend(backend, self.model, self.device, precision=precision,
-                                     input_size=self.input_size, ladder_configs=ladder, cache_dir=cache_dir,
-                                     model_name=model, log=LOG)
-        self.backend = self._backend.name  # the backend actually in use (eager after a fallback)
-        if self.backend != "eager":
+        plan, half = _precision_plan(precision, self.device, openvino_device if backend == "openvino" else None)
+        self.precision_plan = plan
+        self.ladder: tuple[Step, ...] = build_ladder(merge_rungs(backend), plan, half)
+        self._calibration_pending = plan == "auto"
+        self._backends = {
+            name: make_backend(backend, self.model, self.device, precision=name, input_size=self.input_size,
+                               ladder_configs=[network_config(step.config) for step in self.ladder if step.precision == name],
+                               cache_dir=cache_dir, model_name=model, log=LOG, openvino_device=openvino_device)
+            for name in dict.fromkeys(step.precision for step in self.ladder)
+        }
+        self.backend = self._backends[self.ladder[0].precision].name  # the backend in use (eager after a fallback)
+        self._step = self.ladder[0]
+        self._merge: MergeConfig = NONE
+        self._merge_rate = 0.0
+        self.set_preset(preset)
+        if self.backend != "eager" and warm:
             if self.input_size is None:
                 LOG.warning("backend %s without a fixed input_size: each new frame size and rung is prepared on "
                             "first use and stalls that frame", self.backend)
             else:
-                self._backend.warm(configs=ladder + [self._merge])  # a rate switch never stalls a frame
+                self.warm()
 
     @property
     def is_segformer(self) -> bool:
@@ -199,61 +257,176 @@ class SegmentationEngine:
 
     @property
     def ladder_rates(self) -> list[float]:
-        """The merge rates at which the configuration changes (SegFormer's rungs; ViT methods are continuous)."""
-        return [rung.rate for rung in LADDER] if self.is_segformer else []
+        """The merge rates at which the configuration changes (SegFormer's steps; ViT methods are continuous)."""
+        return [step.rate for step in self.ladder] if self.is_segformer else []
 
     @property
     def merge_config(self) -> MergeConfig:
         return self._merge
 
+    @property
+    def precision(self) -> str:
+        """The precision the next frame is computed in."""
+        return self._step.precision
+
+    def warm(self, rates: Iterable[float] | None = None) -> list[Step]:
+        """Prepare every step (or those ``rates`` select) and the current preset at ``input_size``, so that no rate
+        change stalls a frame; returns the steps prepared."""
+        if self.input_size is None:
+            raise ValueError("warm() needs the engine's input_size")
+        steps = list(self.ladder) if rates is None else [step_for_rate(rate, self.ladder) for rate in rates]
+        if rates is None and self._merge != self._step.config:
+            steps.append(self._step)
+        if self._calibration_pending:  # auto compares these two on the first frame
+            steps += self.ladder[:2]
+        steps = list(dict.fromkeys(steps))
+        for config, precision in [(step.config, step.precision) for step in steps]:
+            self._backends[precision].warm(
+                [network_config(config)], input_shape=scaled_size(*self.input_size, config.input_scale)
+            )
+        return steps
+
+    @property
+    def compiled_everywhere(self) -> str:
+        """Empty when every backend is the one asked for and every prepared rung is compiled; else what is not."""
+        problems = [f"{name}: {backend.name}" for name, backend in self._backends.items() if backend.name != self.backend]
+        problems += [f"{name}: {rung} runs eagerly" for name, backend in self._backends.items()
+                     for rung in getattr(backend, "eager_rungs", [])]
+        return "; ".join(problems)
+
+    def prepared_files(self) -> list[tuple[str, Path, str]]:
+        """(step name, cached file, "built" | "reused") of every rung a caching backend prepared."""
+        return [(rung if name == "fp32" else f"{rung}@{name}", path, status)
+                for name, backend in self._backends.items() for rung, (path, status) in getattr(backend, "engines", {}).items()]
+
     def set_merge_rate(self, rate: float) -> None:
-        """Set the scalar merge rate in [0, 0.95] (a rung of ``LADDER``); applied from the next ``infer``."""
+        """Set the scalar merge rate in [0, 0.95] (a step of ``ladder``); applied from the next ``infer``."""
         rate = float(rate)
         if not 0.0 <= rate <= MAX_MERGE_RATE:
             raise ValueError(f"merge_rate must lie in [0, {MAX_MERGE_RATE}], got {rate}")
-        rung = rung_for_rate(rate)
-        config = rung.config if self.is_segformer else replace(NONE, name=f"{self.family} rate={rate:g}")
+        step = step_for_rate(rate, self.ladder)
+        if not self.is_segformer:
+            step = Step(rate, replace(NONE, name=f"{self.family} rate={rate:g}"), step.precision)
         with self._lock:
-            self._merge, self._merge_rate = config, rate
+            self._step, self._merge, self._merge_rate = step, step.config, rate
 
     def set_preset(self, name: str) -> None:
-        """Use a named Segformer++ preset ("none", "hq", "fast", "2x2") instead of the scalar rate."""
+        """Use a named Segformer++ preset ("none", "hq", "fast", "2x2") instead of the scalar rate; presets run in
+        the precision of the ladder's merged steps."""
         config = preset(name)
         if not self.is_segformer and name != "none":
             raise ValueError(f"preset {name!r} is a SegFormer merge preset; {self.family} models take merge_rate")
+        step = self.ladder[0] if name == "none" else Step(float("nan"), config, self.ladder[-1].precision)
         with self._lock:
-            self._merge = config
+            self._step, self._merge = step, config
             self._merge_rate = 0.0 if name == "none" else float("nan")
 
     def set_merge_config(self, config: MergeConfig, rate: float = float("nan")) -> None:
+        precision = step_for_rate(rate, self.ladder).precision if math.isfinite(rate) else self.ladder[-1].precision
         with self._lock:
-            self._merge, self._merge_rate = config, rate
+            self._step, self._merge, self._merge_rate = Step(rate, config, precision), config, rate
 
-    def _run(self, pixels: torch.Tensor, merge: MergeConfig, rate: float) -> torch.Tensor:
+    def calibrate_precision(self, rgb: np.ndarray, threshold: float = AUTO_MIN_AGREEMENT) -> float:
+        """``precision: auto``: compare the half-precision unmerged model with fp32 on a real frame; keep the half
+        steps when the arg-max agrees on at least ``threshold`` of the pixels, else compute every step in fp32.
+        Runs by itself on the first ``infer``; returns the agreement (NaN when there is nothing to decide)."""
+        self._calibration_pending = False
+        half = next((step.precision for step in self.ladder if step.precision != "fp32"), None)
+        if half is None:
+            return float("nan")
+        pixels = self._network_input(rgb, NONE)
+        with torch.inference_mode():
+            exact = self._backends["fp32"].run(pixels, NONE).argmax(dim=1)
+            fast = self._backends[half].run(pixels, NONE).argmax(dim=1)
+        agreement = (exact == fast).float().mean().item()
+        if agreement >= threshold:
+            LOG.info("precision auto: %s agrees with fp32 on %.2f %% of this frame's pixels; merge rates above 0 "
+                     "run in %s", half, 100 * agreement, half)
+            return agreement
+        LOG.warning("precision auto: %s agrees with fp32 on only %.2f %% of this frame's pixels (< %.1f %%); every "
+                    "merge rate runs in fp32", half, 100 * agreement, 100 * threshold)
+        with self._lock:
+            self.ladder = with_precision(self.ladder, "fp32")
+            self.precision_plan = "fp32"
+            self._step = Step(self._step.rate, self._step.config, "fp32")
+        if self.backend != "eager" and self.input_size is not None:
+            self.warm()  # the fp32 backend had only rate 0 prepared
+        return agreement
+
+    def _network_input(self, rgb: np.ndarray, merge: MergeConfig) -> torch.Tensor:
+        """The normalised network input: the frame resized once, on uint8, straight to ``input_size`` scaled by the
+        rung's ``input_scale`` (scaling inside the network would first normalise every camera pixel)."""
+        height, width = self.input_size or rgb.shape[:2]
+        return to_tensor(rgb, scaled_size(height, width, merge.input_scale), self.device)
+
+    def _run(self, pixels: torch.Tensor, merge: MergeConfig, precision: str, rate: float) -> torch.Tensor:
         if self.is_segformer:
-            return self._backend.run(pixels, merge)
+            return self._backends[precision].run(pixels, network_config(merge))
         # ViT methods hold their control as state: change it here, on the inferring thread, between frames.
         rate = 0.0 if math.isnan(rate) else rate
         if rate != self._vit_rate_applied:
             self.model.set_merge_rate(rate)
             self._vit_rate_applied = rate
-        return self.model.segment(pixels)
+        with autocast(self.device, PRECISIONS[precision]):
+            return self.model.segment(pixels).float()
+
+    def _current(self) -> tuple[Step, MergeConfig, float]:
+        with self._lock:
+            return self._step, self._merge, self._merge_rate
 
     @torch.inference_mode()
     def logits(self, rgb: np.ndarray, merge: MergeConfig | None = None) -> torch.Tensor:
-        """The raw logits for ``rgb`` at the network's input size (1/4 of it for SegFormer)."""
-        with self._lock:
-            current, rate = self._merge, self._merge_rate
-        return self._run(to_tensor(rgb, self.input_size, self.device), merge if merge is not None else current, rate)
+        """The raw logits for ``rgb`` at the network's input size (1/4 of it for SegFormer, less on merged rungs)."""
+        step, current, rate = self._current()
+        merge = merge if merge is not None else current
+        return self._run(self._network_input(rgb, merge), merge, step.precision, rate)
 
     @torch.inference_mode()
     def infer(self, rgb: np.ndarray) -> SegmentationResult:
+        if self._calibration_pending:
+            self.calibrate_precision(rgb)
         start = time.perf_counter()
-        with self._lock:
-            merge, rate = self._merge, self._merge_rate
-        logits = self._run(to_tensor(rgb, self.input_size, self.device), merge, rate)
+        step, merge, rate = self._current()
+        logits = self._run(self._network_input(rgb, merge), merge, step.precision, rate)
         class_map, confidence = logits_to_maps(logits, rgb.shape[:2], self.upsample)
-        return SegmentationResult(class_map, confidence, (time.perf_counter() - start) * 1e3, rate, merge.name)
+        name = merge.name if step.precision == "fp32" else f"{merge.name}@{step.precision}"
+        return SegmentationResult(class_map, confidence, (time.perf_counter() - start) * 1e3, rate, name)
+
+
+@lru_cache(maxsize=64)
+def network_config(config: MergeConfig) -> MergeConfig:
+    """``config`` as the network sees it once the engine has scaled the frame itself: ``input_scale`` 1."""
+    return config if config.input_scale == 1.0 else replace(config, input_scale=1.0)
+
+
+def _split_device(device: str, backend: str) -> tuple[str, str]:
+    """(torch device, OpenVINO device). With the openvino backend, a device that is not torch's names OpenVINO's
+    (the model is exported from the CPU); otherwise OpenVINO's is the CPU."""
+    if backend != "openvino" or device == "cpu" or device.startswith("cuda"):
+        if backend == "openvino" and device.startswith("cuda"):
+            LOG.warning("backend openvino runs on OpenVINO devices (CPU, GPU = Intel graphics, NPU); device %r "
+                        "ignored, using its CPU", device)
+            device = "cpu"
+        return device, "CPU"
+    return "cpu", device.upper()
+
+
+def _precision_plan(precision: str, device: torch.device, openvino_device: str | None) -> tuple[str, str]:
+    """(plan, half precision) for ``precision`` on this hardware; a precision it lacks becomes fp32 with a warning."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
+    half = "fp16" if device.type == "cuda" or (openvino_device or "CPU").split(".")[0] in ("GPU", "NPU") else "bf16"
+    if precision == "auto":
+        if half == "bf16" and device.type == "cpu" and cpu_bf16_support():
+            LOG.info("precision auto: %s; every merge rate runs in fp32", cpu_bf16_support())
+            return "fp32", half
+        if half == "fp16" and device.type == "cpu":
+            return "fp32", half  # OpenVINO GPU/NPU: their plugins choose f16 themselves; fp32 asked explicitly
+        return "auto", half
+    if precision == "fp32":
+        return "fp32", half
+    resolved = precision_name(resolve_precision(precision, device, LOG))  # warns when it falls back
+    return resolved, resolved
 
 
 def _pick_device(device: str) -> torch.device:

@@ -24,9 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..merging.segformerpp import EXPERIMENTS, LADDER, MAX_MERGE_RATE, NONE, MergeConfig, config_for_rate, preset, rung_for_rate
+from ..merging.segformerpp import (
+    EXPERIMENTS, MAX_MERGE_RATE, NONE, MergeConfig, config_for_rate, ladder_for_backend, preset, rung_for_rate,
+)
 from ..models.checkpoints import load_segformer
-from ..runtime.backends import make_backend
+from ..runtime.backends import BACKEND_NAMES, PRECISIONS, make_backend
 from ..runtime.engine import parse_size, to_tensor
 from ..runtime.metrics import ConfusionMatrix
 from ..runtime.sources import IMAGE_SUFFIXES, read_rgb, shared_data_dir
@@ -68,10 +70,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--backend", default="eager",
-        help="eager, compile or tensorrt, or several comma-separated (side by side: rows of the later ones are "
-        "named <row>@<backend>); each row is prepared during the quality pass, before timing",
+        help="eager, compile, openvino or tensorrt, or several comma-separated: every backend runs in every "
+        "--precision, side by side; rows of eager fp32 keep their names, the others are named "
+        "<row>@<backend>-<precision> (e.g. rate=0.9@openvino-bf16); each row is prepared during the quality pass, "
+        "before timing. --rates ladder sweeps each backend's own ladder",
     )
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument(
+        "--precision", default="fp32",
+        help="fp32, bf16, fp16 or several comma-separated (bf16 on CUDA or a CPU with native bf16; fp16 on CUDA)",
+    )
+    parser.add_argument("--engine-cache-dir", default=None, help="cache for OpenVINO/TensorRT models (default: "
+                        "the node's, ~/.cache/segmerge_ros/engines)")
+    parser.add_argument("--plot", default=None, help="draw speed-up against agreement of every row into this PNG")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     return parser.parse_args(argv)
@@ -168,25 +178,32 @@ def main(argv: list[str] | None = None) -> int:
         size = (1024, 2048)
     ours, hf, labels = build_models(args, device)
 
-    merges: list[tuple[str, MergeConfig]] = [("unmerged", NONE)]
-    merges += [(name, EXPERIMENTS.get(name) or preset(name)) for name in filter(None, args.presets.split(","))]
-    rates = [rung.rate for rung in LADDER[1:]] if args.rates == "ladder" else _floats(args.rates)
-    for rate in rates:
-        merges.append((f"rate={rate:g}", rung_for_rate(rate).config))
-    for rate in _floats(args.attention_rates):
-        merges.append((f"attn={rate:g}/{args.matching}", config_for_rate(rate, args.matching)))
+    presets = [(name, EXPERIMENTS.get(name) or preset(name)) for name in filter(None, args.presets.split(","))]
+    attention = [(f"attn={rate:g}/{args.matching}", config_for_rate(rate, args.matching))
+                 for rate in _floats(args.attention_rates)]
+
+    def merges_for(backend_name: str) -> list[tuple[str, MergeConfig]]:
+        ladder = ladder_for_backend(backend_name)
+        rates = [rung.rate for rung in ladder[1:]] if args.rates == "ladder" else _floats(args.rates)
+        rated = [(f"rate={rate:g}", rung_for_rate(rate, ladder).config) for rate in rates]
+        return [("unmerged", NONE)] + presets + rated + attention
 
     rows = []
-    for index, backend_name in enumerate(args.backend.split(",")):
+    combinations = [(b, p) for b in _names(args.backend, BACKEND_NAMES) for p in _names(args.precision, PRECISIONS)]
+    if ("eager", "fp32") not in combinations:  # the reference of speedup_vs_unmerged and agreement_vs_unmerged
+        rows.append(Row("unmerged", (lambda x: ours(x, NONE)), NONE.name))
+    for backend_name, precision in combinations:
         run = ours
-        if backend_name != "eager" or args.precision != "fp32":
-            backend = make_backend(backend_name, ours, device, precision=args.precision, model_name=args.model,
-                                   strict=True)
+        if (backend_name, precision) != ("eager", "fp32"):
+            backend = make_backend(backend_name, ours, device, precision=precision, model_name=args.model,
+                                   cache_dir=args.engine_cache_dir, strict=True)
+            if backend.precision != precision:
+                raise SystemExit(f"segmerge-bench: precision {precision} cannot run on this {device} (see the warning)")
             run = backend.run
-        suffix = "" if index == 0 else f"@{backend_name}"
+        suffix = "" if (backend_name, precision) == ("eager", "fp32") else f"@{backend_name}-{precision}"
         rows += [
             Row(name + suffix, (lambda run, config: lambda x: run(x, config))(run, config), config.name)
-            for name, config in merges
+            for name, config in merges_for(backend_name)
         ]
     if hf is not None:
         rows.insert(0, Row("hf-transformers", lambda x: hf(pixel_values=x).logits, "transformers"))
@@ -234,7 +251,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        from .plots import plot_tradeoff  # matplotlib only when asked for
+
+        plot_tradeoff(result["rows"], args.plot, title=f"{args.model} at {shape[0]}x{shape[1]}, {result['device']}")
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def _names(text: str, known) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise SystemExit(f"segmerge-bench: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(known)}")
+    return names
 
 
 def _upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -277,7 +307,7 @@ def _device_name(device: torch.device) -> str:
 
 def _print_table(result: dict) -> None:
     print(f"\n{result['model']}  {result['size'][0]}x{result['size'][1]}  {result['device']}")
-    header = f"{'name':<12} {'config':<24} {'median ms':>10} {'x vs hf':>8} {'x vs unmerged':>13} {'agreement':>9} {'max|dlogit| hf':>14} {'mIoU':>6}"
+    header = f"{'name':<28} {'config':<24} {'median ms':>10} {'x vs hf':>8} {'x vs unmerged':>13} {'agreement':>9} {'max|dlogit| hf':>14} {'mIoU':>6}"
     print(header)
     print("-" * len(header))
 
@@ -286,7 +316,7 @@ def _print_table(result: dict) -> None:
 
     for row in result["rows"]:
         print(
-            f"{row['name']:<12} {row['config']:<24} {row['median_ms']:>10.1f} {fmt(row['speedup_vs_hf'], '>8.2f')} "
+            f"{row['name']:<28} {row['config']:<24} {row['median_ms']:>10.1f} {fmt(row['speedup_vs_hf'], '>8.2f')} "
             f"{row['speedup_vs_unmerged']:>13.2f} {row['agreement_vs_unmerged']:>9.4f} "
             f"{fmt(row['max_abs_logit_diff_vs_hf'], '>14.2e')} {fmt(row['miou'], '>6.3f')}"
         )

@@ -1,4 +1,4 @@
-"""segmerge-build-engines: build (or verify) every ladder rung's TensorRT engine or compiled graph, then exit.
+"""segmerge-build-engines: build (or verify) every ladder rung's TensorRT engine, OpenVINO model or compiled graph.
 
 Building TensorRT engines takes minutes per rung on a Jetson; run this once after installing or upgrading (JetPack,
 TensorRT, weights) so that the node's first start only loads engines. Engines land in the cache the node reads
@@ -7,7 +7,9 @@ match this system are reused, stale ones are rebuilt in place.
 
     segmerge-build-engines --weights /models/segformer_b0_city --size 512x1024 --precision fp16
 
-Engines are tied to the input size: use the node's ``input_size``. ``--backend compile`` fills inductor's on-disk
+    segmerge-build-engines --weights /models/segformer_b0_city --size 480x640 --backend openvino --precision auto
+
+Engines are tied to the input size, backend and precision: use the node's ``input_size``, ``backend``, ``precision``. ``--backend compile`` fills inductor's on-disk
 cache instead (later processes still trace, but skip code generation).
 """
 
@@ -20,16 +22,8 @@ import time
 
 import torch
 
-from ..merging.segformerpp import LADDER, rung_for_rate
-from ..runtime.backends import (
-    BACKEND_NAMES,
-    PRECISIONS,
-    BackendUnavailable,
-    TensorRTBackend,
-    build_engines,
-    default_cache_dir,
-    missing_requirements,
-)
+from ..runtime.backends import BACKEND_NAMES, PRECISION_CHOICES, missing_requirements
+from ..runtime.engine_cache import default_cache_dir
 from ..runtime.engine import SegmentationEngine, parse_size
 
 PROG = "segmerge-build-engines"
@@ -42,25 +36,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", required=True, help="network input HxW, e.g. 512x1024 (the node's input_size)")
     compiled = [name for name in BACKEND_NAMES if name != "eager"]
     parser.add_argument("--backend", default="tensorrt", choices=compiled, help="default tensorrt")
-    parser.add_argument("--precision", default=None, choices=sorted(PRECISIONS), help="default fp16 on CUDA, else fp32")
+    parser.add_argument("--precision", default=None, choices=PRECISION_CHOICES, help="default fp16 on CUDA, else fp32")
     parser.add_argument("--device", default=None, help="default cuda when available, else cpu")
     parser.add_argument("--cache-dir", default=None, help=f"engine cache (default {default_cache_dir()})")
     parser.add_argument(
         "--rates", default="ladder", help="'ladder' (every rung, default) or comma-separated merge rates of the rungs"
     )
     return parser.parse_args(argv)
-
-
-def selected_configs(rates: str):
-    """The ladder rungs to build: all of them, or those the given merge rates select."""
-    if rates == "ladder":
-        return [rung.config for rung in LADDER]
-    configs = []
-    for text in rates.split(","):
-        config = rung_for_rate(float(text)).config
-        if config not in configs:
-            configs.append(config)
-    return configs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,25 +58,28 @@ def main(argv: list[str] | None = None) -> int:
         reason = " and ".join(missing)
         print(f"{PROG}: error: the {args.backend} backend cannot run here; missing {reason}", file=sys.stderr)
         return 2
-    # The engine loads the model exactly as the node does, so the weights hash in the cache key matches the node's.
-    engine = SegmentationEngine(model=args.model, weights=args.weights, device=str(device), input_size=size)
-    if engine.randomly_initialised:
-        logging.warning("no --weights: building for randomly initialised weights (useful for testing only)")
-    configs = selected_configs(args.rates)
+    rates = None if args.rates == "ladder" else [float(text) for text in args.rates.split(",")]
     start = time.perf_counter()
     try:
-        backend = build_engines(
-            engine.model, size, configs, backend=args.backend, device=device, precision=precision,
-            cache_dir=args.cache_dir, model_name=args.model,
-        )
-    except (BackendUnavailable, RuntimeError) as error:
+        # The engine loads the model and prepares each rung exactly as the node does (same weights hash, same
+        # network input per rung), so the node finds every entry this builds.
+        engine = SegmentationEngine(model=args.model, weights=args.weights, device=str(device), backend=args.backend,
+                                    input_size=size, precision=precision, cache_dir=args.cache_dir, warm=False)
+        if engine.randomly_initialised:
+            logging.warning("no --weights: building for randomly initialised weights (useful for testing only)")
+        steps = engine.warm(rates)
+    except ValueError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    failed = engine.compiled_everywhere if engine.backend == args.backend else f"fell back to {engine.backend}"
+    if failed:
+        print(f"{PROG}: error: building the {args.backend} backend failed ({failed}); see the warnings above",
+              file=sys.stderr)
         return 1
-    print(f"{len(configs)} rungs ready for {args.model} at {size[0]}x{size[1]} ({backend.precision}, {backend.name}) "
+    print(f"{len(steps)} rungs ready for {args.model} at {size[0]}x{size[1]} ({precision}, {engine.backend}) "
           f"in {time.perf_counter() - start:.0f} s")
-    if isinstance(backend, TensorRTBackend):
-        for rung, (path, status) in backend.engines.items():
-            print(f"  {rung:24s} {status:8s} {path}")
+    for step, path, status in engine.prepared_files():
+        print(f"  {step:28s} {status:8s} {path}")
     return 0
 
 
