@@ -28,7 +28,7 @@ from std_msgs.msg import Float32, Header, String
 from visualization_msgs.msg import MarkerArray
 
 from segmerge_ros.ros import bag
-from segmerge_ros.ros.conversions import jpeg_image, message_to_rgb, rgb8_image
+from segmerge_ros.ros.conversions import jpeg_image, message_to_rgb, mono8_image, rgb8_image
 from segmerge_ros.ros.pose_msgs import read_keypoints_cloud
 from segmerge_ros.runtime.engine import SegmentationEngine
 from segmerge_ros.runtime.sources import iter_frames
@@ -240,6 +240,18 @@ def test_bare_mcap_file_as_input(bags, tmp_path, capsys, one_thread):
     assert ran.code == 0, ran.stderr
     assert len(ran.topics["/cam_raw/segmentation/mask"]) == FRAMES
     assert "/cam_jpeg/segmentation/mask" not in ran.topics and len(ran.topics[JPEG]) == FRAMES  # copied only
+
+
+def test_outputs_recorded_earlier_are_replaced_not_mixed_in(frames, tmp_path, capsys, one_thread):
+    """A bag recorded with the node running already holds its masks: OUT holds this run's only."""
+    stale = mono8_image(np.zeros(RAW_SIZE, np.uint8), header_at(1, "old_run"))
+    messages = camera_messages(frames) + [("/cam_raw/segmentation/mask", 2 + i, stale) for i in range(3)]
+    path = write_bag(tmp_path / "recorded", "mcap", messages)
+    ran = run_tool(capsys, [path, tmp_path / "out", "--topics", RAW, *SMALL])
+    assert ran.code == 0, ran.stderr
+    masks = [m for _, m in ran.topics["/cam_raw/segmentation/mask"]]
+    assert len(masks) == FRAMES and all(m.header.frame_id == "cam_raw_optical" for m in masks)
+    assert "replaced: /cam_raw/segmentation/mask: 3 recorded message(s) left out" in ran.stdout
 
 
 def test_masks_equal_the_engines_for_the_same_frames(bags, tmp_path, capsys, student_dir):

@@ -65,6 +65,9 @@ LATCHED_QOS = Qos(history=QosHistory.KEEP_LAST, depth=1, reliability=QosReliabil
                   avoid_ros_namespace_conventions=False)
 OUTPUT_NAMES = {MASK: "segmentation/mask", CONFIDENCE: "segmentation/confidence", OVERLAY: "segmentation/overlay",
                 KEYPOINTS: "pose/keypoints", MARKERS: "pose/markers"}
+# Everything written per camera: the node's outputs, plus each frame's rate and cost.
+CAMERA_OUTPUTS = (*OUTPUT_NAMES.values(), "segmentation/labels", "segmentation/merge_rate",
+                  "segmentation/processing_ms")
 BAD_FRAMES_SHOWN = 5  # per topic; the rest are counted in the summary
 # Errors a damaged bag raises while being read (a cut-off file, a malformed database, a bad record).
 DAMAGED_BAG_ERRORS = (AnyReaderError, ReaderError, sqlite3.DatabaseError, struct.error, EOFError, ValueError,
@@ -162,19 +165,18 @@ def select_cameras(topic_types: dict[str, str], wanted: list[str] | None) -> lis
 class OutputBag:
     """OUT: the input's connections copied as they are, plus output topics added on first use."""
 
-    def __init__(self, path: str | Path, storage: str, source: InputBag):
+    def __init__(self, path: str | Path, storage: str, source: InputBag, replaced: set[str]):
+        """``replaced``: input topics this run writes anew (outputs recorded earlier, e.g. with the node running);
+        their recorded messages are left out, so each output topic holds one run's messages."""
         self.path = Path(path)
-        if self.path.exists():
-            raise BagError(f"output {self.path} exists already: give a new path (a rosbag2 folder is created there)")
-        if self.path.suffix in (".mcap", ".db3"):
-            raise BagError(f"output {self.path}: give a folder name (like `ros2 bag record -o`); the "
-                           f"{'.db3' if storage == 'sqlite3' else '.mcap'} file is created inside it")
+        check_output_path(self.path, storage)
         self.writer = Writer(self.path, version=Writer.VERSION_LATEST, storage_plugin=STORAGES[storage])
         try:
             self.writer.open()
         except (WriterError, OSError) as error:
             raise BagError(f"cannot create {self.path}: {error}") from None
         self.source = source
+        self.replaced = {topic: 0 for topic in sorted(replaced)}  # topic -> recorded messages left out
         self._copies: dict[int, object] = {}  # input connection id -> output connection
         self._outputs: dict[str, object] = {}  # output topic -> connection
         self.skipped_topics: dict[str, str] = {}
@@ -182,6 +184,9 @@ class OutputBag:
 
     def copy(self, connection, log_time_ns: int, raw: bytes) -> None:
         """An input message, unchanged."""
+        if connection.topic in self.replaced:
+            self.replaced[connection.topic] += 1
+            return
         out = self._copies.get(connection.id)
         if out is None:
             if connection.topic in self.skipped_topics:
@@ -193,7 +198,7 @@ class OutputBag:
         self.written += 1
 
     def _copy_connection(self, connection):
-        for known_id, out in self._copies.items():  # split bags repeat a connection per file
+        for out in self._copies.values():  # split bags repeat a connection per file
             if (out.topic, out.msgtype) == (connection.topic, connection.msgtype):
                 self._copies[connection.id] = out
                 return out
@@ -224,6 +229,14 @@ class OutputBag:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def check_output_path(path: Path, storage: str) -> None:
+    if path.exists():
+        raise BagError(f"output {path} exists already: give a new path (a rosbag2 folder is created there)")
+    if path.suffix in (".mcap", ".db3"):
+        raise BagError(f"output {path}: give a folder name (like `ros2 bag record -o`); the "
+                       f"{'.db3' if storage == 'sqlite3' else '.mcap'} file is created inside it")
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
@@ -272,6 +285,7 @@ class BagSummary:
     wall_s: float = 0.0
     budget_ms: float | None = None
     skipped_topics: dict[str, str] = field(default_factory=dict)
+    replaced_topics: dict[str, int] = field(default_factory=dict)
     error: str = ""  # why reading stopped early (a damaged bag), or ""
 
     @property
@@ -329,6 +343,7 @@ class BagRun:
         finally:
             self.summary.wall_s = time.perf_counter() - started
             self.summary.skipped_topics = dict(self.out.skipped_topics)
+            self.summary.replaced_topics = {t: n for t, n in self.out.replaced.items() if n}
             self.summary.messages_out = self.out.written
         return self.summary
 
@@ -486,8 +501,7 @@ def run(args: argparse.Namespace, console: Console) -> BagSummary:
     """Check everything cheap first (bag, topics, options, OUT), then load the models and go over the bag."""
     values = node_values(args)
     check_values(values)
-    if Path(args.output).exists():
-        raise BagError(f"output {args.output} exists already: give a new path (a rosbag2 folder is created there)")
+    check_output_path(Path(args.output), args.storage)  # before the slow model load
     if args.threads:
         torch.set_num_threads(args.threads)
     source = InputBag(args.input)
@@ -509,7 +523,8 @@ def run(args: argparse.Namespace, console: Console) -> BagSummary:
         settings = FrameSettings(confidence=True, overlay=values["publish_overlay"],
                                  overlay_alpha=values["overlay_alpha"], markers=True, pose=pose_settings(param))
         info = model_info(param, engine)
-        out = OutputBag(args.output, args.storage, source)
+        produced = {output_topic(camera, name) for camera in cameras for name in CAMERA_OUTPUTS}
+        out = OutputBag(args.output, args.storage, source, replaced=produced & set(source.topic_types()))
         try:
             bag_run = BagRun(source, out, cameras, pipeline, settings, info, budget, console)
             with progress_bar(console) as progress:
@@ -551,6 +566,9 @@ def print_summary(summary: BagSummary, console: Console) -> None:
         for cause, count in tally.failures.most_common():
             console.print(f"failed frames on {tally.topic}: {count} x {cause} (traceback above)", markup=False,
                           highlight=False)
+    for topic, count in summary.replaced_topics.items():
+        console.print(f"replaced: {topic}: {count} recorded message(s) left out, this run's written instead",
+                      markup=False, highlight=False)
     for topic, reason in summary.skipped_topics.items():
         console.print(f"not copied: {topic}: {reason}", markup=False, highlight=False)
 
