@@ -6,7 +6,6 @@ For a camera topic ``<ns>/<name>`` (``<ns>/<name>/compressed`` for JPEG/PNG) the
 
 from __future__ import annotations
 
-import json
 import math
 import posixpath
 import threading
@@ -23,13 +22,13 @@ from visualization_msgs.msg import MarkerArray
 from ..runtime.budget import ArrivalRate
 from .diagnostics import CameraSnapshot, FrameTiming
 from .frame_pipeline import CONFIDENCE, KEYPOINTS, MARKERS, MASK, OVERLAY
+from .startup import labels_message
+from .topics import COMPRESSED_SUFFIX, output_topic
 
 try:  # not installable everywhere (e.g. the pip-only ROS used for tests); String labels always exist
     from vision_msgs.msg import LabelInfo, VisionClass
 except ImportError:
     LabelInfo = VisionClass = None
-
-COMPRESSED_SUFFIX = "/compressed"
 
 # Cameras and simulators often publish best effort; a reliable subscription would never match them. Depth 1: only
 # the newest frame matters. Overridable with qos_overrides.<topic>.subscription.* parameters.
@@ -40,18 +39,6 @@ OUTPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=Re
                         durability=DurabilityPolicy.VOLATILE)
 LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
-
-
-def strip_compressed(topic: str) -> str:
-    return topic[: -len(COMPRESSED_SUFFIX)] if topic.endswith(COMPRESSED_SUFFIX) else topic
-
-
-def output_topic(input_topic: str, name: str) -> str:
-    """``<ns>/<name>`` for the camera topic ``<ns>/<image>`` (``<ns>/<image>/compressed``); relative stays relative."""
-    namespace = posixpath.dirname(strip_compressed(input_topic))
-    if namespace == "":
-        return name
-    return posixpath.join(namespace, name)
 
 
 class Camera:
@@ -126,15 +113,7 @@ class Camera:
         return self.publishers[kind].get_subscription_count() > 0
 
     def publish_labels(self, labels, model_info: dict) -> None:
-        table = {
-            "label_set": labels.name,
-            "classes": list(labels.classes),
-            "palette": labels.palette.tolist(),
-            "person_ids": list(labels.person_ids),
-            "mask_topic": self.mask_pub.topic_name,
-            **model_info,
-        }
-        self.labels_pub.publish(String(data=json.dumps(table)))
+        self.labels_pub.publish(labels_message(labels, model_info, self.mask_pub.topic_name))
         if self.label_info_pub is not None:
             info = LabelInfo()
             info.class_map = [VisionClass(class_id=i, class_name=name) for i, name in enumerate(labels.classes)]

@@ -41,27 +41,21 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from std_msgs.msg import Float32
 
-from ..models.checkpoint_errors import CheckpointError
 from ..runtime.budget import BudgetController, BudgetMode, fps_demand
-from ..runtime.engine import SegmentationEngine
 from ..runtime.pose import PoseEstimator
 from .camera import Camera
 from .conversions import BadFrame
 from .diagnostics import BudgetSnapshot, FailureLog, FrameTiming, camera_status
-from .frame_pipeline import FramePipeline, FrameSettings, PoseSettings, budget_step
-from .parameter_policy import (complete_parameter_set, label_count_refusal, refusal_reason, startup_refusal,
-                               topics_refusal)
+from .frame_pipeline import FramePipeline, FrameSettings, budget_step
+from .parameter_policy import complete_parameter_set, refusal_reason, startup_refusal, topics_refusal
 from .params import PARAMETERS, SPECS
+from .startup import StartupError, apply_merge_settings, build_engine, build_pose, model_info, pose_settings
 
 NODE_NAME = "segmerge"
 
 DIAGNOSTICS_PERIOD_S = 1.0
 BAD_FRAME_WARN_PERIOD_S = 5.0
 STOP_WAIT_S = 60.0  # longest wait for the frame in progress at shutdown (a huge frame on a slow CPU takes seconds)
-
-
-class StartupError(RuntimeError):
-    """A configuration the node cannot run with; the message is shown to the user as is (no traceback)."""
 
 
 class SegmergeNode(Node):
@@ -81,16 +75,13 @@ class SegmergeNode(Node):
         self._pose: PoseEstimator | None = None  # built on first enable: no cost while pose is off
         self._pose_builder: threading.Thread | None = None  # builds the pose model on first live enable
         self._pose_state = ""  # "", "building", "ready" or "failed: <reason>" (diagnostics key pose_model)
-        self._pose_settings = self._read_pose_settings()
+        self._pose_settings = pose_settings(self.param)
         if self._pose_settings.enable:
             reason = self._build_pose()  # before the segmentation model: bad pose weights fail fast
             if reason:
                 raise StartupError(reason)
         self._in_flight: Camera | None = None  # the camera whose frame the worker is processing
-        self.engine = self._build_engine()
-        reason = label_count_refusal(len(self.engine.labels.classes))
-        if reason:
-            raise StartupError(reason)
+        self.engine = build_engine(self.param, self.get_logger().warning)  # refuses what cannot run, warms up
         self.pipeline = FramePipeline(self.engine, self._pose, warn=self.get_logger().warning)
         self._publish_overlay = bool(self.param("publish_overlay"))
         self._overlay_alpha = float(self.param("overlay_alpha"))
@@ -111,12 +102,9 @@ class SegmergeNode(Node):
         self._set_budget_mode(self.param("budget.mode"))
 
         self.cameras = self._create_cameras(topics)
-        model_info = {key: self.param(key) for key in ("model", "weights", "device", "backend", "input_size",
-                                                        "precision")}
-        model_info["backend_in_use"] = self.engine.backend
-        model_info["randomly_initialised"] = self.engine.randomly_initialised
+        info = model_info(self.param, self.engine)
         for camera in self.cameras:
-            camera.publish_labels(self.engine.labels, model_info)
+            camera.publish_labels(self.engine.labels, info)
 
         self.add_pre_set_parameters_callback(self._before_parameters_set)
         self.add_on_set_parameters_callback(self._validate_parameters)
@@ -156,56 +144,16 @@ class SegmergeNode(Node):
             except ParameterException as error:
                 raise StartupError(f"parameter {spec.name}: {error}") from None
 
-    def _build_engine(self) -> SegmentationEngine:
-        model, weights = self.param("model"), self.param("weights")
-        try:
-            engine = SegmentationEngine(model=model, weights=weights or None, device=self.param("device"),
-                                        backend=self.param("backend"), input_size=self.param("input_size") or None,
-                                        precision=self.param("precision"),
-                                        cache_dir=self.param("engine_cache_dir") or None)
-        except (CheckpointError, FileNotFoundError) as error:
-            raise StartupError(f"cannot load weights {weights!r} for {model}: {error}") from None
-        except ValueError as error:
-            raise StartupError(f"invalid model settings: {error}") from None
-        if engine.randomly_initialised:
-            banner = "!" * 78
-            self.get_logger().warning(
-                f"\n{banner}\n  NO WEIGHTS GIVEN: {model} IS RANDOMLY INITIALISED. The masks are meaningless.\n"
-                f"  Set the 'weights' parameter to a checkpoint (hub folder, .safetensors or .pth).\n{banner}")
-        # One warm-up pass, so the first camera frame does not pay torch's one-off start-up costs.
-        height, width = engine.input_size or (240, 320)
-        engine.infer(np.zeros((height, width, 3), dtype=np.uint8))
-        return engine
-
     # -- pose -----------------------------------------------------------------------------------------------------
-    def _read_pose_settings(self) -> PoseSettings:
-        return PoseSettings(
-            enable=bool(self.param("pose.enable")), mode=str(self.param("pose.mode")),
-            max_persons=int(self.param("pose.max_persons")), min_person_area=int(self.param("pose.min_person_area")),
-            keypoint_threshold=float(self.param("pose.keypoint_threshold")),
-            merge_rate=float(self.param("pose.merge_rate")))
-
     def _build_pose(self) -> str | None:
         """Build the pose estimator (slow: seconds); returns why it cannot be built, or None. Runs at start-up, or
         on the pose builder thread after a live enable: never on the executor, which must keep serving."""
-        model, weights = self.param("pose.model"), self.param("pose.weights")
-        settings = self._read_pose_settings()
         self._pose_state = "building"
         try:
-            pose = PoseEstimator(model, weights or None, device=self.param("device"),
-                                 max_persons=settings.max_persons, min_person_area=settings.min_person_area,
-                                 keypoint_threshold=settings.keypoint_threshold, mode=settings.mode)
-        except (CheckpointError, OSError, ValueError, RuntimeError) as error:
-            reason = (f"cannot load pose.weights {weights!r} for {model}: {error}" if weights
-                      else f"cannot build the {model} pose model: {error}")
-            self._pose_state = f"failed: {reason}"
-            return reason
-        if pose.randomly_initialised:
-            banner = "!" * 78
-            self.get_logger().warning(
-                f"\n{banner}\n  NO POSE WEIGHTS GIVEN: THE {model} POSE MODEL IS RANDOMLY INITIALISED. The "
-                f"keypoints are meaningless.\n  Set 'pose.weights' to a Segformer++ mmpose pose checkpoint "
-                f"(.pth).\n{banner}")
+            pose = build_pose(self.param, self.get_logger().warning)
+        except StartupError as error:
+            self._pose_state = f"failed: {error}"
+            return str(error)
         self._pose = pose
         if getattr(self, "pipeline", None) is not None:
             self.pipeline.pose = pose  # the worker runs pose from its next frame on
@@ -292,7 +240,7 @@ class SegmergeNode(Node):
             self._overlay_alpha = float(self.param("overlay_alpha"))
         if any(name.startswith("pose.") for name in names):
             was_enabled = self._pose_settings.enable
-            self._pose_settings = self._read_pose_settings()  # the worker picks it up from the next frame
+            self._pose_settings = pose_settings(self.param)  # the worker picks it up from the next frame
             if manual and (self._pose_settings.enable != was_enabled or "pose.mode" in names):
                 self.get_logger().info(f"now {self._pose_description()}")
             if self._pose_settings.enable and self._pose is None:
@@ -316,11 +264,7 @@ class SegmergeNode(Node):
             self.get_logger().info(f"now {self._merge_description()}")
 
     def _apply_merge_settings(self) -> None:
-        preset = self.param("preset")
-        if preset != "none":
-            self.engine.set_preset(preset)
-        else:
-            self.engine.set_merge_rate(self.param("merge_rate"))
+        apply_merge_settings(self.engine, self.param)
 
     def _set_budget_mode(self, mode: str) -> None:
         mode = BudgetMode.parse(mode)
@@ -427,7 +371,7 @@ class SegmergeNode(Node):
 
     def _publisher(self, camera: Camera):
         def publish(kind: str, message) -> None:
-            if not self._stopping:  # shutting down: the frame in progress finishes, but publishes nothing more
+            if self.context.ok():  # after SIGINT the frame in progress finishes, but publishes nothing more
                 camera.publish(kind, message)
         return publish
 

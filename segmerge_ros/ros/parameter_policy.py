@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Mapping
 from rclpy.parameter import Parameter
 
 from ..runtime.budget import BudgetMode
-from .camera import output_topic
+from .topics import output_topic
 from .params import PARAMETERS, SPECS, check_choice, check_preset
 
 MAX_MASK_CLASSES = 256  # the mask is mono8: class ids 0..255
