@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from diagnostic_msgs.msg import DiagnosticArray
@@ -38,6 +39,37 @@ def ros_env(domain_id: int) -> dict[str, str]:
     env["ROS_DOMAIN_ID"] = str(domain_id)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+FASTDDS_PROFILE_VARIABLE = "FASTRTPS_DEFAULT_PROFILES_FILE"
+
+
+def package_fastdds_profile() -> Path | None:
+    """The package's Fast DDS profile (config/fastdds.xml: a shared-memory segment large enough for raw frames up to
+    1920x1080): in this checkout, else where colcon installed it; None when neither exists."""
+    checkout = Path(__file__).resolve().parents[2] / "config" / "fastdds.xml"
+    if checkout.is_file():
+        return checkout
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+    except ImportError:
+        return None
+    try:
+        installed = Path(get_package_share_directory("segmerge_ros")) / "config" / "fastdds.xml"
+    except PackageNotFoundError:
+        return None
+    return installed if installed.is_file() else None
+
+
+def with_fastdds_profile(env: dict[str, str]) -> tuple[dict[str, str], str | None, bool]:
+    """``env`` with FASTRTPS_DEFAULT_PROFILES_FILE set to the package's profile unless it is set already (the
+    user's choice wins, as in segmerge.launch.py). Returns (env, the profile in use or None, chosen by the user)."""
+    if env.get(FASTDDS_PROFILE_VARIABLE):
+        return env, env[FASTDDS_PROFILE_VARIABLE], True
+    profile = package_fastdds_profile()
+    if profile is None:
+        return env, None, False
+    return {**env, FASTDDS_PROFILE_VARIABLE: str(profile)}, str(profile), False
 
 
 def ros_args(params: dict[str, Any]) -> list[str]:

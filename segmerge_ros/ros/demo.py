@@ -3,7 +3,8 @@
     python -m segmerge_ros.ros.demo [--source VIDEO] [--weights DIR] [--out out/demo]
 
 1. starts ``segmerge_node`` (the trained SegFormer-B0 from the shared data when present, else random weights with a
-   warning) and ``segmerge_camera`` (real video: the shared vtest.avi, Debian's opencv-doc copy, or --source);
+   warning) and ``segmerge_camera`` (real video: the shared vtest.avi, Debian's opencv-doc copy, or --source),
+   which publishes raw rgb8 frames; both run with config/fastdds.xml unless FASTRTPS_DEFAULT_PROFILES_FILE is set;
 2. runs unmerged, then sets ``merge_rate`` through the node's parameter service, then switches budget mode on with
    a latency target between the two measured speeds;
 3. prints a table (frames in/out, dropped, bad, merge rates used, processing and end-to-end latency against the
@@ -33,7 +34,8 @@ from rclpy.context import Context
 from sensor_msgs.msg import Image
 
 from ..runtime.sources import default_video, shared_data_dir
-from .client import DiagnosticsWindow, SegmergeClient, camera_command, node_command, ros_env, stop_process
+from .client import (FASTDDS_PROFILE_VARIABLE, DiagnosticsWindow, SegmergeClient, camera_command, node_command,
+                     ros_env, stop_process, with_fastdds_profile)
 
 STUDENT = "segformer_b0_vtest_student"
 CAMERA_TOPIC = "/demo_cam/image"
@@ -84,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="out/demo", help="folder for overlay PNGs and logs (default out/demo)")
     parser.add_argument("--input-size", default="", help="network input HxW (default: the camera's own size; at "
                         "vtest's 576x768 the merge-rate ladder has authority, at 288x384 fixed costs dominate)")
-    parser.add_argument("--encoding", choices=("jpeg", "rgb8", "bgr8"), default="jpeg",
-                        help="camera transport (default jpeg on <topic>/compressed: with Fast DDS's defaults, "
-                             "best-effort raw frames above ~0.5 MB lose fragments and arrive only in part)")
+    parser.add_argument("--encoding", choices=("rgb8", "bgr8", "jpeg"), default="rgb8",
+                        help="camera transport (default raw rgb8, with config/fastdds.xml for the node and the camera "
+                             "unless FASTRTPS_DEFAULT_PROFILES_FILE is set: with Fast DDS's defaults best-effort raw "
+                             "frames above ~0.5 MB are mostly lost; jpeg publishes on <topic>/compressed)")
     parser.add_argument("--resize", default="", help="camera frames HxW (default: the video's own size)")
     parser.add_argument("--fps", type=float, default=10.0, help="camera rate (default 10, vtest's own)")
     parser.add_argument("--phase-seconds", type=float, default=12.0, help="length of each fixed-rate phase")
@@ -122,8 +125,17 @@ def main(argv: list[str] | None = None) -> int:
         old.unlink()
 
     camera_topic = CAMERA_TOPIC + ("/compressed" if args.encoding == "jpeg" else "")
-    env = ros_env(args.domain_id)
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = env["ROS_AUTOMATIC_DISCOVERY_RANGE"]  # for this process's rclpy
+    # Both processes (and this one, which reads the overlays) use the profile: Fast DDS reads it at start-up, and
+    # the writer's shared-memory segment is what carries a raw frame.
+    env, profile, chosen_by_user = with_fastdds_profile(ros_env(args.domain_id))
+    for name in ("ROS_AUTOMATIC_DISCOVERY_RANGE", FASTDDS_PROFILE_VARIABLE):  # for this process's rclpy
+        if name in env:
+            os.environ[name] = env[name]
+    if profile:
+        print(f"demo: Fast DDS profile {profile}" + (" (set by you)" if chosen_by_user else ""))
+    elif args.encoding != "jpeg":
+        print("WARNING: config/fastdds.xml not found: raw frames above ~0.5 MB are mostly lost with Fast DDS's "
+              "defaults; use --encoding jpeg", file=sys.stderr)
     node_params = {"image_topics": [camera_topic], "input_size": args.input_size, "device": args.device,
                    "budget.max_merge_rate": 0.9}
     if weights:
