@@ -331,8 +331,10 @@ def test_a_failing_frame_is_counted_logged_with_its_traceback_and_the_rest_writt
     (["--model", "segformer-b9"], "model must be segformer-b0 .. segformer-b5"),
     (["--pose-mode", "sideways"], "pose.mode must be one of"),
     (["--budget-ms", "0"], "budget.target_latency_ms must lie in"),
+    (["--weights", "/nonexistent/model.safetensors"], "cannot load weights '/nonexistent/model.safetensors'"),
+    (["--pose", "--pose-weights", "/nonexistent/pose.pth", *SMALL], "cannot load pose.weights '/nonexistent/pose.pth'"),
 ])
-def test_options_the_node_would_refuse_are_refused_before_any_work(bags, tmp_path, capsys, options, reason):
+def test_options_the_node_would_refuse_are_refused_before_writing(bags, tmp_path, capsys, options, reason):
     ran = run_tool(capsys, [bags["mcap"], tmp_path / "out", *options])
     assert ran.code == 1 and reason in ran.stderr and not (tmp_path / "out").exists()
 
