@@ -12,7 +12,7 @@ import torch
 from segmerge_ros.merging.segformerpp import LADDER
 from segmerge_ros.models.pose import COCO_FLIP_INDICES, SegformerPose, build_pose_model
 from segmerge_ros.runtime.movenet import MoveNetTeacher
-from segmerge_ros.runtime.pose import crop_people, crop_to_image, decode_heatmaps
+from segmerge_ros.runtime.pose import box_to_center_scale, crop_people, crop_to_image, decode_heatmaps
 from segmerge_ros.runtime.sources import iter_frames, read_rgb
 from segmerge_ros.tools import train
 from segmerge_ros.tools.train_pose import (
@@ -26,6 +26,7 @@ from segmerge_ros.tools.train_pose import (
     learning_rate_factor,
     make_sample,
     pck_against_teacher,
+    rank_in_frame,
     sample_geometry,
     schedule_progress,
     source_sampling_weights,
@@ -249,3 +250,25 @@ def test_a_time_budget_anneals_the_schedule_before_the_deadline():
     assert learning_rate_factor(100, settings, 1.0) == pytest.approx(0.0, abs=1e-12)
     steps_only = PoseTrainSettings(steps=1000, warmup=10)
     assert schedule_progress(500, 1e9, steps_only) == pytest.approx(0.5)  # no budget: time does not count
+
+
+def test_rank_in_frame_counts_people_within_each_frame():
+    people = People(np.array([0, 0, 0, 0, 1, 1]), np.array([5, 5, 5, 6, 5, 5]), np.zeros((6, 4), np.float32),
+                    np.zeros((6, 17, 2), np.float32), np.zeros((6, 17), np.float32))
+    np.testing.assert_array_equal(rank_in_frame(people), [0, 1, 2, 0, 0, 1])
+
+
+def test_a_checkpoint_runs_at_a_smaller_pose_input_size(street_people, tmp_path):
+    from segmerge_ros.models.pose import save_pose_checkpoint
+    from segmerge_ros.runtime.pose import PoseEstimator
+
+    frame, people = street_people
+    torch.manual_seed(0)
+    save_pose_checkpoint(SegformerPose("b0"), tmp_path / "pose.pth")
+    small = PoseEstimator("segformer-b0", tmp_path / "pose.pth", input_size=(192, 256))
+    assert small.input_size == (192, 256) and small.heatmap_size == (48, 64)
+    result = small.estimate_boxes(frame, people.boxes)
+    assert result.keypoints.shape == (len(people), 17, 2)
+    # Keypoints land in the person's crop region in frame pixels, not in 192x256 crop pixels.
+    center, scale = box_to_center_scale(people.boxes, (192, 256))
+    assert np.all(np.abs(result.keypoints - center[:, None]) <= scale[:, None] / 2 + 1)

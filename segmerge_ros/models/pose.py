@@ -169,18 +169,20 @@ def save_pose_checkpoint(model: SegformerPose, path: str | Path) -> None:
     torch.save({"meta": {"written_by": "segmerge_ros"}, "state_dict": ours_to_mmpose(sd)}, Path(path))
 
 
-def build_pose_model(name: str | None = "segformer-b0", weights: str | Path | None = None) -> SegformerPose:
+def build_pose_model(name: str | None = "segformer-b0", weights: str | Path | None = None,
+                     input_size: tuple[int, int] = POSE_INPUT_SIZE) -> SegformerPose:
     """Pose model ``segformer-b0`` ... ``segformer-b5``, randomly initialised or from a Segformer++ mmpose ``weights``.
 
-    ``name=None`` with weights recognises the MiT size from the checkpoint.
+    ``name=None`` with weights recognises the MiT size from the checkpoint. ``input_size`` (w, h) is the crop the
+    model runs at: the weights do not depend on it, but a model is only as good at a size as it was trained for.
     """
     if weights is None:
         if name is None:
             raise ValueError("build_pose_model needs a model name when no weights are given")
-        return SegformerPose(name).eval()
+        return SegformerPose(name, input_size=input_size).eval()
     sd = read_pose_checkpoint(weights)
     variant = name or infer_mmseg_size(sd)
     final = sd.get("head.final_layer.weight")
-    model = SegformerPose(variant, num_keypoints=final.shape[0] if final is not None else 17)
+    model = SegformerPose(variant, num_keypoints=final.shape[0] if final is not None else 17, input_size=input_size)
     load_state_dict_strict(model, mmpose_to_ours(sd), f"{weights} (mmpose Segformer++ pose layout, {variant})")
     return model.eval()

@@ -253,13 +253,15 @@ class PoseEstimator:
     ``heatmap_size``, ``num_keypoints`` and ``forward(pixels, merge=None)`` does); ``weights`` a Segformer++ mmpose
     ``.pth``.
     ``mode="segmentation"`` takes person boxes from the class map; ``"full_frame"`` treats the whole frame as one
-    person (single-person cameras) and ignores the class map.
+    person (single-person cameras) and ignores the class map. ``input_size`` (w, h; multiples of 32) is the crop
+    of a model built by name (a module passed in keeps its own).
     """
 
     def __init__(self, model="segformer-b0", weights=None, device: str = "cpu", merge_rate: float = 0.0,
                  preset: str = "none", max_persons: int = 4, min_person_area: int = 400,
                  keypoint_threshold: float = 0.3, mode: str = "segmentation", padding: float = BBOX_PADDING,
-                 decode: str = "dark", blur_kernel: int = 11, flip_test: bool = False) -> None:
+                 decode: str = "dark", blur_kernel: int = 11, flip_test: bool = False,
+                 input_size: tuple[int, int] = POSE_INPUT_SIZE) -> None:
         import torch
 
         from segmerge_ros.models.pose import SegformerPose, build_pose_model, load_pose_checkpoint
@@ -279,7 +281,7 @@ class PoseEstimator:
                     raise ValueError("weights can only be loaded into a SegformerPose")
                 load_pose_checkpoint(model, weights)
         else:
-            self.model = build_pose_model(model, weights)
+            self.model = build_pose_model(model, weights, input_size)
         self.randomly_initialised = weights is None
         self.model.eval().to(self.device)
         self.input_size = self.model.input_size

@@ -63,6 +63,7 @@ from segmerge_ros.runtime.pose import (
 from segmerge_ros.runtime.sources import iter_frames, shared_data_dir
 
 TEACHER_CROPS = ("tight", "node")
+EVAL_COLLECT_PERSONS = 12
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".webm")
 
 
@@ -466,6 +467,15 @@ def coco_scores(keypoints: np.ndarray, persons: list[dict], threshold: float = 0
             "keypoints": int((vis > 0).sum())}
 
 
+def rank_in_frame(people: People) -> np.ndarray:
+    """Position of each person within its frame (people are stored frame by frame, largest first)."""
+    first = {}
+    ranks = np.zeros(len(people), np.int64)
+    for i, key in enumerate(zip(people.source.tolist(), people.frame.tolist())):
+        ranks[i] = i - first.setdefault(key, i)
+    return ranks
+
+
 def distinct_rung_configs():
     """The ladder's distinct pose encoder settings: [(config or None, [rung names])] (head-only rungs merge
     nothing in the pose encoder)."""
@@ -483,7 +493,7 @@ def distinct_rung_configs():
 def evaluate_pose(weights: str | Path | None, teacher, seg_weights: str | Path, video: str | Path,
                   frame_range: tuple[int, int | None, int] = (660, 796, 1), coco: str | Path | None = None,
                   teacher_crops: Sequence[str] = TEACHER_CROPS, rungs: bool = True, rung_frame_step: int = 1,
-                  min_person_area: int = 400, max_persons: int = 12, progress: bool = True,
+                  min_person_area: int = 400, max_persons: int = 4, progress: bool = True,
                   model: SegformerPose | None = None, cache: str | Path | None = None) -> dict:
     """The figures of ``pose-eval`` for a pose checkpoint (or ``model``); see the module docstring.
 
@@ -493,17 +503,22 @@ def evaluate_pose(weights: str | Path | None, teacher, seg_weights: str | Path, 
 
     estimator = PoseEstimator(model if model is not None else "segformer-b0",
                               weights=weights if model is None else None, max_persons=max_persons)
+    # People are collected up to EVAL_COLLECT_PERSONS per frame (largest first) and cut to max_persons here, so
+    # one cache serves every max_persons up to it.
+    collect = max(max_persons, EVAL_COLLECT_PERSONS)
+
     def finder():
-        return PersonFinder(seg_weights, min_area=min_person_area, max_persons=max_persons)
+        return PersonFinder(seg_weights, min_area=min_person_area, max_persons=collect)
 
     if cache:
         key = {"video": str(Path(video).resolve()), "frames": list(frame_range), "teacher_crop": teacher_crops[0],
                "seg_weights": str(Path(seg_weights).resolve()), "min_person_area": min_person_area,
-               "max_persons": max_persons, "teacher": str(getattr(teacher, "path", ""))}
+               "max_persons": collect, "teacher": str(getattr(teacher, "path", ""))}
         people, frames, _ = cached_people(Path(cache), key, [video], frame_range, finder, lambda: teacher,
                                           teacher_crops[0])
     else:
         people, frames = collect_people([video], frame_range, finder(), teacher, teacher_crops[0], progress)
+    people = people.subset(np.flatnonzero(rank_in_frame(people) < max_persons))
     references = {teacher_crops[0]: (people.keypoints, people.scores)}
     for crop in teacher_crops[1:]:
         kps, scores = [], []
@@ -516,7 +531,7 @@ def evaluate_pose(weights: str | Path | None, teacher, seg_weights: str | Path, 
     order = np.lexsort((np.arange(len(people)), people.frame, people.source))
     assert np.all(order == np.arange(len(people))), "people are collected frame by frame"
 
-    result: dict = {"weights": str(weights) if weights else None, "video": str(video),
+    result: dict = {"weights": str(weights) if weights else None, "video": str(video), "max_persons": max_persons,
                     "frames": f"{frame_range[0]}:{frame_range[1]}", "video_persons": len(people), "rungs": []}
     persons = coco_persons(coco) if coco else []
     if persons:
@@ -624,6 +639,9 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", default="660:796", help="held-out frames START:END[:STEP]")
     p.add_argument("--coco", default=default_path("mmpose_coco_keypoints"), help="folder with a COCO keypoint json")
     p.add_argument("--no-rungs", dest="rungs", action="store_false", help="only the unmerged model")
+    p.add_argument("--max-persons", type=int, default=4, help="people per frame, largest first (the node's "
+                   "pose.max_persons default)")
+    p.add_argument("--min-person-area", type=int, default=400)
     p.add_argument("--rung-frame-step", type=int, default=1, help="use every n-th held-out frame for merged rungs")
     p.add_argument("--input-size", default="288x384",
                    help="pose crop WxH (multiples of 32) the checkpoint is run at; the weights are size-free")
@@ -701,14 +719,13 @@ def main_eval(argv: Sequence[str]) -> int:
     width, height = (int(v) for v in args.input_size.lower().split("x"))
     model = None
     if (width, height) != POSE_INPUT_SIZE:
-        from segmerge_ros.models.pose import load_pose_checkpoint
+        from segmerge_ros.models.pose import build_pose_model
 
-        model = SegformerPose("b0", input_size=(width, height))
-        if args.weights:
-            load_pose_checkpoint(model, args.weights)
+        model = build_pose_model("segformer-b0", args.weights, (width, height))
     result = evaluate_pose(args.weights, teacher, require(args.seg_weights, "--seg-weights"),
                            require(args.video, "--video"), parse_range(args.frames), args.coco,
-                           rungs=args.rungs, rung_frame_step=args.rung_frame_step, cache=args.cache, model=model)
+                           rungs=args.rungs, rung_frame_step=args.rung_frame_step, cache=args.cache, model=model,
+                           max_persons=args.max_persons, min_person_area=args.min_person_area)
     result["input_size"] = [width, height]
     result["seconds"] = round(time.perf_counter() - began, 1)
     text = json.dumps(result, indent=2)
