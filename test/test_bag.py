@@ -380,6 +380,24 @@ def test_truncated_bag_is_a_clear_error(bags, tmp_path, capsys, storage):
     assert ("mcap recover" if storage == "mcap" else "ros2 bag reindex") in ran.stderr
 
 
+def test_damage_found_part_way_stops_reading_and_keeps_what_came_before(frames, tmp_path, capsys, one_thread):
+    messages = camera_messages(frames)
+    path = write_bag(tmp_path / "damaged", "sqlite3", messages)
+    (database,) = path.glob("*.db3")
+    data = bytearray(database.read_bytes())
+    page_size = int.from_bytes(data[16:18], "big")  # SQLite's file header
+    third_raw = bytes([message for topic, _, message in messages if topic == RAW][2].data)
+    pixels = third_raw[len(third_raw) // 2:][:64]  # stored in an overflow page: opening the bag does not read it
+    assert data.count(pixels) == 1
+    page = data.find(pixels) // page_size * page_size
+    data[page:page + 16] = b"\xff" * 16  # reading stops at the third raw frame
+    database.write_bytes(data)
+    ran = run_tool(capsys, [path, tmp_path / "out", "--topics", RAW, *SMALL])
+    assert ran.code == 1 and "is truncated or corrupt" in ran.stderr and "holds what came before it" in ran.stderr
+    masks = ran.topics["/cam_raw/segmentation/mask"]  # OUT was closed properly: it opens and holds the first ones
+    assert len(masks) == 2 and "2 frames processed" in ran.stdout
+
+
 def test_unknown_encoding_frames_are_bad_with_the_reason(frames, tmp_path, capsys, one_thread):
     odd = rgb8_image(cv2.resize(frames[0], RAW_SIZE[::-1]), header_at(1, "cam"))
     odd.encoding = "bayer_weird42"
