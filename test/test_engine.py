@@ -28,16 +28,40 @@ def test_outputs_at_input_resolution(engine):
 def test_merge_rate_validated_and_applied(engine):
     rgb = np.random.default_rng(1).integers(0, 255, (128, 160, 3), dtype=np.uint8)
     engine.set_merge_rate(0.0)
-    plain = engine.logits(rgb)
+    plain, again = engine.infer(rgb), engine.infer(rgb)
+    assert np.array_equal(plain.class_map, again.class_map) and plain.merge_name == "none"
     engine.set_merge_rate(0.9)
     assert engine.merge_rate == 0.9
-    merged = engine.logits(rgb)
-    assert not np.array_equal(plain.numpy(), merged.numpy())
+    merged = engine.infer(rgb)
+    # Same output size, different content: the rung really ran (at 0.625 of the input, head on 2x2 cells).
+    assert merged.class_map.shape == plain.class_map.shape and merged.merge_name == engine.merge_config.name
+    assert (merged.class_map != plain.class_map).mean() > 0.01
+    assert tuple(engine.logits(rgb).shape[-2:]) == (-(-80 // 8), -(-100 // 8))  # 128x160 scaled to 80x100, 1/8
     for bad in (-0.01, 0.951, float("nan")):
         with pytest.raises(ValueError, match="merge_rate"):
             engine.set_merge_rate(bad)
     assert engine.merge_rate == 0.9
     engine.set_merge_rate(0.0)
+
+
+def test_scaled_rungs_resize_the_frame_once_before_the_network(engine):
+    """The engine scales the frame itself (uint8, straight to the rung's size) and hands the network an unscaled
+    configuration: the same result as the network scaling its normalised input, up to the resampling's rounding."""
+    import torch
+
+    from segmerge_ros.merging.segformerpp import rung_for_rate
+    from segmerge_ros.runtime.engine import network_config, to_tensor
+
+    rgb = np.random.default_rng(3).integers(0, 255, (128, 160, 3), dtype=np.uint8)
+    config = rung_for_rate(0.9).config
+    assert config.input_scale == 0.625 and network_config(config).input_scale == 1.0
+    assert network_config(config).stages == config.stages and network_config(config).head_stride == config.head_stride
+    with torch.inference_mode():
+        in_network = engine.model(to_tensor(rgb, None, engine.device), config)
+    ours = engine.logits(rgb, config)
+    assert ours.shape == in_network.shape
+    agreement = (ours.argmax(dim=1) == in_network.argmax(dim=1)).float().mean().item()
+    assert agreement > 0.9
 
 
 def test_label_upsampling_agrees_with_logit_upsampling_away_from_edges():

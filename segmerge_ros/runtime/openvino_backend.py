@@ -78,7 +78,10 @@ def _export(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shapes are static per rung by design
         example = torch.zeros(example.shape, dtype=torch.float32)
-        converted = openvino.convert_model(module, example_input=example)
+        # Tracing first without the trace check (a second full run) converts in about half the time of handing
+        # the module to convert_model.
+        traced = torch.jit.trace(module, example, check_trace=False)
+        converted = openvino.convert_model(traced, example_input=example)
     # Weights stay fp32 in the file: the precision is chosen when compiling.
     openvino.save_model(converted, str(path), compress_to_fp16=False)
 

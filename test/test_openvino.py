@@ -1,0 +1,226 @@
+"""The OpenVINO backend (runtime/openvino_backend.py): every rung exports and equals eager, bf16 agrees, the model
+cache rebuilds what is stale or corrupt, and everything that cannot run falls back with a warning.
+
+Real frames and the trained SegFormer-B0 at a small network size (conversion time grows with the graph, not with
+the pixels); one model cache per module, so the node test reuses the models the equality test converted.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from segmerge_ros.merging.segformerpp import LADDER, NONE, PRESETS, ladder_for_backend
+from segmerge_ros.runtime import openvino_backend
+from segmerge_ros.runtime.backends import EagerBackend, cpu_bf16_support, make_backend
+from segmerge_ros.runtime.engine import SegmentationEngine, network_config
+from segmerge_ros.runtime.engine_cache import EngineIO
+from segmerge_ros.runtime.openvino_backend import OpenVINOBackend, openvino_environment
+
+SIZE = (144, 192)  # the network input: HxW
+needs_bf16 = pytest.mark.skipif(bool(cpu_bf16_support()), reason=f"this CPU: {cpu_bf16_support()}")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("openvino_cache")
+
+
+@pytest.fixture(scope="module")
+def frame(student_dir) -> np.ndarray:
+    path = sorted((student_dir / "heldout" / "images").iterdir())[0]
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="module")
+def eager(student_dir) -> SegmentationEngine:
+    return SegmentationEngine(weights=str(student_dir), input_size=SIZE)
+
+
+def test_every_rung_exports_and_equals_eager_in_fp32_on_a_real_frame(student_dir, cache, frame, eager):
+    engine = SegmentationEngine(weights=str(student_dir), input_size=SIZE, backend="openvino", cache_dir=str(cache))
+    assert engine.backend == "openvino" and engine.compiled_everywhere == ""
+    rungs = {rung.config for rung in LADDER + ladder_for_backend("openvino")} | set(PRESETS.values())
+    for config in sorted(rungs, key=lambda c: c.name):
+        ours, reference = engine.logits(frame, config), eager.logits(frame, config)
+        assert ours.shape == reference.shape, config.name
+        assert (ours - reference).abs().max().item() <= 1e-4, config.name
+    assert engine.compiled_everywhere == ""  # none of them fell back to eager
+    built = {step for step, _, _ in engine.prepared_files()}
+    assert {rung.name for rung in rungs} <= built
+
+
+@needs_bf16
+def test_bf16_agrees_with_fp32_on_a_real_frame(student_dir, cache, frame, eager):
+    engine = SegmentationEngine(weights=str(student_dir), input_size=SIZE, backend="openvino", precision="bf16",
+                                cache_dir=str(cache))
+    assert engine.precision == "bf16" and [step.precision for step in engine.ladder] == ["bf16"] * len(engine.ladder)
+    fast, exact = engine.infer(frame), eager.infer(frame)
+    agreement = (fast.class_map == exact.class_map).mean()
+    assert agreement >= 0.99
+    assert not np.array_equal(engine.logits(frame), eager.logits(frame))  # computed in bf16, not fp32
+
+
+@needs_bf16
+def test_auto_precision_keeps_bf16_where_a_real_frame_agrees_and_refuses_it_where_not(student_dir, frame):
+    engine = SegmentationEngine(weights=str(student_dir), input_size=SIZE, precision="auto")
+    assert [step.precision for step in engine.ladder[:2]] == ["fp32", "bf16"]
+    assert engine.ladder[0].config == NONE == engine.ladder[1].config and engine.ladder_rates[1] < LADDER[1].rate
+    agreement = engine.calibrate_precision(frame)
+    assert agreement >= 0.995 and engine.precision_plan == "auto"
+    engine.set_merge_rate(0.0)
+    assert engine.infer(frame).merge_name == "none"  # rate 0 stays the exact fp32 model
+    engine.set_merge_rate(0.9)
+    assert engine.infer(frame).merge_name.endswith("@bf16")
+
+    strict = SegmentationEngine(weights=str(student_dir), input_size=SIZE, precision="auto")
+    strict.set_merge_rate(0.9)
+    assert strict.calibrate_precision(frame, threshold=1.01) == pytest.approx(agreement)
+    assert strict.precision_plan == "fp32" and {step.precision for step in strict.ladder} == {"fp32"}
+    assert strict.ladder_rates == engine.ladder_rates  # the rates the budget controller knows stay valid
+    assert not strict.infer(frame).merge_name.endswith("@bf16")
+
+
+def test_auto_precision_without_native_bf16_is_fp32(monkeypatch, caplog):
+    from segmerge_ros.runtime import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "cpu_bf16_support", lambda: "no native bf16 instructions")
+    with caplog.at_level(logging.INFO):
+        engine = SegmentationEngine(input_size=(64, 96), precision="auto")
+    assert engine.precision_plan == "fp32" and {step.precision for step in engine.ladder} == {"fp32"}
+    assert any("no native bf16" in record.getMessage() for record in caplog.records)
+
+
+# --- the model cache ---------------------------------------------------------------------------------------------
+
+
+class TinySegmenter(torch.nn.Module):
+    """Converts in a fraction of a second: the cache's logic does not need SegFormer's graph."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, pixels, config=NONE):
+        logits = self.conv(pixels)
+        return torch.nn.functional.avg_pool2d(logits, config.head_stride) if config.head_stride > 1 else logits
+
+
+@pytest.fixture(scope="module")
+def tiny() -> TinySegmenter:
+    return TinySegmenter().eval()
+
+
+def test_cache_reuses_rebuilds_stale_entries_and_corrupt_files(tiny, tmp_path, caplog):
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = tiny(pixels, NONE)
+
+    def backend(**kwargs) -> OpenVINOBackend:
+        made = OpenVINOBackend(tiny, torch.device("cpu"), torch.float32, cache_dir=tmp_path, **kwargs)
+        assert torch.allclose(made.run(pixels, NONE), reference, atol=1e-4)
+        return made
+
+    first = backend()
+    path, status = first.engines["none"]
+    assert status == "built" and path.is_file() and path.with_suffix(".bin").is_file()
+    assert backend().engines["none"] == (path, "reused")
+
+    upgraded = {**openvino_environment("CPU"), "openvino": "2099.1.0"}  # a key field changes: rebuilt in place
+    with caplog.at_level(logging.WARNING):
+        assert backend(environment=upgraded).engines["none"] == (path, "built")
+    assert any("stale" in r.getMessage() and "2099.1.0" in r.getMessage() for r in caplog.records)
+
+    caplog.clear()
+    path.write_text("<not an OpenVINO model")  # corrupt: rebuilt with a log line, not a crash
+    with caplog.at_level(logging.WARNING):
+        assert backend(environment=upgraded).engines["none"] == (path, "built")
+    assert any("cannot load cached engine" in r.getMessage() for r in caplog.records)
+
+
+def test_a_rung_that_fails_to_export_runs_eagerly_and_the_others_stay(tiny, tmp_path, caplog):
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    merged = network_config(LADDER[2].config)
+
+    def build(module, example, dtype, path):
+        if module.config == merged:
+            raise RuntimeError("unsupported operator (test)")
+        openvino_backend._export(module, example, path)
+
+    made = OpenVINOBackend(tiny, torch.device("cpu"), torch.float32, cache_dir=tmp_path,
+                           engine_io=EngineIO(build=build, load=lambda path: made._compile(path)))
+    with caplog.at_level(logging.WARNING):
+        for config in (NONE, merged):
+            with torch.inference_mode():
+                assert torch.allclose(made.run(pixels, config), tiny(pixels, config), atol=1e-4)
+    assert made.name == "openvino" and made.eager_rungs == [merged.name] and "none" in made.engines
+    assert any("unsupported operator" in r.getMessage() and "runs eagerly" in r.getMessage() for r in caplog.records)
+
+
+def test_missing_openvino_falls_back_to_eager_with_a_warning(tiny, monkeypatch, caplog):
+    monkeypatch.setattr(openvino_backend, "import_openvino", lambda: None)
+    with caplog.at_level(logging.WARNING):
+        backend = make_backend("openvino", tiny, "cpu")
+    assert isinstance(backend, EagerBackend)
+    assert any("openvino" in r.getMessage() and "falling back to eager" in r.getMessage() for r in caplog.records)
+
+
+def test_an_openvino_device_that_is_not_there_falls_back(tiny, caplog):
+    with caplog.at_level(logging.WARNING):
+        backend = make_backend("openvino", tiny, "cpu", openvino_device="NPU.7")
+    assert isinstance(backend, EagerBackend)
+    assert any("NPU.7" in r.getMessage() for r in caplog.records)
+
+
+# --- the node ----------------------------------------------------------------------------------------------------
+
+
+def test_node_runs_on_openvino_over_rclpy(student_dir, cache, frame, tmp_path):
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import Header
+
+    from segmerge_ros.ros.client import SegmergeClient, node_command, ros_env, stop_process
+    from segmerge_ros.ros.conversions import rgb8_image
+
+    domain = 100 + zlib.crc32(__name__.encode()) % 100
+    camera = "/ov_cam/image"
+    params = {"image_topics": [camera], "weights": str(student_dir), "input_size": f"{SIZE[0]}x{SIZE[1]}",
+              "backend": "openvino", "engine_cache_dir": str(cache), "merge_rate": 0.9}
+    context = Context()
+    rclpy.init(context=context, domain_id=domain)
+    client = SegmergeClient(context, name="test_openvino_client")
+    stderr_path = tmp_path / "stderr"
+    with open(stderr_path, "w") as stderr:
+        process = subprocess.Popen(node_command(params), env=ros_env(domain), stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        client.wait_ready(180.0, process)
+        publisher = client.node.create_publisher(Image, camera, QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+        masks = client.subscribe_images("/ov_cam/segmentation/mask")
+        client.spin_until(lambda: publisher.get_subscription_count() > 0, 20)
+        small = cv2.resize(frame, (SIZE[1], SIZE[0]))
+        for _ in range(40):
+            if masks:
+                break
+            publisher.publish(rgb8_image(small, Header(stamp=client.node.get_clock().now().to_msg(), frame_id="ov")))
+            client.spin_for(1.0)
+        assert masks, "no mask from the node on openvino"
+        assert (masks[0].msg.height, masks[0].msg.width) == SIZE and masks[0].msg.header.frame_id == "ov"
+        assert client.spin_until(lambda: client.latest(camera) is not None, 10)
+        assert client.latest(camera).number("merge_rate") == pytest.approx(0.9)
+    finally:
+        stop_process(process, signal.SIGINT)
+        client.close()
+        rclpy.try_shutdown(context=context)
+    log = stderr_path.read_text()
+    assert "backend openvino" in log and "falling back" not in log and "Traceback" not in log, log[-3000:]
