@@ -55,6 +55,7 @@ from segmerge_ros.runtime.pose import (
     BBOX_PADDING,
     box_to_center_scale,
     crop_people,
+    crop_to_image,
     image_to_crop,
     image_to_heatmap,
     person_boxes_from_segmentation,
@@ -62,7 +63,7 @@ from segmerge_ros.runtime.pose import (
 )
 from segmerge_ros.runtime.sources import iter_frames, shared_data_dir
 
-TEACHER_CROPS = ("tight", "node")
+TEACHER_CROPS = ("tight", "node", "padded")
 EVAL_COLLECT_PERSONS = 12
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".webm")
 
@@ -130,15 +131,26 @@ class PersonFinder:
 def teacher_keypoints(teacher, rgb: np.ndarray, boxes: np.ndarray, crop: str = "tight") -> tuple[np.ndarray, np.ndarray]:
     """Teacher keypoints (N, 17, 2) in frame pixels and scores (N, 17) for person boxes.
 
-    ``tight``: a square of ``TEACHER_PADDING`` times the box's longer side; ``node``: the node's 3:4 crop padded
-    to a square (its longer side), as the baseline student was taught.
+    ``tight``: a square of ``TEACHER_PADDING`` times the box's longer side; ``node``: the square around the node's
+    3:4 crop (its longer side), frame pixels throughout; ``padded``: the node's 288x384 crop itself, padded with
+    black to a square (how the baseline student's teacher saw its people).
     """
     if crop == "tight":
         return teacher.on_boxes(rgb, boxes)
+    center, scale = box_to_center_scale(boxes, POSE_INPUT_SIZE, BBOX_PADDING)
+    side = np.repeat(scale.max(axis=1, keepdims=True), 2, axis=1)
     if crop == "node":
-        center, scale = box_to_center_scale(boxes, POSE_INPUT_SIZE, BBOX_PADDING)
-        side = scale.max(axis=1, keepdims=True)
-        return teacher.on_regions(rgb, center, np.repeat(side, 2, axis=1))
+        return teacher.on_regions(rgb, center, side)
+    if crop == "padded":
+        width, height = POSE_INPUT_SIZE
+        square = (height, height)
+        crops = crop_people(np.ascontiguousarray(rgb), center, side, square)
+        margin = (height - width) // 2
+        crops[:, :, :margin] = 0
+        crops[:, :, margin + width:] = 0
+        raw = np.stack([teacher.on_image(c) for c in crops])  # (N, 17, 3) normalised y, x, score
+        points = crop_to_image(raw[..., [1, 0]] * height, center, side, square)
+        return points.astype(np.float32), raw[..., 2].astype(np.float32)
     raise ValueError(f"unknown teacher crop {crop!r}; use one of {TEACHER_CROPS}")
 
 
