@@ -124,7 +124,7 @@ class SegmergeNode(Node):
         outputs = ", ".join(sorted({c.output_namespace for c in self.cameras}))
         self.get_logger().info(
             f"ready: {len(self.cameras)} camera(s) [{', '.join(c.topic for c in self.cameras)}] -> "
-            f"segmentation/* in [{outputs}]; {self.param('model')} on {self.engine.device} ({self.engine.backend}), "
+            f"segmentation/* in [{outputs}]; {self.param('model')} on {self.engine.device}, backend {self.engine.backend}, "
             f"input_size {self.param('input_size') or 'camera resolution'}, {self._merge_description()}; "
             f"{self._pose_description()}")
 
