@@ -169,6 +169,10 @@ EXPERIMENTS: dict[str, MergeConfig] = {
         (StageMerge(q_rate=0.5, q_cell=(2, 2), matching="local"),) * 2 + (StageMerge(),) * 2, name="q12-0.5-local"
     ),
     "attn0.9-local": config_for_rate(0.9, matching="local"),
+    # Input scaling without token merging (the head on 2x2 cells): the candidates of backends whose measured
+    # merging does not pay (OpenVINO runs the matching's sorts and gathers comparatively slowly).
+    **{f"head2+scale{scale:g}": _rung(0.0, f"head2+scale{scale:g}", NONE, input_scale=scale).config
+       for scale in (0.875, 0.75, 0.625, 0.5)},
 }
 
 

@@ -123,6 +123,8 @@ class OpenVINOBackend(PreparedBackend):
     def _compile(self, path: Path) -> Callable[[np.ndarray], np.ndarray]:
         core = openvino_core()
         properties = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[self.precision], "PERFORMANCE_HINT": "LATENCY"}
+        if self.openvino_device == "CPU":  # the same thread budget as torch's (set_num_threads, OMP_NUM_THREADS)
+            properties["INFERENCE_NUM_THREADS"] = torch.get_num_threads()
         if self.openvino_device.split(".")[0] in ("GPU", "NPU"):  # compiling for these takes long; the CPU is quick
             properties["CACHE_DIR"] = str(self.cache.cache_dir / "openvino_compiled")
         compiled = core.compile_model(core.read_model(str(path)), self.openvino_device, properties)
