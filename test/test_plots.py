@@ -38,7 +38,7 @@ def test_rows_are_classified_by_kind_rate_and_backend():
                                                                      "ladder tensorrt-fp16")
     assert classify_row(bench_row("unmerged", 1, 1), default_backend="compile").series == "ladder compile"
     attention = classify_row(bench_row("attn=0.6/local", 1.1, 0.9))
-    assert (attention.kind, attention.rate, attention.series) == ("attention", 0.6, "attention local eager")
+    assert (attention.kind, attention.rate, attention.series) == ("attention", 0.6, "attention local eager-fp32")
     preset = classify_row(bench_row("fast", 1.2, 0.93))
     assert preset.kind == "preset" and math.isnan(preset.rate)
     assert classify_row(bench_row("hf-transformers", 0.9, 1.0)).kind == "transformers"

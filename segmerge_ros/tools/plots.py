@@ -52,9 +52,9 @@ class BenchPoint(NamedTuple):
     speedup: float
 
 
-def classify_row(row: Mapping, default_backend: str = "eager") -> BenchPoint:
-    """One bench row as a plot point; ``<name>@<backend>`` rows carry their backend, plain rows ran on
-    ``default_backend`` (the first of segmerge-bench's ``--backend`` list)."""
+def classify_row(row: Mapping, default_backend: str = "eager-fp32") -> BenchPoint:
+    """One bench row as a plot point; ``<name>@<backend>-<precision>`` rows carry their backend and precision, plain
+    rows ran on ``default_backend`` (segmerge-bench leaves eager fp32 rows unsuffixed)."""
     missing = [key for key in REQUIRED_ROW_KEYS if row.get(key) is None]
     if missing:
         raise ValueError(f"bench row {row.get('name', row)!r} lacks {', '.join(missing)}")
@@ -76,7 +76,7 @@ def classify_row(row: Mapping, default_backend: str = "eager") -> BenchPoint:
 
 
 def plot_tradeoff(rows: Sequence[Mapping], path: str | Path, title: str | None = None,
-                  default_backend: str = "eager") -> Path:
+                  default_backend: str = "eager-fp32") -> Path:
     """Speed-up (y) against agreement with the unmerged model (x) for every bench row; writes ``path`` (PNG).
 
     Each backend's ladder (unmerged, then the ``rate=`` rows by rate) and each attention-only sweep is a line;
