@@ -89,12 +89,15 @@ def upsampled_argmax(logits: torch.Tensor, labels: torch.Tensor, size: tuple[int
     """Arg-max of the bilinearly upsampled (K, h, w) logits at ``size``, without upsampling the K channels.
 
     A cell is the square between four neighbouring logit pixels; bilinear interpolation inside it is a convex
-    combination of its corners. So (1) where one class wins at all four corners it wins in the whole cell: those
-    pixels copy the label (one uint8 gather); (2) in the other cells, any class that wins at no corner is bounded by
-    its largest corner value, and the corner winners together are bounded below by max over them of their smallest
-    corner value: where the first bound is below the second (almost every cell), only the (at most four) corner
-    winners are interpolated; (3) the rare remaining cells interpolate all K classes. Same result as
-    ``F.interpolate(...).argmax`` (ties go to the lower class id, as there); ``labels`` is the arg-max at (h, w).
+    combination of its corners, so a class that some corner winner beats at all four corners cannot win anywhere
+    inside. Where that rules out every class that wins at no corner (almost every cell), only the corner winners
+    can win inside. Where those are at most two
+    classes (a region's inside: one; a boundary between two regions: two) the pixel is decided by interpolating just
+    those two, which is done densely and separably: per cell-row along the columns at the logits' height, then along
+    the rows at full size (a handful of passes over the output, whatever the share of boundary pixels). The rare
+    remaining cells (three or more corner winners, or not provably decided by them) interpolate all K classes.
+    Same result as ``F.interpolate(...).argmax`` (same operation order; ties go to the lower class id, as there);
+    ``labels`` is the arg-max at (h, w).
     """
     num_classes, height, width = logits.shape
     device = logits.device
@@ -103,47 +106,49 @@ def upsampled_argmax(logits: torch.Tensor, labels: torch.Tensor, size: tuple[int
     # Cell (r, c) spans logit pixels r..r1 x c..c1 (clamped at the last row/column, as the taps are).
     r1 = (torch.arange(height, device=device) + 1).clamp(max=height - 1)
     c1 = (torch.arange(width, device=device) + 1).clamp(max=width - 1)
-    corner_labels = torch.stack([labels, labels[:, c1], labels[r1], labels[r1][:, c1]])  # (4 corners, h, w)
-    uniform = (corner_labels == labels).all(dim=0)
-    code_dtype = torch.uint8 if num_classes < 255 else torch.int32
-    boundary_code = torch.iinfo(code_dtype).max
-    code = torch.where(uniform, labels, boundary_code).to(code_dtype)
-    out = code[y0][:, x0]
-    rows, cols = torch.nonzero(out == boundary_code, as_tuple=True)
-    if not rows.numel():
-        return out.long()
-    # Boundary cells: candidate classes, their four corner values, and whether the candidates provably win.
-    cell_r, cell_c = torch.nonzero(~uniform, as_tuple=True)
-    cell_of = torch.full((height, width), -1, dtype=torch.long, device=device)
-    cell_of[cell_r, cell_c] = torch.arange(cell_r.numel(), device=device)
-    candidates = corner_labels[:, cell_r, cell_c].T  # (cells, 4)
-    corner_r = torch.stack([cell_r, cell_r, r1[cell_r], r1[cell_r]])
-    corner_c = torch.stack([cell_c, c1[cell_c], cell_c, c1[cell_c]])
-    corner_logits = logits[:, corner_r, corner_c].permute(2, 1, 0)  # (cells, 4 corners, K)
-    values = corner_logits.gather(2, candidates.unsqueeze(1).expand(-1, 4, -1))  # (cells, 4 corners, 4 candidates)
-    lower = values.min(dim=1).values.max(dim=1).values
-    others = corner_logits.max(dim=1).values.scatter(1, candidates, float("-inf")).max(dim=1).values
-    certain = others + 1e-4 * (1.0 + lower.abs()) < lower  # the margin absorbs the interpolation's rounding
-    cell = cell_of[y0[rows], x0[cols]]
-    pixel_wy, pixel_wx = wy[rows].unsqueeze(1), wx[cols].unsqueeze(1)
-    v = values[cell]  # (pixels, 4 corners, 4 candidates); same operation order as F.interpolate's bilinear
-    top = v[:, 0] * (1 - pixel_wx) + v[:, 1] * pixel_wx
-    bottom = v[:, 2] * (1 - pixel_wx) + v[:, 3] * pixel_wx
-    interpolated = top * (1 - pixel_wy) + bottom * pixel_wy
-    best = interpolated.max(dim=1, keepdim=True).values
-    winner = torch.where(interpolated == best, candidates[cell], num_classes).min(dim=1).values
-    uncertain = ~certain[cell]
-    if uncertain.any():  # a class that wins at no corner might win inside: interpolate every class there
-        ur, uc = rows[uncertain], cols[uncertain]
-        ry0, ry1, rwy = y0[ur], y1[ur], wy[ur].unsqueeze(1)
-        cx0, cx1, cwx = x0[uc], x1[uc], wx[uc].unsqueeze(1)
+    corner_rows = torch.stack([torch.arange(height, device=device), r1]).view(2, 1, height, 1)
+    corner_cols = torch.stack([torch.arange(width, device=device), c1]).view(1, 2, 1, width)
+    corner_pixels = (corner_rows * width + corner_cols).reshape(4, height, width)  # flat index of each cell corner
+    corner_labels = labels.reshape(-1)[corner_pixels]  # (4 corners, h, w)
+    low, high = corner_labels.min(dim=0).values, corner_labels.max(dim=0).values
+    at_most_two = ((corner_labels == low) | (corner_labels == high)).all(dim=0)
+    decided = low == high
+    cell_r, cell_c = torch.nonzero(~decided, as_tuple=True)  # boundary cells: are the corner winners provably it?
+    if cell_r.numel():
+        corner_logits = logits[:, corner_pixels[:, cell_r, cell_c].reshape(-1) // width,
+                               corner_pixels[:, cell_r, cell_c].reshape(-1) % width].view(num_classes, 4, -1)
+        candidates = corner_labels[:, cell_r, cell_c]  # (4, cells)
+        is_candidate = torch.zeros((num_classes, cell_r.numel()), dtype=torch.bool, device=device)
+        is_candidate.scatter_(0, candidates, True)
+        # Class c cannot win anywhere in the cell when some corner winner a beats it at all four corners (then
+        # a's interpolation beats c's everywhere inside): max over corners of (l_c - l_a) < 0 for some a.
+        winner_values = corner_logits.gather(0, candidates.unsqueeze(1).expand(-1, 4, -1))  # (4 winners, 4, cells)
+        margin = 1e-4 * (1.0 + winner_values.abs().amax(dim=(0, 1)))  # absorbs the interpolation's rounding
+        beaten = ((corner_logits.unsqueeze(1) - winner_values.unsqueeze(0)).amax(dim=2) < -margin).any(dim=1)
+        decided[cell_r, cell_c] = (beaten | is_candidate).all(dim=0)
+    flat_logits = logits.reshape(-1)
+
+    def interpolate(cls: torch.Tensor) -> torch.Tensor:
+        """Class ``cls[r, c]``'s logit bilinearly interpolated over each output pixel of cell (r, c)."""
+        v = flat_logits[cls * (height * width) + corner_pixels].index_select(2, x0)  # (4 corners, h, W)
+        top = v[0] * (1 - wx) + v[1] * wx  # (h, W)
+        bottom = v[2] * (1 - wx) + v[3] * wx
+        return top.index_select(0, y0) * (1 - wy).unsqueeze(1) + bottom.index_select(0, y0) * wy.unsqueeze(1)
+
+    def to_full(cell_values: torch.Tensor) -> torch.Tensor:  # (h, w) per cell -> (H, W) per pixel
+        return cell_values.index_select(0, y0).index_select(1, x0)
+
+    small = torch.uint8 if num_classes <= 256 else torch.int32  # full-size label maps: a quarter of the memory
+    out = torch.where(interpolate(high) > interpolate(low), to_full(high.to(small)), to_full(low.to(small)))
+    rows, cols = torch.nonzero(to_full(~(at_most_two & decided)), as_tuple=True)
+    if rows.numel():  # interpolate every class there
+        ry0, ry1, rwy = y0[rows], y1[rows], wy[rows].unsqueeze(1)
+        cx0, cx1, cwx = x0[cols], x1[cols], wx[cols].unsqueeze(1)
         flat = logits.permute(1, 2, 0)  # (h, w, K): one gather per corner
         top = flat[ry0, cx0] * (1 - cwx) + flat[ry0, cx1] * cwx
         bottom = flat[ry1, cx0] * (1 - cwx) + flat[ry1, cx1] * cwx
-        winner[uncertain] = (top * (1 - rwy) + bottom * rwy).argmax(dim=1)
-    out = out.long()
-    out[rows, cols] = winner
-    return out
+        out[rows, cols] = (top * (1 - rwy) + bottom * rwy).argmax(dim=1).to(out.dtype)
+    return out.long()
 
 
 def logits_to_maps(logits: torch.Tensor, size: tuple[int, int], upsample: str = "logits") -> tuple[np.ndarray, np.ndarray]:
