@@ -205,6 +205,8 @@ def test_node_runs_on_openvino_over_rclpy(student_dir, cache, frame, tmp_path):
         process = subprocess.Popen(node_command(params), env=ros_env(domain), stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         client.wait_ready(180.0, process)
+        # The parameter services exist before the engine is built; the latched labels come once it is ready.
+        assert client.latched_string("/ov_cam/segmentation/labels", timeout_s=300) is not None
         publisher = client.node.create_publisher(Image, camera, QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
         masks = client.subscribe_images("/ov_cam/segmentation/mask")
         client.spin_until(lambda: publisher.get_subscription_count() > 0, 20)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -431,6 +432,7 @@ class SegmergeNode(Node):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``segmerge_node``; returns the exit code (non-zero on a fatal configuration error)."""
+    spinning = False
     try:
         rclpy.init(args=argv)
         try:
@@ -444,17 +446,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         executor = SingleThreadedExecutor()
         executor.add_node(node)
+        spinning = True
         try:
             executor.spin()  # returns or raises once SIGINT/SIGTERM shut the context down
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
         finally:
+            # Ctrl-C reaches a launched node twice (the terminal's process group, then ros2 launch forwarding it):
+            # a second SIGINT must not cut the clean-up short.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             node.stop()
             executor.shutdown(timeout_sec=0.5)
             node.destroy_node()
         return 0
-    except KeyboardInterrupt:  # Ctrl-C while torch or the model was still loading
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C while torch or the model was still loading (or a second one during clean-up)
+        return 0 if spinning else 130
     finally:
         rclpy.try_shutdown()
 
