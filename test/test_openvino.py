@@ -46,13 +46,13 @@ def eager(student_dir) -> SegmentationEngine:
 
 def test_every_rung_exports_and_equals_eager_in_fp32_on_a_real_frame(student_dir, cache, frame, eager):
     engine = SegmentationEngine(weights=str(student_dir), input_size=SIZE, backend="openvino", cache_dir=str(cache))
-    assert engine.backend == "openvino" and engine.compiled_everywhere == ""
+    assert engine.backend == "openvino" and engine.eager_fallbacks == ""
     rungs = {rung.config for rung in LADDER + ladder_for_backend("openvino")}
     for config in sorted(rungs, key=lambda c: c.name):
         ours, reference = engine.logits(frame, config), eager.logits(frame, config)
         assert ours.shape == reference.shape, config.name
         assert (ours - reference).abs().max().item() <= 1e-4, config.name
-    assert engine.compiled_everywhere == ""  # none of them fell back to eager
+    assert engine.eager_fallbacks == ""  # none of them fell back to eager
     built = {step for step, _, _ in engine.prepared_files()}
     assert {rung.name for rung in rungs} <= built
 
@@ -226,3 +226,16 @@ def test_node_runs_on_openvino_over_rclpy(student_dir, cache, frame, tmp_path):
         rclpy.try_shutdown(context=context)
     log = stderr_path.read_text()
     assert "backend openvino" in log and "falling back" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_build_engines_fills_the_cache_the_node_reads(tmp_path, capsys):
+    from segmerge_ros.tools import build_engines
+
+    argv = ["--backend", "openvino", "--size", "64x96", "--rates", "0,0.15", "--cache-dir", str(tmp_path)]
+    assert build_engines.main(argv) == 0
+    first = capsys.readouterr().out
+    assert first.count(" built ") == 2 and "head2" in first
+    # The engine the node builds finds exactly these entries: nothing is converted again.
+    engine = SegmentationEngine(input_size=(64, 96), backend="openvino", cache_dir=str(tmp_path), warm=False)
+    engine.warm([0.0, 0.15])
+    assert [status for _, _, status in engine.prepared_files()] == ["reused", "reused"]

@@ -292,7 +292,7 @@ class SegmentationEngine:
         return steps
 
     @property
-    def compiled_everywhere(self) -> str:
+    def eager_fallbacks(self) -> str:
         """Empty when every backend is the one asked for and every prepared rung is compiled; else what is not."""
         problems = [f"{name}: {backend.name}" for name, backend in self._backends.items() if backend.name != self.backend]
         problems += [f"{name}: {rung} runs eagerly" for name, backend in self._backends.items()

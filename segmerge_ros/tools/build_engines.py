@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
-    failed = engine.compiled_everywhere if engine.backend == args.backend else f"fell back to {engine.backend}"
+    failed = engine.eager_fallbacks if engine.backend == args.backend else f"fell back to {engine.backend}"
     if failed:
         print(f"{PROG}: error: building the {args.backend} backend failed ({failed}); see the warnings above",
               file=sys.stderr)
