@@ -272,3 +272,33 @@ def test_a_checkpoint_runs_at_a_smaller_pose_input_size(street_people, tmp_path)
     # Keypoints land in the person's crop region in frame pixels, not in 192x256 crop pixels.
     center, scale = box_to_center_scale(people.boxes, (192, 256))
     assert np.all(np.abs(result.keypoints - center[:, None]) <= scale[:, None] / 2 + 1)
+
+
+def test_score_calibration_is_folded_into_the_head_and_moves_only_scores(street_people, one_thread):
+    from segmerge_ros.tools.train_pose import calibrate_scores, student_scores
+
+    frame, people = street_people
+    frames = {(0, 0): frame}
+    torch.manual_seed(3)
+    model = SegformerPose("b0", input_size=(96, 128)).eval()
+    torch.nn.init.normal_(model.head.final_layer.weight, std=0.05)
+    before = student_scores(model, people, frames)
+    wanted = np.linspace(0.5, 3.0, 17)  # per-keypoint factors to recover
+    target = People(people.source, people.frame, people.boxes, people.keypoints,
+                    (before * wanted).astype(np.float32))
+    pixels = torch.from_numpy(np.stack([make_sample(frame, b, k, s, PoseTrainSettings(), input_size=(96, 128))[0]
+                                        for b, k, s in zip(people.boxes, people.keypoints, people.scores)]))
+    from segmerge_ros.tools.train_pose import to_pixels
+
+    with torch.no_grad():
+        heat_before = model(to_pixels(pixels.numpy())).numpy()
+    factors = calibrate_scores(model, target, frames, count=len(people))
+    np.testing.assert_allclose(factors, wanted, rtol=1e-3)
+    after = student_scores(model, people, frames)
+    np.testing.assert_allclose(after, before * wanted, rtol=1e-3, atol=1e-6)
+    with torch.no_grad():
+        heat_after = model(to_pixels(pixels.numpy())).numpy()
+    np.testing.assert_allclose(heat_after, heat_before * wanted[None, :, None, None], rtol=1e-3, atol=1e-6)
+    kp_before, _ = decode_heatmaps(heat_before)
+    kp_after, _ = decode_heatmaps(heat_after)
+    np.testing.assert_allclose(kp_after, kp_before, atol=0.01)  # heatmap pixels (float32 rounding)

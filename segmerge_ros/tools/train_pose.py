@@ -419,6 +419,44 @@ def train_pose(model: SegformerPose, people: People, frames, settings: PoseTrain
     return records
 
 
+@torch.no_grad()
+def student_scores(model: SegformerPose, people: People, frames, batch: int = 8) -> np.ndarray:
+    """The model's keypoint scores (heatmap maxima, (N, 17)) on the node's crops of ``people``."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(people), batch):
+        rows = range(start, min(start + batch, len(people)))
+        crops = np.stack([make_sample(frames[(int(people.source[r]), int(people.frame[r]))], people.boxes[r],
+                                      people.keypoints[r], people.scores[r], PoseTrainSettings(),
+                                      input_size=model.input_size)[0] for r in rows])
+        heatmaps = model(to_pixels(crops)).float()
+        out.append(heatmaps.flatten(2).amax(dim=2).numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, model.num_keypoints), np.float32)
+
+
+def calibrate_scores(model: SegformerPose, people: People, frames, count: int = 256, seed: int = 0) -> np.ndarray:
+    """Make the student's keypoint scores estimate the teacher's: per keypoint, the least-squares factor
+    ``c_k = sum(s t) / sum(s^2)`` between student scores ``s`` and teacher scores ``t`` on ``count`` training people
+    (the node's crops), folded into the final 1x1 convolution (weights and bias times ``c_k``). Heatmaps scale by
+    ``c_k``, so arg-max and the DARK refinement (log-heatmap derivatives) are unchanged: only scores move, and
+    ``pose.keypoint_threshold`` reads as a teacher confidence. Returns the factors (17,).
+    """
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(people), size=min(count, len(people)), replace=False))
+    chosen = people.subset(rows)
+    student = student_scores(model, chosen, frames).astype(np.float64)
+    teacher = chosen.scores.astype(np.float64)
+    factors = (student * teacher).sum(0) / np.maximum((student**2).sum(0), 1e-12)
+    factors = np.where(factors > 0, factors, 1.0)  # a degenerate keypoint keeps its scale
+    final = model.head.final_layer
+    scale = torch.as_tensor(factors, dtype=final.weight.dtype)
+    final.weight.data.mul_(scale.view(-1, 1, 1, 1))
+    final.bias.data.mul_(scale)
+    return factors
+
+
 def write_metrics(out: Path, values: dict) -> None:
     path = out / "metrics.json"
     current = json.loads(path.read_text()) if path.is_file() else {}
@@ -552,8 +590,11 @@ def evaluate_pose(weights: str | Path | None, teacher, seg_weights: str | Path, 
 
         images = {path: read_rgb(path) for path in images}
         boxes = np.stack([p["box"] for p in persons])
-        teacher_kps = np.concatenate([teacher.on_boxes(images[p["image"]], p["box"][None])[0] for p in persons])
-        result["coco_teacher"] = coco_scores(teacher_kps, persons)
+        for crop in teacher_crops:  # the teacher on the same boxes, as it sees them in each crop mode
+            teacher_kps = np.concatenate([teacher_keypoints(teacher, images[p["image"]], p["box"][None], crop)[0]
+                                          for p in persons])
+            result["coco_teacher" if crop == teacher_crops[0] else f"coco_teacher_{crop}"] = coco_scores(
+                teacher_kps, persons)
 
     configs = distinct_rung_configs() if rungs else [(None, ["0:none"])]
     for config, names in configs:
@@ -636,6 +677,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--calibrate", type=int, default=256, help="fit per-keypoint score factors on this many "
+                   "training people at the end (folded into pose.pth; 0: off), see calibrate_scores")
     p.add_argument("--eval", action="store_true", help="run pose-eval at the end and add it to metrics.json")
     return p
 
@@ -710,6 +753,15 @@ def main_train(argv: Sequence[str]) -> int:
     window = max(1, min(50, len(losses) // 4))
     summary = {"first_loss": float(np.mean(losses[:window])) if losses else None,
                "last_loss": float(np.mean(losses[-window:])) if losses else None}
+    if args.calibrate > 0:
+        from segmerge_ros.models.pose import save_pose_checkpoint
+
+        factors = calibrate_scores(model, people, frames, args.calibrate, args.seed)
+        save_pose_checkpoint(model, out / "pose.pth.tmp")
+        (out / "pose.pth.tmp").replace(out / "pose.pth")
+        summary["score_calibration"] = {"people": min(args.calibrate, len(people)),
+                                        "factors": [round(float(f), 4) for f in factors]}
+        print(json.dumps({"score_calibration": summary["score_calibration"]}), file=sys.stderr, flush=True)
     if args.eval:
         teacher = MoveNetTeacher(teacher_path)
         summary["eval"] = evaluate_pose(out / "pose.pth", teacher, seg_weights,
