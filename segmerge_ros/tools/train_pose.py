@@ -615,11 +615,17 @@ def evaluate_pose(weights: str | Path | None, teacher, seg_weights: str | Path, 
         student_crop = image_to_crop(student_img, center, scale)
         entry = {"rungs": names, "merge": "none" if config is None else config.name,
                  "frames_used": len(kept_frames)}
+        # The merged rungs run on every rung_frame_step-th frame; "rung_frames" scores every rung (the unmerged
+        # one included) on exactly those frames, so rungs compare on the same people.
+        rung_keys = set(sorted(frames)[::max(1, rung_frame_step)])
+        on_rung_frames = np.array([(int(people.source[r]), int(people.frame[r])) in rung_keys for r in rows])
         for crop, (kps, scores) in references.items():
             teacher_crop = image_to_crop(kps[rows], center, scale)
             entry[f"vs_teacher_{crop}"] = pck_against_teacher(student_crop, teacher_crop, scores[rows])
             visible = scores[rows] > 0.3
             entry[f"vs_teacher_{crop}"]["drawn_at_0.3"] = float((student_scores[visible] >= 0.3).mean())
+            entry[f"vs_teacher_{crop}"]["rung_frames"] = pck_against_teacher(
+                student_crop[on_rung_frames], teacher_crop[on_rung_frames], scores[rows][on_rung_frames])
         entry["student_score_median"] = float(np.median(student_scores))
         if persons:
             kps = np.concatenate([estimator.estimate_boxes(images[p["image"]], p["box"][None]).keypoints
