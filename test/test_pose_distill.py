@@ -187,6 +187,8 @@ def test_pose_cli_caches_people_and_resumes(shared_data, student_dir, tmp_path, 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["people"] >= 1 and metrics["step"] == 1 and first["last_loss"] > 0
     assert metrics["data"]["teacher_crop"] == "tight"
+    calibration = metrics["score_calibration"]  # folded into pose.pth at the end (default --calibrate 256)
+    assert calibration["people"] == metrics["people"] and len(calibration["factors"]) == 17
     assert train.main(common + ["--steps", "2", "--resume"]) == 0
     captured = capsys.readouterr()
     assert '"from_cache": true' in captured.err

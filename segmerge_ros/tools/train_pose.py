@@ -436,12 +436,14 @@ def student_scores(model: SegformerPose, people: People, frames, batch: int = 8)
     return np.concatenate(out) if out else np.zeros((0, model.num_keypoints), np.float32)
 
 
-def calibrate_scores(model: SegformerPose, people: People, frames, count: int = 256, seed: int = 0) -> np.ndarray:
+def calibrate_scores(model: SegformerPose, people: People, frames, count: int = 256, seed: int = 0,
+                     stats: dict | None = None) -> np.ndarray:
     """Make the student's keypoint scores estimate the teacher's: per keypoint, the least-squares factor
     ``c_k = sum(s t) / sum(s^2)`` between student scores ``s`` and teacher scores ``t`` on ``count`` training people
     (the node's crops), folded into the final 1x1 convolution (weights and bias times ``c_k``). Heatmaps scale by
     ``c_k``, so arg-max and the DARK refinement (log-heatmap derivatives) are unchanged: only scores move, and
-    ``pose.keypoint_threshold`` reads as a teacher confidence. Returns the factors (17,).
+    ``pose.keypoint_threshold`` reads as a teacher confidence. Returns the factors (17,); ``stats`` (a dict) gets
+    the share of keypoints at or above 0.3 for the teacher and the student before and after.
     """
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(people), size=min(count, len(people)), replace=False))
@@ -450,6 +452,11 @@ def calibrate_scores(model: SegformerPose, people: People, frames, count: int = 
     teacher = chosen.scores.astype(np.float64)
     factors = (student * teacher).sum(0) / np.maximum((student**2).sum(0), 1e-12)
     factors = np.where(factors > 0, factors, 1.0)  # a degenerate keypoint keeps its scale
+    if stats is not None:
+        stats.update({"people": len(chosen), "teacher_at_0.3": float((teacher >= 0.3).mean()),
+                      "student_at_0.3_before": float((student >= 0.3).mean()),
+                      "student_at_0.3_after": float((student * factors >= 0.3).mean()),
+                      "factors": [round(float(f), 4) for f in factors]})
     final = model.head.final_layer
     scale = torch.as_tensor(factors, dtype=final.weight.dtype)
     final.weight.data.mul_(scale.view(-1, 1, 1, 1))
@@ -762,11 +769,11 @@ def main_train(argv: Sequence[str]) -> int:
     if args.calibrate > 0:
         from segmerge_ros.models.pose import save_pose_checkpoint
 
-        factors = calibrate_scores(model, people, frames, args.calibrate, args.seed)
+        stats: dict = {}
+        calibrate_scores(model, people, frames, args.calibrate, args.seed, stats)
         save_pose_checkpoint(model, out / "pose.pth.tmp")
         (out / "pose.pth.tmp").replace(out / "pose.pth")
-        summary["score_calibration"] = {"people": min(args.calibrate, len(people)),
-                                        "factors": [round(float(f), 4) for f in factors]}
+        summary["score_calibration"] = stats
         print(json.dumps({"score_calibration": summary["score_calibration"]}), file=sys.stderr, flush=True)
     if args.eval:
         teacher = MoveNetTeacher(teacher_path)
