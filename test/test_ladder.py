@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from segmerge_ros.merging.segformerpp import LADDER, MAX_MERGE_RATE, NONE, rung_for_rate
+from segmerge_ros.merging.segformerpp import BACKEND_LADDERS, LADDER, MAX_MERGE_RATE, NONE, rung_for_rate
 from segmerge_ros.models.segformer import SegFormer, mit_config
 
 
@@ -22,12 +22,23 @@ def flops(model, pixels, config) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("size", [(480, 640), (512, 1024)])
-def test_ladder_cost_falls_monotonically(model, size):
+LADDERS = {"default": LADDER, **BACKEND_LADDERS}
+
+
+@pytest.mark.parametrize(("name", "size"), [("default", (480, 640)), ("default", (512, 1024))]
+                         + [(name, (480, 640)) for name in sorted(BACKEND_LADDERS)])
+def test_ladder_cost_falls_monotonically(model, size, name):
     pixels = torch.randn(1, 3, *size)
-    costs = [flops(model, pixels, rung.config) for rung in LADDER]
+    costs = [flops(model, pixels, rung.config) for rung in LADDERS[name]]
     assert all(later < earlier for earlier, later in zip(costs, costs[1:])), costs
     assert costs[-1] < costs[0] / 2.5
+
+
+@pytest.mark.parametrize("name", sorted(LADDERS))
+def test_every_ladder_starts_exact_and_rises(name):
+    rates = [rung.rate for rung in LADDERS[name]]
+    assert LADDERS[name][0].config is NONE and rates[0] == 0.0
+    assert rates == sorted(set(rates)) and rates[-1] <= MAX_MERGE_RATE
 
 
 def test_rates_map_onto_rungs_in_order():

@@ -153,8 +153,19 @@ LADDER: tuple[Rung, ...] = (
     _rung(0.9, "head2+hq+scale0.625", PRESETS["hq"], input_scale=0.625),
 )
 
-# Backends whose own measurements call for another ladder (docs/benchmarks.md); the others use LADDER.
-BACKEND_LADDERS: dict[str, tuple[Rung, ...]] = {}
+# Backends whose own measurements call for another ladder (docs/benchmarks.md, section 10); the others use LADDER.
+# OpenVINO runs the matching's sorts, gathers and scatters slowly: on the trained B0 at 576x768 hq made it slower
+# (bf16: 403 ms against 376 unmerged, 1 thread) and at each input scale the rung without attention merging was as
+# fast or faster at the same agreement (scale 0.625: 102 ms / 0.848 against 114 ms / 0.844). So its ladder merges
+# only in the head and scales the input; merge rates 0.15-0.59 select head2.
+OPENVINO_LADDER: tuple[Rung, ...] = (
+    Rung(0.0, NONE),
+    _rung(0.15, "head2", NONE),
+    _rung(0.6, "head2+scale0.875", NONE, input_scale=0.875),
+    _rung(0.75, "head2+scale0.75", NONE, input_scale=0.75),
+    _rung(0.9, "head2+scale0.625", NONE, input_scale=0.625),
+)
+BACKEND_LADDERS: dict[str, tuple[Rung, ...]] = {"openvino": OPENVINO_LADDER}
 
 
 def ladder_for_backend(backend: str) -> tuple[Rung, ...]:
