@@ -89,9 +89,9 @@ def test_auto_precision_keeps_bf16_where_a_real_frame_agrees_and_refuses_it_wher
 
 
 def test_auto_precision_without_native_bf16_is_fp32(monkeypatch, caplog):
-    from segmerge_ros.runtime import engine as engine_module
+    from segmerge_ros.runtime import ladder
 
-    monkeypatch.setattr(engine_module, "cpu_bf16_support", lambda: "no native bf16 instructions")
+    monkeypatch.setattr(ladder, "cpu_bf16_support", lambda: "no native bf16 instructions")
     with caplog.at_level(logging.INFO):
         engine = SegmentationEngine(input_size=(64, 96), precision="auto")
     assert engine.precision_plan == "fp32" and {step.precision for step in engine.ladder} == {"fp32"}
@@ -239,3 +239,27 @@ def test_build_engines_fills_the_cache_the_node_reads(tmp_path, capsys):
     engine = SegmentationEngine(input_size=(64, 96), backend="openvino", cache_dir=str(tmp_path), warm=False)
     engine.warm([0.0, 0.15])
     assert [status for _, _, status in engine.prepared_files()] == ["reused", "reused"]
+
+
+def test_pose_runs_through_the_same_backend_and_equals_eager(tmp_path):
+    from segmerge_ros.merging.segformerpp import OPENVINO_LADDER
+    from segmerge_ros.runtime.pose import PoseEstimator
+
+    rgb = np.random.default_rng(5).integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    boxes = np.array([[40, 20, 140, 220], [180, 30, 300, 230]], dtype=np.float32)  # two people: batch of two crops
+    small = (96, 128)  # (w, h) crop: the graph is what matters here, not the pixels
+    eager = PoseEstimator(input_size=small)
+    compiled = PoseEstimator(input_size=small, backend="openvino", cache_dir=str(tmp_path))
+    assert compiled.backend == "openvino" and compiled.precision == "fp32"
+    compiled.warm([rung.config for rung in OPENVINO_LADDER])  # all of them: the unmerged encoder
+    assert [name for name, (_, status) in compiled._backend.engines.items()] == ["none"]
+    assert compiled.estimate_boxes(rgb, boxes).keypoints.shape == (2, 17, 2)
+    # Heatmaps, not keypoints: a random model's heatmaps are flat, so their maxima move with any rounding.
+    from segmerge_ros.runtime.pose import box_to_center_scale, crop_people
+
+    center, scale = box_to_center_scale(boxes, small)
+    pixels = eager.preprocess(crop_people(rgb, center, scale, small))
+    with torch.inference_mode():
+        ours, reference = compiled.forward(pixels), eager.forward(pixels)
+    assert ours.shape == reference.shape == (2, 17, small[1] // 4, small[0] // 4)
+    assert np.abs(ours - reference).max() <= 1e-4

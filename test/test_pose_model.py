@@ -182,7 +182,7 @@ def test_estimator_end_to_end_places_keypoints():
     assert blob.merges[-1].stages == rung_for_rate(0.4).config.stages and est.merge_rate == 0.4
     est.set_merge_rate(0.1)  # the "head2" rung merges nothing in the encoder
     est.estimate(rgb, seg, CITYSCAPES.person_ids)
-    assert blob.merges[-1] is None and est.preset == "none"
+    assert blob.merges[-1].is_identity and est.preset == "none"
     engine_config = rung_for_rate(0.65).config  # what engine.merge_config would hold
     est.set_merge_config(engine_config, 0.65)
     est.estimate(rgb, seg, CITYSCAPES.person_ids)

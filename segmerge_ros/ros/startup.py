@@ -16,6 +16,7 @@ from std_msgs.msg import String
 from ..models.checkpoint_errors import CheckpointError
 from ..models.labels import LabelSet
 from ..runtime.engine import SegmentationEngine
+from ..runtime.ladder import merge_rungs
 from ..runtime.pose import PoseEstimator
 from .frame_pipeline import PoseSettings
 from .parameter_policy import label_count_refusal
@@ -67,10 +68,14 @@ def build_pose(param: Param, warn: Warn) -> PoseEstimator:
     try:
         pose = PoseEstimator(model, weights or None, device=param("device"), max_persons=settings.max_persons,
                              min_person_area=settings.min_person_area,
-                             keypoint_threshold=settings.keypoint_threshold, mode=settings.mode)
+                             keypoint_threshold=settings.keypoint_threshold, mode=settings.mode,
+                             backend=param("backend"), precision=param("precision"),
+                             cache_dir=param("engine_cache_dir") or None)
     except (CheckpointError, OSError, ValueError, RuntimeError) as error:
         raise StartupError(f"cannot load pose.weights {weights!r} for {model}: {error}" if weights
                            else f"cannot build the {model} pose model: {error}") from None
+    # Compiled backends: the encoder settings of the segmentation's ladder (what pose follows) prepared now.
+    pose.warm([rung.config for rung in merge_rungs(param("backend"))])
     if pose.randomly_initialised:
         warn(f"\n{BANNER}\n  NO POSE WEIGHTS GIVEN: THE {model} POSE MODEL IS RANDOMLY INITIALISED. The keypoints are "
              f"meaningless.\n  Set 'pose.weights' to a Segformer++ mmpose pose checkpoint (.pth).\n{BANNER}")

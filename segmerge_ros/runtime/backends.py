@@ -507,3 +507,13 @@ def build_engines(
     return prepared
 
 
+def split_device(device: str, backend: str) -> tuple[str, str]:
+    """(torch device, OpenVINO device). With the openvino backend, a device that is not torch's names OpenVINO's
+    (the model is exported from the CPU); otherwise OpenVINO's is the CPU."""
+    if backend != "openvino" or device == "cpu" or device.startswith("cuda"):
+        if backend == "openvino" and device.startswith("cuda"):
+            LOG.warning("backend openvino runs on OpenVINO devices (CPU, GPU = Intel graphics, NPU); device %r "
+                        "ignored, using its CPU", device)
+            device = "cpu"
+        return device, "CPU"
+    return "cpu", device.upper()

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from ..merging.segformerpp import MAX_MERGE_RATE, NONE, MergeConfig, preset, scaled_size
 from ..merging.vit_methods import build_vit_model, is_vit_model_name, load_vit_model, parse_vit_name
-from .backends import PRECISION_CHOICES, PRECISIONS, autocast, cpu_bf16_support, make_backend, precision_name, resolve_precision
-from .ladder import Step, build_ladder, merge_rungs, step_for_rate, with_precision
+from .backends import PRECISIONS, autocast, make_backend, split_device
+from .ladder import Step, build_ladder, merge_rungs, precision_plan, step_for_rate, with_precision
 from ..models.checkpoints import load_segformer
 from ..models.labels import LabelSet, label_set
 from ..models.segformer import SegFormer, mit_config
@@ -201,7 +201,7 @@ class SegmentationEngine:
         cache_dir: str | None = None,
         warm: bool = True,
     ):
-        device, openvino_device = _split_device(device, backend)
+        device, openvino_device = split_device(device, backend)
         self.device = _pick_device(device)
         self.input_size = parse_size(input_size)
         self.upsample = upsample
@@ -230,7 +230,7 @@ class SegmentationEngine:
             # ALGM, ClustViT and DoViT have content-dependent token counts: no static graph to compile.
             LOG.warning("backend %r serves SegFormer models only; running %s eagerly", backend, self.family)
             backend = "eager"
-        plan, half = _precision_plan(precision, self.device, openvino_device if backend == "openvino" else None)
+        plan, half = precision_plan(precision, self.device, openvino_device if backend == "openvino" else None)
         self.precision_plan = plan
         self.ladder: tuple[Step, ...] = build_ladder(merge_rungs(backend), plan, half)
         self._calibration_pending = plan == "auto"
@@ -402,36 +402,6 @@ class SegmentationEngine:
 def network_config(config: MergeConfig) -> MergeConfig:
     """``config`` as the network sees it once the engine has scaled the frame itself: ``input_scale`` 1."""
     return config if config.input_scale == 1.0 else replace(config, input_scale=1.0)
-
-
-def _split_device(device: str, backend: str) -> tuple[str, str]:
-    """(torch device, OpenVINO device). With the openvino backend, a device that is not torch's names OpenVINO's
-    (the model is exported from the CPU); otherwise OpenVINO's is the CPU."""
-    if backend != "openvino" or device == "cpu" or device.startswith("cuda"):
-        if backend == "openvino" and device.startswith("cuda"):
-            LOG.warning("backend openvino runs on OpenVINO devices (CPU, GPU = Intel graphics, NPU); device %r "
-                        "ignored, using its CPU", device)
-            device = "cpu"
-        return device, "CPU"
-    return "cpu", device.upper()
-
-
-def _precision_plan(precision: str, device: torch.device, openvino_device: str | None) -> tuple[str, str]:
-    """(plan, half precision) for ``precision`` on this hardware; a precision it lacks becomes fp32 with a warning."""
-    if precision not in PRECISION_CHOICES:
-        raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
-    half = "fp16" if device.type == "cuda" or (openvino_device or "CPU").split(".")[0] in ("GPU", "NPU") else "bf16"
-    if precision == "auto":
-        if half == "bf16" and device.type == "cpu" and cpu_bf16_support():
-            LOG.info("precision auto: %s; every merge rate runs in fp32", cpu_bf16_support())
-            return "fp32", half
-        if half == "fp16" and device.type == "cpu":
-            return "fp32", half  # OpenVINO GPU/NPU: their plugins choose f16 themselves; fp32 asked explicitly
-        return "auto", half
-    if precision == "fp32":
-        return "fp32", half
-    resolved = precision_name(resolve_precision(precision, device, LOG))  # warns when it falls back
-    return resolved, resolved
 
 
 def _pick_device(device: str) -> torch.device:

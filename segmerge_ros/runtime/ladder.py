@@ -15,7 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import logging
+
+import torch
+
 from ..merging.segformerpp import LADDER, MergeConfig, Rung, ladder_for_backend
+from .backends import PRECISION_CHOICES, cpu_bf16_support, precision_name, resolve_precision
+
+LOG = logging.getLogger(__name__)
 
 # The rate of the first half-precision step of an ``auto`` ladder: below every merge rung.
 HALF_STEP_RATE = 0.05
@@ -63,3 +70,21 @@ def with_precision(ladder: tuple[Step, ...], precision: str) -> tuple[Step, ...]
     """The same steps (rates and configurations) computed in ``precision``: what ``auto`` falls back to when the
     half precision disagrees with fp32 on a real frame (the rates the budget controller knows stay valid)."""
     return tuple(Step(step.rate, step.config, precision) for step in ladder)
+
+
+def precision_plan(precision: str, device: torch.device, openvino_device: str | None) -> tuple[str, str]:
+    """(plan, half precision) for ``precision`` on this hardware; a precision it lacks becomes fp32 with a warning."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
+    half = "fp16" if device.type == "cuda" or (openvino_device or "CPU").split(".")[0] in ("GPU", "NPU") else "bf16"
+    if precision == "auto":
+        if half == "bf16" and device.type == "cpu" and cpu_bf16_support():
+            LOG.info("precision auto: %s; every merge rate runs in fp32", cpu_bf16_support())
+            return "fp32", half
+        if half == "fp16" and device.type == "cpu":
+            return "fp32", half  # OpenVINO GPU/NPU: their plugins choose f16 themselves; fp32 asked explicitly
+        return "auto", half
+    if precision == "fp32":
+        return "fp32", half
+    resolved = precision_name(resolve_precision(precision, device, LOG))  # warns when it falls back
+    return resolved, resolved

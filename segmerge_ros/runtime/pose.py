@@ -261,8 +261,12 @@ class PoseEstimator:
                  preset: str = "none", max_persons: int = 4, min_person_area: int = 400,
                  keypoint_threshold: float = 0.3, mode: str = "segmentation", padding: float = BBOX_PADDING,
                  decode: str = "dark", blur_kernel: int = 11, flip_test: bool = False,
-                 input_size: tuple[int, int] = POSE_INPUT_SIZE) -> None:
+                 input_size: tuple[int, int] = POSE_INPUT_SIZE, backend: str = "eager", precision: str = "fp32",
+                 cache_dir: str | None = None) -> None:
         import torch
+
+        from segmerge_ros.runtime.backends import make_backend, split_device
+        from segmerge_ros.runtime.ladder import precision_plan
 
         from segmerge_ros.models.pose import SegformerPose, build_pose_model, load_pose_checkpoint
 
@@ -271,6 +275,7 @@ class PoseEstimator:
         if decode not in DECODE_METHODS:
             raise ValueError(f"unknown decode method {decode!r}; use one of {DECODE_METHODS}")
         self._torch = torch
+        device, openvino_device = split_device(str(device), backend)
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # as the segmentation engine: fall back rather than fail on a CPU-only machine
         self.device = torch.device(device)
@@ -286,6 +291,16 @@ class PoseEstimator:
         self.model.eval().to(self.device)
         self.input_size = self.model.input_size
         self.heatmap_size = self.model.heatmap_size
+        # The segmentation's backend and precision (pose has no rate 0 to keep exact: "auto" means the half
+        # precision wherever the hardware has it). Compiled backends hold one graph per batch size: crops go
+        # through the batch-1 graph one at a time; eager takes them as one batch.
+        plan, half = precision_plan(precision, self.device, openvino_device if backend == "openvino" else None)
+        self._backend = make_backend(backend, self.model, self.device, precision="fp32" if plan == "fp32" else half,
+                                     input_size=(self.input_size[1], self.input_size[0]), cache_dir=cache_dir,
+                                     model_name=f"pose-{model}" if isinstance(model, str) else "pose-custom",
+                                     openvino_device=openvino_device)
+        self.backend = self._backend.name
+        self.precision = self._backend.precision
         self.mode = mode
         self.padding = float(padding)
         self.decode = decode
@@ -369,14 +384,33 @@ class PoseEstimator:
         images in one batch, the mirrored heatmaps flipped back, left/right swapped, shifted one heatmap pixel
         right (mmpose's ``shift_heatmap``), and averaged."""
         if not self.flip_test:
-            return self.model(pixels, merge=self._merge).float().cpu().numpy()
+            return self._run(pixels).cpu().numpy()
         n = pixels.shape[0]
-        out = self.model(self._torch.cat([pixels, pixels.flip(-1)]), merge=self._merge).float()
+        out = self._run(self._torch.cat([pixels, pixels.flip(-1)]))
         plain, flipped = out[:n], out[n:].flip(-1)
         if flipped.shape[1] == len(COCO_FLIP_INDICES):
             flipped = flipped[:, list(COCO_FLIP_INDICES)]
         flipped = self._torch.cat([flipped[..., :1], flipped[..., :-1]], dim=-1)
         return ((plain + flipped) * 0.5).cpu().numpy()
+
+    def _run(self, pixels):
+        """Heatmaps (float32) of a batch of normalised crops through the backend, with the current merge setting."""
+        from segmerge_ros.merging.segformerpp import NONE
+
+        config = NONE if self._merge is None else self._merge
+        if self.backend == "eager":
+            return self._backend.run(pixels, config)
+        return self._torch.cat([self._backend.run(pixels[i : i + 1], config) for i in range(pixels.shape[0])])
+
+    def warm(self, configs) -> None:
+        """Prepare the compiled graphs of the encoder settings in ``configs`` (MergeConfigs; only their stages
+        matter to pose) at batch 1, so that no rate change stalls a frame. Eager needs nothing."""
+        from segmerge_ros.merging.segformerpp import NONE
+
+        if self.backend == "eager":
+            return
+        distinct = dict.fromkeys(NONE if all(s.is_identity for s in c.stages) else c for c in configs)
+        self._backend.warm(list(distinct), input_shape=(1, 3, self.input_size[1], self.input_size[0]))
 
     def estimate(self, rgb: np.ndarray, class_map: np.ndarray | None = None,
                  person_ids: Sequence[int] = ()) -> PoseResult:
