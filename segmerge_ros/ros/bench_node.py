@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def measure_node(args, backend: str, precision: str, rates: list[float], domain: int) -> dict[float, dict]:
     size = parse_size(args.size)
     params = {"image_topics": [CAMERA], "weights": args.weights, "model": args.model, "backend": backend,
+              "input_size": f"{size[0]}x{size[1]}",
               "precision": precision, "engine_cache_dir": args.cache_dir or "", "merge_rate": rates[0]}
     env, _, _ = with_fastdds_profile(ros_env(domain))
     source = args.source or str(default_video())

@@ -245,10 +245,12 @@ class SegmentationEngine:
         self._merge: MergeConfig = NONE
         self._merge_rate = 0.0
         self.set_preset(preset)
+        self._warmed_sizes: set[tuple[int, int]] = set()
+        self._warm_on_new_sizes = self.backend != "eager" and warm and self.input_size is None
         if self.backend != "eager" and warm:
             if self.input_size is None:
-                LOG.warning("backend %s without a fixed input_size: each new frame size and rung is prepared on "
-                            "first use and stalls that frame", self.backend)
+                LOG.warning("backend %s without a fixed input_size: the first frame of each new size prepares "
+                            "every rung for it (and stalls); set input_size to prepare them at start", self.backend)
             else:
                 self.warm()
 
@@ -274,11 +276,13 @@ class SegmentationEngine:
         """The precision the next frame is computed in."""
         return self._step.precision
 
-    def warm(self, rates: Iterable[float] | None = None) -> list[Step]:
-        """Prepare every step (or those ``rates`` select) and the current preset at ``input_size``, so that no rate
-        change stalls a frame; returns the steps prepared."""
-        if self.input_size is None:
-            raise ValueError("warm() needs the engine's input_size")
+    def warm(self, rates: Iterable[float] | None = None, size: tuple[int, int] | None = None) -> list[Step]:
+        """Prepare every step (or those ``rates`` select) and the current preset at ``input_size`` (or the frame
+        ``size`` when there is none), so that no rate change stalls a frame; returns the steps prepared."""
+        size = self.input_size or size
+        if size is None:
+            raise ValueError("warm() needs the engine's input_size or a frame size")
+        self._warmed_sizes.add(tuple(size))
         steps = list(self.ladder) if rates is None else [step_for_rate(rate, self.ladder) for rate in rates]
         if rates is None and self._merge != self._step.config:
             steps.append(self._step)
@@ -287,7 +291,7 @@ class SegmentationEngine:
         steps = list(dict.fromkeys(steps))
         for config, precision in [(step.config, step.precision) for step in steps]:
             self._backends[precision].warm(
-                [network_config(config)], input_shape=scaled_size(*self.input_size, config.input_scale)
+                [network_config(config)], input_shape=scaled_size(*size, config.input_scale)
             )
         return steps
 
@@ -388,6 +392,9 @@ class SegmentationEngine:
 
     @torch.inference_mode()
     def infer(self, rgb: np.ndarray) -> SegmentationResult:
+        if self._warm_on_new_sizes and rgb.shape[:2] not in self._warmed_sizes:
+            LOG.info("backend %s: preparing every rung for %dx%d frames", self.backend, *rgb.shape[:2])
+            self.warm(size=rgb.shape[:2])
         if self._calibration_pending:
             self.calibrate_precision(rgb)
         start = time.perf_counter()
