@@ -19,6 +19,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -63,7 +64,8 @@ def measure_node(args, backend: str, precision: str, rates: list[float], domain:
     context = Context()
     rclpy.init(context=context, domain_id=domain)
     client = SegmergeClient(context, name="bench_node_client")
-    node = subprocess.Popen(node_command(params), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tempfile.NamedTemporaryFile("w+", prefix="segmerge_bench_node_", suffix=".log", delete=False)
+    node = subprocess.Popen(node_command(params), env=env, stdout=log, stderr=subprocess.STDOUT)
     camera = None
     results: dict[float, dict] = {}
     try:
@@ -86,7 +88,9 @@ def measure_node(args, backend: str, precision: str, rates: list[float], domain:
             client.spin_for(args.seconds)
             windows = [w for w in client.windows_after(CAMERA, since) if w.number("processing_ms") > 0]
             if not windows:
-                raise RuntimeError(f"no frames processed at rate {rate} ({backend}:{precision})")
+                log.flush()
+                tail = Path(log.name).read_text()[-3000:]
+                raise RuntimeError(f"no frames processed at rate {rate} ({backend}:{precision}); the node said:\n{tail}")
             results[rate] = {
                 "processing_ms": statistics.median(w.number("processing_ms") for w in windows),
                 "inference_ms": statistics.median(w.number("inference_ms") for w in windows),
