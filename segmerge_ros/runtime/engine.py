@@ -89,15 +89,13 @@ def upsampled_argmax(logits: torch.Tensor, labels: torch.Tensor, size: tuple[int
     """Arg-max of the bilinearly upsampled (K, h, w) logits at ``size``, without upsampling the K channels.
 
     A cell is the square between four neighbouring logit pixels; bilinear interpolation inside it is a convex
-    combination of its corners, so a class that some corner winner beats at all four corners cannot win anywhere
-    inside. Where that rules out every class that wins at no corner (almost every cell), only the corner winners
-    can win inside. Where those are at most two
-    classes (a region's inside: one; a boundary between two regions: two) the pixel is decided by interpolating just
-    those two, which is done densely and separably: per cell-row along the columns at the logits' height, then along
-    the rows at full size (a handful of passes over the output, whatever the share of boundary pixels). The rare
-    remaining cells (three or more corner winners, or not provably decided by them) interpolate all K classes.
-    Same result as ``F.interpolate(...).argmax`` (same operation order; ties go to the lower class id, as there);
-    ``labels`` is the arg-max at (h, w).
+    combination of its corners, so a class that some corner winner beats at all four corners cannot win anywhere in
+    the cell. Inside regions one class wins at every corner; on a boundary between two regions the two corner winners
+    are, almost everywhere, the only classes not ruled out: there the sign of their interpolated margin decides,
+    computed densely and separably (along the columns at the logits' height, then along the rows at full size: a
+    few fused passes over the output, whatever the share of boundary pixels), near ties again in F.interpolate's own
+    order of operations. Cells where more classes remain interpolate just those. Same result as
+    ``F.interpolate(...).argmax`` (ties go to the lower class id, as there); ``labels`` is the arg-max at (h, w).
     """
     num_classes, height, width = logits.shape
     device = logits.device
@@ -111,43 +109,60 @@ def upsampled_argmax(logits: torch.Tensor, labels: torch.Tensor, size: tuple[int
     corner_pixels = (corner_rows * width + corner_cols).reshape(4, height, width)  # flat index of each cell corner
     corner_labels = labels.reshape(-1)[corner_pixels]  # (4 corners, h, w)
     low, high = corner_labels.min(dim=0).values, corner_labels.max(dim=0).values
-    at_most_two = ((corner_labels == low) | (corner_labels == high)).all(dim=0)
-    decided = low == high
-    cell_r, cell_c = torch.nonzero(~decided, as_tuple=True)  # boundary cells: are the corner winners provably it?
-    if cell_r.numel():
-        corner_logits = logits[:, corner_pixels[:, cell_r, cell_c].reshape(-1) // width,
-                               corner_pixels[:, cell_r, cell_c].reshape(-1) % width].view(num_classes, 4, -1)
-        candidates = corner_labels[:, cell_r, cell_c]  # (4, cells)
-        is_candidate = torch.zeros((num_classes, cell_r.numel()), dtype=torch.bool, device=device)
-        is_candidate.scatter_(0, candidates, True)
-        # Class c cannot win anywhere in the cell when some corner winner a beats it at all four corners (then
-        # a's interpolation beats c's everywhere inside): max over corners of (l_c - l_a) < 0 for some a.
-        winner_values = corner_logits.gather(0, candidates.unsqueeze(1).expand(-1, 4, -1))  # (4 winners, 4, cells)
-        margin = 1e-4 * (1.0 + winner_values.abs().amax(dim=(0, 1)))  # absorbs the interpolation's rounding
-        beaten = ((corner_logits.unsqueeze(1) - winner_values.unsqueeze(0)).amax(dim=2) < -margin).any(dim=1)
-        decided[cell_r, cell_c] = (beaten | is_candidate).all(dim=0)
-    flat_logits = logits.reshape(-1)
-
-    def interpolate(cls: torch.Tensor) -> torch.Tensor:
-        """Class ``cls[r, c]``'s logit bilinearly interpolated over each output pixel of cell (r, c)."""
-        v = flat_logits[cls * (height * width) + corner_pixels].index_select(2, x0)  # (4 corners, h, W)
-        top = v[0] * (1 - wx) + v[1] * wx  # (h, W)
-        bottom = v[2] * (1 - wx) + v[3] * wx
-        return top.index_select(0, y0) * (1 - wy).unsqueeze(1) + bottom.index_select(0, y0) * wy.unsqueeze(1)
+    flat_logits, span = logits.reshape(-1), height * width
 
     def to_full(cell_values: torch.Tensor) -> torch.Tensor:  # (h, w) per cell -> (H, W) per pixel
-        return cell_values.index_select(0, y0).index_select(1, x0)
+        # Columns first, at the logits' height; then whole rows, which index_select copies as contiguous blocks.
+        return cell_values.index_select(1, x0).index_select(0, y0)
 
+    def interpolate(classes: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Each class's logit at pixels (rows, cols), in F.interpolate's order of operations (exact comparisons)."""
+        ry0, ry1, cx0, cx1 = y0[rows] * width, y1[rows] * width, x0[cols], x1[cols]
+        rwy, cwx, base = wy[rows], wx[cols], classes * span
+        top = flat_logits[base + ry0 + cx0] * (1 - cwx) + flat_logits[base + ry0 + cx1] * cwx
+        bottom = flat_logits[base + ry1 + cx0] * (1 - cwx) + flat_logits[base + ry1 + cx1] * cwx
+        return top * (1 - rwy) + bottom * rwy
+
+    # Every cell as if only its lowest and highest corner winner could win: exact inside regions and on two-class
+    # boundaries; the other cells are overwritten below.
+    corner_margin = flat_logits[high * span + corner_pixels] - flat_logits[low * span + corner_pixels]  # (4, h, w)
+    columns = corner_margin.index_select(2, x0)  # (4 corners, h, W)
+    top, bottom = torch.lerp(columns[0], columns[1], wx), torch.lerp(columns[2], columns[3], wx)
+    full_margin = torch.addcmul(top.index_select(0, y0), (bottom - top).index_select(0, y0), wy.unsqueeze(1))
     small = torch.uint8 if num_classes <= 256 else torch.int32  # full-size label maps: a quarter of the memory
-    out = torch.where(interpolate(high) > interpolate(low), to_full(high.to(small)), to_full(low.to(small)))
-    rows, cols = torch.nonzero(to_full(~(at_most_two & decided)), as_tuple=True)
-    if rows.numel():  # interpolate every class there
-        ry0, ry1, rwy = y0[rows], y1[rows], wy[rows].unsqueeze(1)
-        cx0, cx1, cwx = x0[cols], x1[cols], wx[cols].unsqueeze(1)
-        flat = logits.permute(1, 2, 0)  # (h, w, K): one gather per corner
-        top = flat[ry0, cx0] * (1 - cwx) + flat[ry0, cx1] * cwx
-        bottom = flat[ry1, cx0] * (1 - cwx) + flat[ry1, cx1] * cwx
-        out[rows, cols] = (top * (1 - rwy) + bottom * rwy).argmax(dim=1).to(out.dtype)
+    out = torch.where(full_margin > 0, to_full(high.to(small)), to_full(low.to(small)))
+    # Near ties, where lerp's rounding could differ from F.interpolate's: decide them exactly.
+    tolerance = 1e-4 * (1.0 + float(logits.abs().max()))
+    rows, cols = torch.nonzero((full_margin.abs() <= tolerance) & to_full(high != low), as_tuple=True)
+    if rows.numel():
+        pair = torch.stack([low[y0[rows], x0[cols]], high[y0[rows], x0[cols]]])
+        values = interpolate(pair, rows, cols)
+        out[rows, cols] = torch.where(values[1] > values[0], pair[1], pair[0]).to(small)
+    # Boundary cells: which classes are not ruled out (corner winners, and classes no winner beats at all corners).
+    cell_r, cell_c = torch.nonzero(high != low, as_tuple=True)
+    if not cell_r.numel():
+        return out.long()
+    corner_logits = flat_logits[torch.arange(num_classes, device=device).view(-1, 1, 1) * span
+                                + corner_pixels[:, cell_r, cell_c]]  # (K, 4 corners, cells)
+    winners = corner_labels[:, cell_r, cell_c]  # (4, cells)
+    winner_values = corner_logits.gather(0, winners.unsqueeze(1).expand(-1, 4, -1))  # (4 winners, 4 corners, cells)
+    slack = 1e-4 * (1.0 + winner_values.abs().amax(dim=(0, 1)))  # absorbs the interpolation's rounding
+    beaten = ((corner_logits.unsqueeze(1) - winner_values.unsqueeze(0)).amax(dim=2) < -slack).any(dim=1)
+    possible = ~beaten
+    possible.scatter_(0, winners, True)
+    count = possible.sum(dim=0)
+    more = count > 2
+    if not more.any():
+        return out.long()
+    # Cells with three or more possible winners: interpolate exactly those classes at their pixels.
+    cell_of = torch.full((height, width), -1, dtype=torch.long, device=device)
+    cell_of[cell_r[more], cell_c[more]] = torch.arange(int(more.sum()), device=device)
+    classes = possible[:, more].to(torch.uint8).topk(int(count.max()), dim=0).indices  # (R, cells): possible first
+    rows, cols = torch.nonzero(to_full(cell_of >= 0), as_tuple=True)
+    candidates = classes[:, cell_of[y0[rows], x0[cols]]]  # (R, pixels); padding classes are beaten: harmless
+    values = interpolate(candidates, rows, cols)
+    best = values.max(dim=0, keepdim=True).values
+    out[rows, cols] = torch.where(values == best, candidates, num_classes).min(dim=0).values.to(small)
     return out.long()
 
 
