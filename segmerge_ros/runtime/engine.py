@@ -119,8 +119,9 @@ def upsampled_argmax(logits: torch.Tensor, labels: torch.Tensor, size: tuple[int
         """Each class's logit at pixels (rows, cols), in F.interpolate's order of operations (exact comparisons)."""
         ry0, ry1, cx0, cx1 = y0[rows] * width, y1[rows] * width, x0[cols], x1[cols]
         rwy, cwx, base = wy[rows], wx[cols], classes * span
-        top = flat_logits[base + ry0 + cx0] * (1 - cwx) + flat_logits[base + ry0 + cx1] * cwx
-        bottom = flat_logits[base + ry1 + cx0] * (1 - cwx) + flat_logits[base + ry1 + cx1] * cwx
+        p00, p01, p10, p11 = ry0 + cx0, ry0 + cx1, ry1 + cx0, ry1 + cx1  # per pixel, shared by every class
+        top = flat_logits[base + p00] * (1 - cwx) + flat_logits[base + p01] * cwx
+        bottom = flat_logits[base + p10] * (1 - cwx) + flat_logits[base + p11] * cwx
         return top * (1 - rwy) + bottom * rwy
 
     # Every cell as if only its lowest and highest corner winner could win: exact inside regions and on two-class
