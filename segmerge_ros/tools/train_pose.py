@@ -764,8 +764,9 @@ def main_train(argv: Sequence[str]) -> int:
     records = train_pose(model, people, frames, settings, out, args.resume, info)
     losses = [r["loss"] for r in records]
     window = max(1, min(50, len(losses) // 4))
-    summary = {"first_loss": float(np.mean(losses[:window])) if losses else None,
-               "last_loss": float(np.mean(losses[-window:])) if losses else None}
+    # A resumed run that had nothing left to train (e.g. only to calibrate) keeps the losses already recorded.
+    summary = {"first_loss": float(np.mean(losses[:window])), "last_loss": float(np.mean(losses[-window:]))} \
+        if losses else {}
     if args.calibrate > 0:
         from segmerge_ros.models.pose import save_pose_checkpoint
 
