@@ -300,7 +300,7 @@ class SegmentationEngine:
             raise ValueError("warm() needs the engine's input_size or a frame size")
         self._warmed_sizes.add(tuple(size))
         steps = list(self.ladder) if rates is None else [step_for_rate(rate, self.ladder) for rate in rates]
-        if rates is None and self._merge != self._step.config:
+        if rates is None and self._step not in self.ladder:  # a preset in use
             steps.append(self._step)
         if self._calibration_pending:  # auto compares these two on the first frame
             steps += self.ladder[:2]
@@ -417,7 +417,6 @@ class SegmentationEngine:
         step, merge, rate = self._current()
         logits = self._run(self._network_input(rgb, merge), merge, step.precision, rate)
         class_map, confidence = logits_to_maps(logits, rgb.shape[:2], self.upsample)
-        name = merge.name if step.precision == "fp32" else f"{merge.name}@{step.precision}"
         return SegmentationResult(class_map, confidence, (time.perf_counter() - start) * 1e3, rate, name)
 
 
