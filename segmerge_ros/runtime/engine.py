@@ -417,7 +417,7 @@ class SegmentationEngine:
         step, merge, rate = self._current()
         logits = self._run(self._network_input(rgb, merge), merge, step.precision, rate)
         class_map, confidence = logits_to_maps(logits, rgb.shape[:2], self.upsample)
-        return SegmentationResult(class_map, confidence, (time.perf_counter() - start) * 1e3, rate, name)
+        return SegmentationResult(class_map, confidence, (time.perf_counter() - start) * 1e3, rate, step.name)
 
 
 @lru_cache(maxsize=64)
