@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Two test runs at once on one machine (a developer's beside CI, two checkouts) must not share a DDS domain, or one
+# run's parameter sets and topics reach the other's nodes: each run draws its own offset (its pid), and every test's
+# domain derives from its name plus that offset.
+RUN_DOMAIN_OFFSET = int(os.environ.get("SEGMERGE_TEST_DOMAIN_OFFSET", os.getpid()))
+
+
+def ros_domain_id(name: str, first: int = 100, count: int = 100) -> int:
+    """A ROS_DOMAIN_ID in [first, first + count) for the test or module called ``name``, private to this run."""
+    return first + (zlib.crc32(name.encode()) + RUN_DOMAIN_OFFSET) % count
 
 
 def shared_data_dir() -> Path:

@@ -7,7 +7,6 @@ handed to rcl's own parser through a real rclpy node, so types and the node-name
 from __future__ import annotations
 
 import ast
-import zlib
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from rclpy.context import Context
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from conftest import ros_domain_id
 from segmerge_ros.ros.params import DEFAULTS, PARAMETERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def test_config_documents_every_parameter():
 def test_rcl_reads_the_config_as_the_node_declares_it():
     """rcl's YAML parser, the node-name key and the value types, through a real rclpy node named segmerge."""
     context = Context()
-    rclpy.init(context=context, domain_id=100 + zlib.crc32(b"test_launch_static") % 100,
+    rclpy.init(context=context, domain_id=ros_domain_id("test_launch_static"),
                args=["--ros-args", "--params-file", str(CONFIG)])
     try:
         node = Node("segmerge", context=context, automatically_declare_parameters_from_overrides=True)

@@ -2,7 +2,7 @@
 
 One node (random SegFormer-B0, 128x160 network input, two cameras) serves most tests; the shutdown and start-up
 tests start their own. Frames are real (vtest.avi). Every ROS process here is on localhost discovery and a private
-ROS_DOMAIN_ID derived from the test's name, so parallel runs do not cross-talk.
+ROS_DOMAIN_ID derived from the test's name and the run (conftest.ros_domain_id), so parallel runs do not cross-talk.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import signal
 import statistics
 import subprocess
 import time
-import zlib
 from pathlib import Path
 
 import cv2
@@ -27,6 +26,7 @@ from safetensors.torch import save_file
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Float32, Header
 
+from conftest import ros_domain_id
 from segmerge_ros.models.checkpoints import ours_to_mmseg
 from segmerge_ros.models.segformer import SegFormer, mit_config
 from segmerge_ros.ros.conversions import jpeg_image, rgb8_image
@@ -44,7 +44,7 @@ NODE_PARAMS = {"image_topics": [CAM_A, CAM_B], "input_size": "128x160", "budget.
 
 
 def domain_id(name: str) -> int:
-    return 100 + zlib.crc32(name.encode()) % 100
+    return ros_domain_id(name)
 
 
 def quiet_env(name: str) -> dict[str, str]:

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import time
-import zlib
 from pathlib import Path
 
 import cv2
@@ -26,6 +25,7 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
 from std_msgs.msg import Header
 from visualization_msgs.msg import Marker, MarkerArray
 
+from conftest import ros_domain_id
 from segmerge_ros.models.pose import COCO_SKELETON
 from segmerge_ros.ros.conversions import rgb8_image
 from segmerge_ros.ros.client import DiagnosticsWindow, SegmergeClient, node_command, ros_env, stop_process
@@ -42,7 +42,7 @@ K = dict(fx=310.0, fy=305.0, cx=191.5, cy=143.5)
 
 
 def domain_id(name: str) -> int:
-    return 200 + zlib.crc32(name.encode()) % 30
+    return ros_domain_id(name, first=200, count=30)
 
 
 def quiet_env(name: str) -> dict[str, str]:

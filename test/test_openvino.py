@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
-import zlib
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
+from conftest import ros_domain_id
 from segmerge_ros.merging.segformerpp import LADDER, NONE, ladder_for_backend
 from segmerge_ros.runtime import openvino_backend
 from segmerge_ros.runtime.backends import EagerBackend, cpu_bf16_support, make_backend
@@ -193,7 +193,7 @@ def test_node_runs_on_openvino_over_rclpy(student_dir, cache, frame, tmp_path):
     from segmerge_ros.ros.client import SegmergeClient, node_command, ros_env, stop_process
     from segmerge_ros.ros.conversions import rgb8_image
 
-    domain = 100 + zlib.crc32(__name__.encode()) % 100
+    domain = ros_domain_id(__name__)
     camera = "/ov_cam/image"
     params = {"image_topics": [camera], "weights": str(student_dir), "input_size": f"{SIZE[0]}x{SIZE[1]}",
               "backend": "openvino", "engine_cache_dir": str(cache), "merge_rate": 0.9}
