@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -16,7 +18,9 @@ from segmerge_ros.models.mask2former import (  # noqa: E402
     attention_mask_for,
     mask2former_config,
 )
+from segmerge_ros.models.resnet import ResNetConfig as ResNetBackboneConfig  # noqa: E402
 from segmerge_ros.models.segformer import mit_config  # noqa: E402
+from segmerge_ros.models.swin import SwinConfig as SwinBackboneConfig  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,10 +32,14 @@ TINY_HEADS = dict(feature_size=64, mask_feature_size=64, hidden_dim=64, encoder_
 OUT_FEATURES = ["stage1", "stage2", "stage3", "stage4"]
 
 
-def tiny_swin_hf_config() -> HFMask2FormerConfig:
+def tiny_swin_hf_config(**overrides) -> HFMask2FormerConfig:
     backbone = SwinConfig(embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=3,
                           out_features=OUT_FEATURES)
-    return HFMask2FormerConfig(backbone_config=backbone, **TINY_HEADS)
+    return HFMask2FormerConfig(backbone_config=backbone, **{**TINY_HEADS, **overrides})
+
+
+def tiny_swin_pre_norm_hf_config() -> HFMask2FormerConfig:
+    return tiny_swin_hf_config(pre_norm=True)
 
 
 def tiny_resnet_hf_config() -> HFMask2FormerConfig:
@@ -72,7 +80,8 @@ def ours_from_hf(hf: Mask2FormerForUniversalSegmentation) -> Mask2Former:
     return ours
 
 
-@pytest.mark.parametrize("hf_config", [tiny_swin_hf_config, tiny_resnet_hf_config], ids=["swin", "resnet"])
+@pytest.mark.parametrize("hf_config", [tiny_swin_hf_config, tiny_resnet_hf_config, tiny_swin_pre_norm_hf_config],
+                         ids=["swin", "resnet", "swin-pre-norm"])
 def test_matches_transformers_at_non_square_size(hf_config):
     torch.manual_seed(0)
     hf = Mask2FormerForUniversalSegmentation(hf_config()).eval()
@@ -104,12 +113,18 @@ def test_state_dict_keys_are_transformers_keys_without_the_model_prefix():
     assert set(ours.state_dict()) == hf_keys
 
 
+def tiny_config(backbone: str, **overrides) -> Mask2FormerConfig:
+    values = dict(backbone=backbone, swin=SwinBackboneConfig(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
+                                                             window_size=3),
+                  resnet=ResNetBackboneConfig(embedding_size=8, hidden_sizes=(16, 32, 32, 48), depths=(1, 1, 1, 1)),
+                  mit=mit_config("b0", depths=(1, 1, 1, 1)), num_classes=4, num_queries=6, feature_size=64,
+                  mask_feature_size=64, hidden_dim=64, num_attention_heads=4, encoder_layers=2,
+                  encoder_feedforward_dim=64, num_decoder_layers=3, decoder_feedforward_dim=64)
+    return Mask2FormerConfig(**{**values, **overrides})
+
+
 def test_mit_backbone_runs_with_the_right_output_shapes():
-    config = Mask2FormerConfig(backbone="mit", mit=mit_config("b0", depths=(1, 1, 1, 1)), num_classes=4,
-                               num_queries=6, feature_size=64, mask_feature_size=64, hidden_dim=64,
-                               num_attention_heads=4, encoder_layers=1, encoder_feedforward_dim=64,
-                               num_decoder_layers=3, decoder_feedforward_dim=64)
-    model = Mask2Former(config).eval()
+    model = Mask2Former(tiny_config("mit")).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 96))
     assert out.class_logits.shape == (1, 6, 5)
@@ -145,3 +160,32 @@ def test_unknown_names_and_unsupported_configs_fail_clearly():
     hf["backbone_config"]["model_type"] = "convnext"
     with pytest.raises(ValueError, match="backbone model_type 'convnext'"):
         Mask2FormerConfig.from_hf_dict(hf)
+
+
+def test_coarse_layers_reach_the_encoder_and_zero_is_the_default():
+    torch.manual_seed(0)
+    model = Mask2Former(tiny_config("swin")).eval()
+    pixels = torch.randn(1, 3, HEIGHT, WIDTH)
+    with torch.no_grad():
+        default, zero, coarse = model(pixels), model(pixels, coarse_layers=0), model(pixels, coarse_layers=2)
+    assert torch.equal(default.mask_logits, zero.mask_logits)
+    assert not torch.allclose(default.mask_logits, coarse.mask_logits)
+    assert coarse.mask_logits.shape == default.mask_logits.shape
+
+
+@pytest.mark.parametrize("backbone", ["swin", "resnet", "mit"])
+def test_traces_without_data_dependent_python_in_our_modules(backbone):
+    """A trace records tensor ops only: any Python decision on tensor values in the model's own modules would show
+    as a TracerWarning from them (shape-only conversions in other modules are fine for a fixed input size)."""
+    torch.manual_seed(0)
+    model = Mask2Former(tiny_config(backbone)).eval()
+    pixels = torch.randn(1, 3, HEIGHT, WIDTH)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(model, (pixels,))
+    ours = ("mask2former.py", "swin.py", "resnet.py", "segformer.py")
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)
+                and w.filename.endswith(ours)]
+    other = torch.randn(1, 3, HEIGHT, WIDTH)
+    with torch.no_grad():
+        assert torch.allclose(traced(other)[1], model(other).mask_logits, atol=1e-5)
