@@ -60,6 +60,14 @@ def coarse_layers_for_rate(rate: float, full_scale_layers: int = 6) -> int:
     return min(setting, full_scale_layers - 1)
 
 
+def knob_levels(num_layers: int, coarse_layers: int, n_levels: int = 3) -> list[int]:
+    """The number of levels each of ``num_layers`` full-scale layers runs on with ``coarse_layers`` coarse ones."""
+    if not 0 <= coarse_layers <= num_layers:
+        raise ValueError(f"coarse_layers must lie in 0..{num_layers}, got {coarse_layers}")
+    coarse = min(COARSE_LEVELS, n_levels)
+    return [coarse] * coarse_layers + [n_levels] * (num_layers - coarse_layers)
+
+
 def multi_scale_deformable_attention(
     value: torch.Tensor,
     spatial_shapes: SpatialShapes,
@@ -314,16 +322,10 @@ class DeformableEncoder(nn.Module):
             for _ in range(num_layers)
         )
 
-    def active_levels(self, coarse_layers: int) -> list[int]:
-        """Levels each layer runs on with ``coarse_layers`` coarse layers."""
-        if not 0 <= coarse_layers <= len(self.layers):
-            raise ValueError(f"coarse_layers must lie in 0..{len(self.layers)}, got {coarse_layers}")
-        coarse = min(COARSE_LEVELS, self.n_levels)
-        return [coarse if i < coarse_layers else self.n_levels for i in range(len(self.layers))]
-
     def forward(
         self, tokens: torch.Tensor, pos: torch.Tensor, spatial_shapes: SpatialShapes, coarse_layers: int = 0
     ) -> torch.Tensor:
         if len(spatial_shapes) != self.n_levels:
             raise ValueError(f"encoder built for {self.n_levels} levels got {len(spatial_shapes)} spatial shapes")
-        return run_progressive(self.layers, self.active_levels(coarse_layers), tokens, pos, spatial_shapes)
+        levels = knob_levels(len(self.layers), coarse_layers, self.n_levels)
+        return run_progressive(self.layers, levels, tokens, pos, spatial_shapes)
