@@ -298,3 +298,37 @@ def test_detectron2_files_that_are_not_mask2former(tmp_path):
     state = {k: v for k, v in to_detectron2(small_model("swin").state_dict()).items() if not k.startswith("backbone.")}
     with pytest.raises(CheckpointError, match="unknown detectron2 backbone"):
         load_mask2former(write_pth(tmp_path / "headless.pth", state))
+
+
+@pytest.mark.parametrize("backbone, schedule", [("swin", (3, 3, 3)), ("resnet", (3, 3, 3)), ("swin", (1, 2, 3))])
+def test_proscale_detectron2_checkpoint_loads_into_a_proscale_model(tmp_path, backbone, schedule):
+    # encoder_layers: read off the file as the number of layers there are (PRO-SCALE's encoder ignores it)
+    original = small_model(backbone, encoder="proscale", proscale_schedule=schedule, encoder_layers=sum(schedule))
+    state = to_detectron2(original.state_dict())
+    # The released layout: 9 (here sum(schedule)) encoder layers on 1, 2, 3 levels, the TRC gate, LPE norm only.
+    layers = [state[f"{PIXEL}transformer.encoder.layers.{i}.self_attn.attention_weights.weight"].shape[0]
+              for i in range(sum(schedule))]
+    heads_points = 4 * 4
+    assert layers == [heads_points * level for level, count in zip((1, 2, 3), schedule) for _ in range(count)]
+    assert state[f"{PIXEL}transformer.encoder.token_excite.ops.weight"].shape == (1, 32)
+    assert f"{PIXEL}layer_1.norm.weight" in state and f"{PIXEL}layer_1.weight" not in state
+    path = write_pkl(tmp_path / f"{backbone}_proscale.pkl", state)
+    loaded = load_mask2former(path)
+    assert loaded.model.config.encoder == "proscale" and loaded.model.config.proscale_schedule == schedule
+    assert same_shape(loaded.model.config, original.config)
+    assert_same_tensors(loaded.model, original)
+    pixels = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(pixels).mask_logits, original(pixels).mask_logits, atol=0, rtol=0)
+
+
+def test_stock_checkpoint_into_a_proscale_config_names_the_misfit(tmp_path):
+    state = to_detectron2(small_model("swin").state_dict())
+    config = config_from_detectron2(state, encoder="proscale", proscale_schedule=(1, 1, 0))
+    with pytest.raises(CheckpointError) as error:
+        load_mask2former(write_pth(tmp_path / "stock.pth", state), config=config)
+    message = str(error.value)
+    assert "pixel_level_module.decoder.encoder.token_excite.ops.weight" in message  # missing
+    assert "pixel_level_module.decoder.layer_1.0.weight" in message  # unexpected: LPE has no conv
+    assert ("pixel_level_module.decoder.encoder.layers.0.self_attn.attention_weights.weight: checkpoint (48, 32) "
+            "vs model (16, 32)") in message

@@ -163,7 +163,7 @@ def read_detectron2(path: Path) -> dict[str, torch.Tensor]:
     state = {}
     for key, value in checkpoint.items():
         if isinstance(value, np.ndarray):
-            value = torch.from_numpy(np.ascontiguousarray(value))
+            value = torch.from_numpy(np.array(value))  # a writable copy; keeps 0-d shapes (ascontiguousarray does not)
         if isinstance(value, torch.Tensor):
             state[key.removeprefix("module.")] = value
     if not any(key.startswith("sem_seg_head.") for key in state):
@@ -325,7 +325,7 @@ def config_from_detectron2(state: Mapping[str, torch.Tensor], source: str | Path
         if levels != sorted(levels) or sum(schedule) != encoder_layers:
             raise CheckpointError(f"checkpoint {source}: PRO-SCALE encoder layers on {levels} levels; expected "
                                   "1-level, then 2-level, then 3-level layers")
-        encoder = {"encoder": "proscale", "proscale_schedule": schedule}
+        encoder.update(encoder="proscale", proscale_schedule=schedule)
     values = dict(
         backbone,
         **encoder,
