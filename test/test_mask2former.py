@@ -123,8 +123,9 @@ def tiny_config(backbone: str, **overrides) -> Mask2FormerConfig:
     return Mask2FormerConfig(**{**values, **overrides})
 
 
-def test_mit_backbone_runs_with_the_right_output_shapes():
-    model = Mask2Former(tiny_config("mit")).eval()
+@pytest.mark.parametrize("encoder", ["stock", "proscale"])
+def test_mit_backbone_runs_with_the_right_output_shapes(encoder):
+    model = Mask2Former(tiny_config("mit", encoder=encoder, proscale_schedule=(1, 1, 1))).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 96))
     assert out.class_logits.shape == (1, 6, 5)
@@ -135,7 +136,8 @@ def test_mit_backbone_runs_with_the_right_output_shapes():
 @pytest.mark.parametrize("name, backbone, encoder", [
     ("mask2former-swin-t", "swin", "stock"), ("mask2former-swin-s", "swin", "stock"),
     ("mask2former-swin-b", "swin", "stock"), ("mask2former-r50", "resnet", "stock"),
-    ("mask2former-mit-b0", "mit", "stock"),
+    ("mask2former-r50-proscale", "resnet", "proscale"), ("mask2former-swin-t-proscale", "swin", "proscale"),
+    ("mask2former-mit-b0", "mit", "stock"), ("mask2former-mit-b0-proscale", "mit", "proscale"),
 ])
 def test_named_configs_build(name, backbone, encoder):
     config = mask2former_config(name)
@@ -144,8 +146,8 @@ def test_named_configs_build(name, backbone, encoder):
     keys = model.state_dict()
     assert "class_predictor.weight" in keys and "transformer_module.decoder.layers.8.fc2.weight" in keys
     if encoder == "proscale":
-        assert "pixel_level_module.decoder.encoder.token_excite.weight" in keys or any(
-            k.startswith("pixel_level_module.decoder.encoder.token_excite.") for k in keys)
+        assert keys["pixel_level_module.decoder.encoder.token_excite.ops.weight"].shape == (1, 256)
+        assert len({k.split(".")[4] for k in keys if k.startswith("pixel_level_module.decoder.encoder.layers.")}) == 9
         assert "pixel_level_module.decoder.layer_1.0.weight" not in keys  # the light pixel embedding has no conv
     else:
         assert "pixel_level_module.decoder.layer_1.0.weight" in keys

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .deformable_attention import DeformableEncoder, sine_position_embedding
+from .proscale import ProScaleEncoder, light_pixel_embedding
 from .resnet import RESNET_CONFIGS, ResNetBackbone, ResNetConfig
 from .segformer import MiTConfig, MixTransformer, mit_config
 from .swin import SWIN_CONFIGS, SwinBackbone, SwinConfig
@@ -280,8 +281,6 @@ class PixelDecoder(nn.Module):
 def build_pixel_encoder(config: Mask2FormerConfig) -> nn.Module:
     """The deformable encoder of the pixel decoder: stock or PRO-SCALE."""
     if config.encoder == "proscale":
-        from .proscale import ProScaleEncoder  # H3's module (issue 13); imported where it is used
-
         return ProScaleEncoder(schedule=config.proscale_schedule, trc_temperature=config.trc_temperature,
                                d_model=config.feature_size, n_heads=config.num_attention_heads,
                                n_points=ENCODER_POINTS, ffn_dim=config.encoder_feedforward_dim)
@@ -293,8 +292,6 @@ def build_pixel_encoder(config: Mask2FormerConfig) -> nn.Module:
 def build_output_layer(config: Mask2FormerConfig) -> nn.Module:
     """``layer_1``: 3x3 conv + GN + ReLU, or PRO-SCALE's light pixel embedding (max-pool + GN + ReLU)."""
     if config.encoder == "proscale":
-        from .proscale import light_pixel_embedding
-
         return light_pixel_embedding(config.feature_size)
     return conv_group_norm(config.feature_size, config.feature_size, 3, bias=False, relu=True)
 
