@@ -245,3 +245,33 @@ def test_released_schedule_costs_about_64_percent_of_the_stock_encoder_at_16_4_1
     assert ratio == pytest.approx(0.64, abs=0.005)
     knob = [encoder_macs(shapes, stock_encoder_levels(6, k)) for k in range(6)]
     assert all(b < a for a, b in zip(knob, knob[1:]))
+
+
+@pytest.mark.parametrize("name", ["mask2former-mit-b0", "mask2former-mit-b0-proscale"])
+def test_whole_model_counts_split_by_part_and_the_pixel_decoder_matches_its_shape_count(name):
+    """torch's count of the pixel decoder of our Mask2Former (meta device) equals the count from shapes alone,
+    at every knob setting and a non-square size; the knob lowers the total, and only the pixel decoder changes."""
+    from segmerge_ros.models.mask2former import mask2former_config
+    from segmerge_ros.models.mask2former_flops import model_macs, pixel_decoder_macs_for
+
+    config = mask2former_config(name)
+    size = (192, 320)
+    settings = (0, 2) if name.endswith("proscale") else (0, 3, 5)
+    counts = [model_macs(config, size, k) for k in settings]
+    for k, count in zip(settings, counts):
+        assert count["pixel_decoder"] == sum(pixel_decoder_macs_for(config, size, k).values())
+        assert count["total"] == sum(v for part, v in count.items() if part != "total")
+        assert count["backbone"] == counts[0]["backbone"] and count["transformer_decoder"] > 0
+    totals = [count["total"] for count in counts]
+    assert all(b < a for a, b in zip(totals, totals[1:]))
+
+
+def test_released_proscale_saves_about_half_the_pixel_decoder_at_coco_size():
+    """At 800x1216 (R50 channels) the (3,3,3) pixel decoder with the LPE costs about half the stock one (the note's
+    estimate, ~135 -> ~67 GMAC)."""
+    from segmerge_ros.models.mask2former import mask2former_config
+    from segmerge_ros.models.mask2former_flops import pixel_decoder_macs_for
+
+    stock = sum(pixel_decoder_macs_for(mask2former_config("mask2former-r50"), (800, 1216)).values())
+    proscale = sum(pixel_decoder_macs_for(mask2former_config("mask2former-r50-proscale"), (800, 1216)).values())
+    assert stock / 1e9 == pytest.approx(135, abs=1) and proscale / 1e9 == pytest.approx(67, abs=1)
