@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from segmerge_ros.runtime.mask2former_post import (
     InstanceInfo,
     Instances,
+    instance_boxes,
     instance_id_map,
     instance_segmentation,
     panoptic_segmentation,
+    person_boxes_from_instances,
     semantic_maps,
     semantic_scores,
 )
@@ -148,8 +150,8 @@ def test_instances_of_no_query():
     result = instance_segmentation(class_logits({0: 0.1}, num_classes=2), square_masks((4, 4), (0, 0, 1, 1)),
                                    (6, 6), score_threshold=0.5)
     assert len(result) == 0 and result.masks.shape == (0, 6, 6)
-    id_map, info = instance_id_map(result)
-    assert id_map.shape == (6, 6) and not id_map.any() and info == []
+    mapped = instance_id_map(result)
+    assert mapped.id_map.shape == (6, 6) and not mapped.id_map.any() and mapped.info == ()
 
 
 # --- instance id map ---------------------------------------------------------------------------------------------
@@ -162,10 +164,11 @@ def masks_of(shape: tuple[int, int], *boxes: tuple[int, int, int, int]) -> torch
 def test_id_map_higher_score_wins_and_ids_follow_scores():
     masks = masks_of((6, 6), (0, 0, 4, 4), (2, 2, 6, 6), (5, 0, 6, 1))
     instances = Instances(masks, torch.tensor([4, 7, 1]), torch.tensor([0.6, 0.9, 0.3]))
-    id_map, info = instance_id_map(instances)
+    mapped = instance_id_map(instances)
+    id_map, info = mapped.id_map, mapped.info
     assert id_map.dtype == np.uint16
-    assert info == [InstanceInfo(1, 7, pytest.approx(0.9)), InstanceInfo(2, 4, pytest.approx(0.6)),
-                    InstanceInfo(3, 1, pytest.approx(0.3))]
+    assert info == (InstanceInfo(1, 7, pytest.approx(0.9)), InstanceInfo(2, 4, pytest.approx(0.6)),
+                    InstanceInfo(3, 1, pytest.approx(0.3)))
     expected = np.zeros((6, 6), np.uint16)
     expected[:4, :4] = 2
     expected[2:, 2:] = 1  # the overlap 2..4 x 2..4 goes to the 0.9 instance
@@ -176,10 +179,36 @@ def test_id_map_higher_score_wins_and_ids_follow_scores():
 def test_id_map_gives_no_id_to_empty_or_wholly_covered_instances():
     masks = masks_of((6, 6), (1, 1, 3, 3), (0, 0, 4, 4), (0, 0, 0, 0), (4, 4, 6, 6))
     instances = Instances(masks, torch.tensor([2, 3, 5, 6]), torch.tensor([0.5, 0.8, 0.99, 0.4]))
-    id_map, info = instance_id_map(instances)
+    mapped = instance_id_map(instances)
+    id_map, info = mapped.id_map, mapped.info
     assert [(i.id, i.class_id) for i in info] == [(1, 3), (2, 6)]
     assert set(np.unique(id_map).tolist()) == {0, 1, 2}
     assert (id_map[:4, :4] == 1).all() and (id_map[4:, 4:] == 2).all()
+
+
+def test_instance_boxes_areas_and_info_dict():
+    masks = masks_of((6, 8), (0, 0, 4, 4), (2, 2, 6, 7), (5, 0, 6, 1))
+    mapped = instance_id_map(Instances(masks, torch.tensor([4, 7, 1]), torch.tensor([0.6, 0.9, 0.3])))
+    boxes, areas = instance_boxes(mapped)
+    # id 1: the 0.9 square 2..6 x 2..7; id 2: the 0.6 square without the overlap (its box stays 0..4 x 0..4).
+    np.testing.assert_array_equal(boxes, [[2, 2, 7, 6], [0, 0, 4, 4], [0, 5, 1, 6]])
+    assert areas.tolist() == [20, 16 - 4, 1]
+    names = [f"c{i}" for i in range(8)]
+    assert mapped.as_dict(names) == {"1": {"class_id": 7, "class": "c7", "score": 0.9},
+                                     "2": {"class_id": 4, "class": "c4", "score": 0.6},
+                                     "3": {"class_id": 1, "class": "c1", "score": 0.3}}
+
+
+def test_person_boxes_from_instances_one_box_per_touching_person():
+    # Two people side by side (touching: one connected component in a class map) and a car.
+    masks = masks_of((10, 12), (1, 0, 9, 4), (0, 4, 10, 9), (8, 9, 10, 12))
+    mapped = instance_id_map(Instances(masks, torch.tensor([0, 0, 2]), torch.tensor([0.7, 0.8, 0.95])))
+    boxes, areas = person_boxes_from_instances(mapped, person_ids=[0], min_area=10)
+    np.testing.assert_array_equal(boxes, [[4, 0, 9, 10], [0, 1, 4, 9]])  # largest first
+    assert areas.tolist() == [50, 32]
+    assert len(person_boxes_from_instances(mapped, person_ids=[0], min_area=40)[0]) == 1
+    assert len(person_boxes_from_instances(mapped, person_ids=[0], min_area=1, max_persons=1)[0]) == 1
+    assert len(person_boxes_from_instances(mapped, person_ids=[], min_area=1)[0]) == 0
 
 
 # --- panoptic ----------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ resizes every mask to 384x384 first and uses other panoptic thresholds), with th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -146,16 +146,29 @@ def instance_segmentation(class_logits: torch.Tensor, mask_logits: torch.Tensor,
     return Instances(_upsample(logits[keep], size) > 0, classes[keep], scores[keep])
 
 
-def instance_id_map(instances: Instances) -> tuple[np.ndarray, list[InstanceInfo]]:
-    """A mono16 id map (H, W) uint16: 0 = no instance, 1..N; where masks overlap the higher score wins. Ids are
-    numbered by descending score over the instances that keep at least one pixel (empty or wholly covered
-    instances get no id); the info list maps each id to its class and score."""
+@dataclass(frozen=True)
+class InstanceMap:
+    """Instances as one mono16 id map: ``id_map`` (H, W) uint16, 0 = no instance, else the id of ``info[id - 1]``."""
+
+    id_map: np.ndarray
+    info: tuple[InstanceInfo, ...]
+
+    def as_dict(self, class_names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """id (as a string, JSON's keys) -> class id, class name and score (rounded to 4 decimals)."""
+        return {str(item.id): {"class_id": item.class_id, "class": class_names[item.class_id],
+                               "score": round(item.score, 4)} for item in self.info}
+
+
+def instance_id_map(instances: Instances) -> InstanceMap:
+    """A mono16 id map: 0 = no instance, 1..N; where masks overlap the higher score wins. Ids are numbered by
+    descending score over the instances that keep at least one pixel (empty or wholly covered instances get no id);
+    the info maps each id to its class and score."""
     count = len(instances)
     if count > np.iinfo(np.uint16).max:
         raise ValueError(f"{count} instances do not fit a mono16 id map")
     height, width = instances.masks.shape[-2:]
     if count == 0:
-        return np.zeros((height, width), np.uint16), []
+        return InstanceMap(np.zeros((height, width), np.uint16), ())
     order = instances.scores.argsort(descending=True, stable=True)
     masks = instances.masks[order]
     # argmax returns the first maximum: the best-scored instance covering the pixel.
@@ -165,9 +178,40 @@ def instance_id_map(instances: Instances) -> tuple[np.ndarray, list[InstanceInfo
     renumber[1:][visible] = torch.arange(1, int(visible.sum()) + 1)
     id_map = renumber[winner].to(torch.int32).cpu().numpy().astype(np.uint16)
     kept = order[visible]
-    info = [InstanceInfo(i + 1, int(c), float(s)) for i, (c, s) in
-            enumerate(zip(instances.classes[kept].tolist(), instances.scores[kept].tolist()))]
-    return id_map, info
+    info = tuple(InstanceInfo(i + 1, int(c), float(s)) for i, (c, s) in
+                 enumerate(zip(instances.classes[kept].tolist(), instances.scores[kept].tolist())))
+    return InstanceMap(id_map, info)
+
+
+def instance_boxes(instance_map: InstanceMap) -> tuple[np.ndarray, np.ndarray]:
+    """Each id's bounding box over its pixels in the map, (N, 4) float32 xyxy (x2, y2 exclusive), and its pixel
+    count (N,) int64, in id order."""
+    count = len(instance_map.info)
+    id_map = instance_map.id_map
+    height, width = id_map.shape
+    rows = np.zeros((count + 1, height), bool)
+    cols = np.zeros((count + 1, width), bool)
+    rows[id_map, np.arange(height)[:, None]] = True  # id k appears in row y
+    cols[id_map, np.arange(width)[None, :]] = True
+    rows, cols = rows[1:], cols[1:]
+    boxes = np.stack([cols.argmax(1), rows.argmax(1), width - cols[:, ::-1].argmax(1),
+                      height - rows[:, ::-1].argmax(1)], axis=1)
+    areas = np.bincount(id_map.ravel(), minlength=count + 1)[1:].astype(np.int64)
+    return boxes.astype(np.float32).reshape(-1, 4), areas
+
+
+def person_boxes_from_instances(instance_map: InstanceMap, person_ids: Sequence[int], min_area: int = 400,
+                                max_persons: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Person boxes from instances of the person classes, as ``runtime.pose.person_boxes_from_segmentation`` gives
+    them from a class map (xyxy, largest first, at least ``min_area`` pixels, at most ``max_persons``), but one box
+    per person even where people touch."""
+    boxes, areas = instance_boxes(instance_map)
+    classes = np.array([item.class_id for item in instance_map.info], dtype=np.int64)
+    keep = np.isin(classes, np.asarray(list(person_ids), dtype=np.int64)) & (areas >= max(int(min_area), 1))
+    order = np.flatnonzero(keep)[np.argsort(-areas[keep], kind="stable")]
+    if max_persons is not None:
+        order = order[: max(int(max_persons), 0)]
+    return boxes[order], areas[order]
 
 
 def panoptic_segmentation(class_logits: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int],
