@@ -11,6 +11,8 @@ element-wise ops and norms are not counted (``proscale.sampling_macs_per_token``
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -49,11 +51,17 @@ def pixel_decoder_macs_for(config: Mask2FormerConfig, image_size: tuple[int, int
     return parts
 
 
+@lru_cache(maxsize=4)
+def meta_model(config: Mask2FormerConfig) -> Mask2Former:
+    """The model on the meta device (shapes only; building it is the slow part, so it is kept)."""
+    with torch.device("meta"):
+        return Mask2Former(config).eval().requires_grad_(False)
+
+
 def model_macs(config: Mask2FormerConfig, image_size: tuple[int, int], coarse_layers: int = 0) -> dict[str, int]:
     """MACs of one image through the whole model, by part (``PARTS``) and ``total``."""
-    with torch.device("meta"):
-        model = Mask2Former(config).eval().requires_grad_(False)
-        pixels = torch.zeros(1, 3, int(image_size[0]), int(image_size[1]))
+    model = meta_model(config)
+    pixels = torch.zeros(1, 3, int(image_size[0]), int(image_size[1]), device="meta")
     with FlopCounterMode(display=False, depth=None) as counter:
         model(pixels, coarse_layers=coarse_layers)
     by_module = counter.get_flop_counts()
