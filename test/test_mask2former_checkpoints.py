@@ -9,17 +9,16 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from mask2former_fixtures import hf_mask2former, randomise
 from segmerge_ros.models.checkpoint_errors import CheckpointError
 from segmerge_ros.models.mask2former import Mask2Former, Mask2FormerConfig
 from segmerge_ros.models.mask2former_checkpoints import config_from_detectron2, detect_format, load_mask2former
 from segmerge_ros.models.resnet import ResNetConfig
 from segmerge_ros.models.swin import SwinConfig
 
-transformers = pytest.importorskip("transformers")
 
 SMALL = dict(num_classes=5, num_queries=6, feature_size=32, mask_feature_size=32, hidden_dim=32,
              num_attention_heads=4, encoder_layers=2, encoder_feedforward_dim=64, num_decoder_layers=3,
@@ -28,48 +27,12 @@ SMALL_SWIN = SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4
 SMALL_RESNET = ResNetConfig(embedding_size=16, hidden_sizes=(32, 64, 96, 128), depths=(1, 2, 1, 1))
 
 
-def randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Non-trivial weights everywhere, norms included (fresh norms are the identity and would hide swaps)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            noise = torch.randn(tensor.shape, generator=generator)
-            if name.endswith("running_var"):
-                tensor.copy_(0.5 + noise.abs())
-            elif re.search(r"(norm|normalization|layernorm|layer_norm|\.1)\.weight$", name) and tensor.dim() == 1:
-                tensor.copy_(1.0 + 0.2 * noise)
-            else:
-                tensor.copy_(0.2 * noise)
-    return model.eval()
-
-
 # --- Hugging Face hub layout ---------------------------------------------------------------------------------------
-
-
-def hf_model(backbone: str):
-    from transformers import Mask2FormerConfig as HFConfig, Mask2FormerForUniversalSegmentation
-    from transformers import ResNetConfig as HFResNet, SwinConfig as HFSwin
-
-    stages = ["stage1", "stage2", "stage3", "stage4"]
-    if backbone == "swin":
-        backbone_config = HFSwin(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=4,
-                                 out_features=stages)
-    else:
-        backbone_config = HFResNet(embedding_size=16, hidden_sizes=[32, 64, 96, 128], depths=[1, 2, 1, 1],
-                                   out_features=stages)
-    config = HFConfig(backbone_config=backbone_config, num_labels=5, num_queries=6, hidden_dim=32,
-                      mask_feature_size=32, feature_size=32, encoder_feedforward_dim=64, dim_feedforward=64,
-                      decoder_layers=4, encoder_layers=2, num_attention_heads=4,
-                      id2label={i: f"thing{i}" for i in range(5)}, label2id={f"thing{i}": i for i in range(5)})
-    torch.manual_seed(0)
-    return randomise(Mask2FormerForUniversalSegmentation(config), seed=1)
 
 
 @pytest.mark.parametrize("backbone, weights_file", [("swin", "model.safetensors"), ("resnet", "pytorch_model.bin")])
 def test_hub_folder_from_save_pretrained_reproduces_transformers(tmp_path, backbone, weights_file):
-    reference = hf_model(backbone)
+    reference = hf_mask2former(backbone)
     reference.save_pretrained(tmp_path, safe_serialization=weights_file.endswith("safetensors"))
     assert (tmp_path / weights_file).is_file()
     loaded = load_mask2former(tmp_path)
@@ -103,7 +66,7 @@ def test_hub_folder_errors(tmp_path):
 
 
 def test_hub_config_the_model_cannot_build_is_a_checkpoint_error(tmp_path):
-    reference = hf_model("swin")
+    reference = hf_mask2former("swin")
     reference.save_pretrained(tmp_path)
     config = (tmp_path / "config.json").read_text().replace('"model_type": "swin"', '"model_type": "convnext"')
     (tmp_path / "config.json").write_text(config)
