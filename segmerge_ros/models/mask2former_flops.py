@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .mask2former import Mask2Former, Mask2FormerConfig
+from .mask2former import Mask2Former, Mask2FormerConfig, mask2former_config
 from .proscale import (
     EncoderShape,
     encoder_shapes,
@@ -71,3 +71,34 @@ def model_macs(config: Mask2FormerConfig, image_size: tuple[int, int], coarse_la
     if sum(v for k, v in counts.items() if k != "total") != counts["total"]:
         raise RuntimeError(f"FLOPs outside the known parts of {prefix}: {counts}")
     return counts
+
+
+def settings_table(backbones=("r50", "swin-t", "mit-b0"), sizes=((800, 1216), (576, 768), (512, 1024)),
+                   schedules=((3, 3, 3), (2, 2, 2), (1, 1, 4), (1, 1, 1))) -> list[str]:
+    """Markdown rows: per backbone and size, the stock encoder at every knob setting and PRO-SCALE schedules (the
+    released one at every knob setting), in GMAC and as a share of the stock model's."""
+    rows = ["| backbone | input | encoder | knob k | deformable layers GMAC | pixel decoder GMAC | total GMAC | "
+            "layers % | pixel decoder % | total % |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for backbone in backbones:
+        stock_config = mask2former_config(f"mask2former-{backbone}")
+        runs = [(stock_config, "stock (6)", k) for k in range(stock_config.encoder_layers)]
+        for schedule in schedules:
+            config = mask2former_config(f"mask2former-{backbone}-proscale", proscale_schedule=schedule)
+            settings = range(schedule[2]) if schedule == (3, 3, 3) else (0,)
+            runs += [(config, f"PRO-SCALE {schedule}", k) for k in settings]
+        for size in sizes:
+            base = None
+            for config, label, k in runs:
+                parts = pixel_decoder_macs_for(config, size, k)
+                layers = parts["encoder"] + parts["token_recalibration"]
+                total = model_macs(config, size, k)
+                numbers = (layers, total["pixel_decoder"], total["total"])
+                base = base or numbers
+                shares = " | ".join(f"{100 * n / b:.1f}" for n, b in zip(numbers, base))
+                rows.append(f"| {backbone} | {size[0]}x{size[1]} | {label} | {k} | "
+                            + " | ".join(f"{n / 1e9:.1f}" for n in numbers) + f" | {shares} |")
+    return rows
+
+
+if __name__ == "__main__":
+    print("\n".join(settings_table()))
