@@ -82,17 +82,18 @@ def ours_from_hf(hf: Mask2FormerForUniversalSegmentation) -> Mask2Former:
 
 @pytest.mark.parametrize("hf_config", [tiny_swin_hf_config, tiny_resnet_hf_config, tiny_swin_pre_norm_hf_config],
                          ids=["swin", "resnet", "swin-pre-norm"])
-def test_matches_transformers_at_non_square_size(hf_config):
+@pytest.mark.parametrize("height, width", [(HEIGHT, WIDTH), (97, 61)])  # 97x61: no size divides by 4 (padding)
+def test_matches_transformers_at_non_square_size(hf_config, height, width):
     torch.manual_seed(0)
     hf = Mask2FormerForUniversalSegmentation(hf_config()).eval()
     randomise(hf, seed=1)
     ours = ours_from_hf(hf)
-    pixels = torch.randn(2, 3, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(2))
+    pixels = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = hf(pixel_values=pixels)
         got = ours(pixels)
     assert got.class_logits.shape == (2, 7, 6)
-    assert got.mask_logits.shape == (2, 7, HEIGHT // 4, WIDTH // 4)
+    assert got.mask_logits.shape == (2, 7, -(-height // 4), -(-width // 4))
     assert expected.masks_queries_logits.shape == got.mask_logits.shape
     class_diff = (got.class_logits - expected.class_queries_logits).abs().max().item()
     mask_diff = (got.mask_logits - expected.masks_queries_logits).abs().max().item()
@@ -101,7 +102,7 @@ def test_matches_transformers_at_non_square_size(hf_config):
     assert class_diff <= TOLERANCE and mask_diff <= TOLERANCE
     # The comparison means something only if the masked attention really masked: some queries' masks at a decoder
     # level cover part of the map, neither nothing nor everything.
-    attend = attention_mask_for(got.mask_logits, (HEIGHT // 8, WIDTH // 8))
+    attend = attention_mask_for(got.mask_logits, (-(-height // 8), -(-width // 8)))
     share = attend.float().mean(-1)
     assert ((share > 0) & (share < 1)).any()
 
