@@ -18,7 +18,7 @@ levels' rows makes the softmax a re-normalised softmax over the kept levels). Th
 (their input projection) and join from layer ``k`` on. ``k = 0`` is the stock encoder bit for bit.
 
 Why res5+res4 and not PRO-SCALE's res5-alone first stage: res3 holds 16 of every 21 tokens, so leaving it out of a
-layer already saves ~76 % of that layer; leaving res4 out as well saves only ~4/21 more, while a layer trained on
+layer already saves ~77 % of that layer; leaving res4 out as well saves only ~4/21 more, while a layer trained on
 all three levels would keep 1/3 instead of 2/3 of its sampling points and the coarsest tokens would lose every finer
 context. The trained PRO-SCALE model learned its 1-level layers; a stock checkpoint did not.
 """
