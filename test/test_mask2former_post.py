@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from segmerge_ros.runtime.mask2former_post import (
+    first_argmax,
     InstanceInfo,
     Instances,
     instance_boxes,
@@ -259,6 +260,12 @@ def test_panoptic_upsamples_masks_before_deciding():
     expected = np.zeros((8, 8), np.int32)
     expected[:4, :4] = 1
     np.testing.assert_array_equal(result.segment_map, expected)
+
+
+def test_first_argmax_equals_argmax_with_ties_to_the_first():
+    values = torch.randint(0, 3, (5, 7, 9)).float()  # many ties
+    assert torch.equal(first_argmax(values), values.argmax(dim=0))
+    assert torch.equal(first_argmax(values[:1]), torch.zeros(7, 9, dtype=torch.long))
 
 
 def test_panoptic_of_nothing_is_all_zero():
