@@ -90,8 +90,9 @@ def test_matches_transformers_at_non_square_size(hf_config, height, width):
     ours = ours_from_hf(hf)
     pixels = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        expected = hf(pixel_values=pixels)
+        expected = hf(pixel_values=pixels, output_auxiliary_logits=True)
         got = ours(pixels)
+        every_layer = ours.forward_all_layers(pixels)
     assert got.class_logits.shape == (2, 7, 6)
     assert got.mask_logits.shape == (2, 7, -(-height // 4), -(-width // 4))
     assert expected.masks_queries_logits.shape == got.mask_logits.shape
@@ -100,6 +101,12 @@ def test_matches_transformers_at_non_square_size(hf_config, height, width):
     print(f"max |diff| class {class_diff:.3g} mask {mask_diff:.3g}; "
           f"mask logit scale {expected.masks_queries_logits.abs().max().item():.3g}")
     assert class_diff <= TOLERANCE and mask_diff <= TOLERANCE
+    # Every earlier prediction too (transformers' auxiliary logits: the initial queries' and layers 1..n-1).
+    assert len(every_layer) == len(expected.auxiliary_logits) + 1 == 5
+    assert torch.equal(every_layer[-1].mask_logits, got.mask_logits)
+    for ours_layer, hf_layer in zip(every_layer, expected.auxiliary_logits):
+        assert (ours_layer.class_logits - hf_layer["class_queries_logits"]).abs().max() <= TOLERANCE
+        assert (ours_layer.mask_logits - hf_layer["masks_queries_logits"]).abs().max() <= TOLERANCE
     # The comparison means something only if the masked attention really masked: some queries' masks at a decoder
     # level cover part of the map, neither nothing nor everything.
     attend = attention_mask_for(got.mask_logits, (-(-height // 8), -(-width // 8)))

@@ -425,8 +425,11 @@ class TransformerModule(nn.Module):
         self.decoder = MaskedAttentionDecoder(config)
         self.level_embed = nn.Embedding(NUM_LEVELS, config.hidden_dim)
 
-    def forward(self, levels: list[torch.Tensor], mask_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """levels: [1/32, 1/16, 1/8] maps; returns the last layer's normalised queries and mask logits."""
+    def forward(self, levels: list[torch.Tensor], mask_features: torch.Tensor
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """levels: [1/32, 1/16, 1/8] maps. Returns the normalised queries and mask logits of every prediction: the
+        initial queries' and each decoder layer's (num_decoder_layers + 1; the last is the model's output). Each
+        layer's mask is needed for the next layer's attention mask anyway, so keeping them costs nothing."""
         batch, dim = mask_features.shape[0], self.queries_features.weight.shape[1]
         sizes = [(x.shape[-2], x.shape[-1]) for x in levels]
         memories = [flatten_map(x) + self.level_embed.weight[i] for i, x in enumerate(levels)]
@@ -434,14 +437,14 @@ class TransformerModule(nn.Module):
         query_pos = self.queries_embedder.weight.unsqueeze(0).expand(batch, -1, -1)
         queries = self.queries_features.weight.unsqueeze(0).expand(batch, -1, -1)
         decoder = self.decoder
-        normed = decoder.layernorm(queries)
-        mask_logits = decoder.mask_predictor(normed, mask_features)
+        normed = [decoder.layernorm(queries)]
+        mask_logits = [decoder.mask_predictor(normed[-1], mask_features)]
         for index, layer in enumerate(decoder.layers):
             level = index % NUM_LEVELS
-            attend_mask = attention_mask_for(mask_logits, sizes[level])
+            attend_mask = attention_mask_for(mask_logits[-1], sizes[level])
             queries = layer(queries, query_pos, memories[level], memory_pos[level], attend_mask)
-            normed = decoder.layernorm(queries)
-            mask_logits = decoder.mask_predictor(normed, mask_features)
+            normed.append(decoder.layernorm(queries))
+            mask_logits.append(decoder.mask_predictor(normed[-1], mask_features))
         return normed, mask_logits
 
 
@@ -459,4 +462,11 @@ class Mask2Former(nn.Module):
         """pixels (B, 3, H, W), ImageNet-normalised; ``coarse_layers``: the encoder knob (0 = the stock model)."""
         mask_features, levels = self.pixel_level_module(pixels, coarse_layers)
         normed_queries, mask_logits = self.transformer_module(levels, mask_features)
-        return Mask2FormerOutput(self.class_predictor(normed_queries), mask_logits)
+        return Mask2FormerOutput(self.class_predictor(normed_queries[-1]), mask_logits[-1])
+
+    def forward_all_layers(self, pixels: torch.Tensor, coarse_layers: int = 0) -> list[Mask2FormerOutput]:
+        """Every prediction, the initial queries' first and the output's last (num_decoder_layers + 1): the deep
+        supervision targets of training (transformers' ``auxiliary_logits`` are all but the last)."""
+        mask_features, levels = self.pixel_level_module(pixels, coarse_layers)
+        normed_queries, mask_logits = self.transformer_module(levels, mask_features)
+        return [Mask2FormerOutput(self.class_predictor(q), m) for q, m in zip(normed_queries, mask_logits)]
