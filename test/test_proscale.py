@@ -275,3 +275,17 @@ def test_released_proscale_saves_about_half_the_pixel_decoder_at_coco_size():
     stock = sum(pixel_decoder_macs_for(mask2former_config("mask2former-r50"), (800, 1216)).values())
     proscale = sum(pixel_decoder_macs_for(mask2former_config("mask2former-r50-proscale"), (800, 1216)).values())
     assert stock / 1e9 == pytest.approx(135, abs=1) and proscale / 1e9 == pytest.approx(67, abs=1)
+
+
+def test_scales_without_layers_still_enter_through_the_gate():
+    """(2, 0, 0): res4 and res3 have no layers; as in the released code (every stage's input is concatenated, with
+    or without layers) res4 comes out gated and res3 raw."""
+    encoder = small_proscale((2, 0, 0))
+    tokens, pos = inputs(seed=9)
+    res5, res4, res3 = tokens.split(COUNTS, 1)
+    with torch.no_grad():
+        out = encoder(tokens, pos, SHAPES)
+        gated_res4 = encoder.token_excite(res4, SHAPES[1], res3, SHAPES[2])
+    assert torch.equal(out[:, COUNTS[0]:COUNTS[0] + COUNTS[1]], gated_res4)
+    assert not torch.equal(gated_res4, res4)
+    assert torch.equal(out[:, COUNTS[0] + COUNTS[1]:], res3)

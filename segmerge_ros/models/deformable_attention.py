@@ -256,7 +256,8 @@ def run_progressive(
     """Run ``layers[i]`` on the tokens of the first ``active_levels[i]`` levels (non-decreasing).
 
     A level's tokens enter (through ``admit(level, level_tokens)`` when given: PRO-SCALE's gate) before the first
-    layer that includes it; until then, and if no layer includes it, they are carried unchanged. With ``residual``
+    layer that includes it, and are carried unchanged until then; the levels no layer includes are admitted at the
+    end. With ``residual``
     the tokens that entered the current stage are added back after each layer that does not cover all levels.
     When every layer covers every level and nothing is admitted, this is the plain loop over the layers.
     """
@@ -274,26 +275,27 @@ def run_progressive(
         raise ValueError(f"spatial shapes {list(spatial_shapes)} give {bounds[-1]} tokens, got {tokens.shape[1]}")
     reference_points = encoder_reference_points(spatial_shapes, tokens.device, tokens.dtype)
 
+    def enter(hidden: torch.Tensor | None, entered: int, levels: int) -> torch.Tensor:
+        """``hidden`` (the first ``entered`` levels) followed by the admitted tokens of the levels up to ``levels``."""
+        if hidden is None and levels == total and admit is None:
+            return tokens  # the stock path: the input tensor itself, no split or concatenation
+        arriving = [tokens[:, bounds[lv]:bounds[lv + 1]] for lv in range(entered, levels)]
+        if admit is not None:
+            arriving = [admit(lv, part) for lv, part in zip(range(entered, levels), arriving)]
+        return torch.cat(([] if hidden is None else [hidden]) + arriving, 1)
+
     hidden, entered, stage_input = None, 0, None
     for layer, levels in zip(layers, active_levels):
         if levels > entered:
-            if hidden is None and levels == total and admit is None:
-                hidden = tokens  # the stock path: the input tensor itself, no split or concatenation
-            else:
-                arriving = [tokens[:, bounds[lv]:bounds[lv + 1]] for lv in range(entered, levels)]
-                if admit is not None:
-                    arriving = [admit(lv, part) for lv, part in zip(range(entered, levels), arriving)]
-                hidden = torch.cat(([] if hidden is None else [hidden]) + arriving, 1)
-            entered, stage_input = levels, hidden
+            hidden = stage_input = enter(hidden, entered, levels)
+            entered = levels
         end = bounds[levels]
         hidden = layer(hidden, pos[:, :end], reference_points[:, :end], spatial_shapes[:levels])
         if residual and levels < total:
             hidden = hidden + stage_input
-    if hidden is None:
-        return tokens
-    if entered < total:
-        hidden = torch.cat([hidden, tokens[:, bounds[entered]:]], 1)
-    return hidden
+    # Levels no layer ran on are appended as they entered (gated where ``admit`` gates them), as the released code
+    # concatenates every stage's input whether or not the stage has layers.
+    return enter(hidden, entered, total) if entered < total else hidden
 
 
 class DeformableEncoder(nn.Module):
