@@ -113,19 +113,45 @@ def test_unavailable_backend_falls_back_to_eager_with_a_warning(caplog):
     assert engine.infer(rgb).class_map.shape == (64, 96)
 
 
-@pytest.mark.parametrize("size", [(576, 768), (301, 407), (97, 130)])
-def test_boundary_only_upsampling_equals_full_bilinear_argmax(size):
+@pytest.mark.parametrize("size,logits_size", [
+    ((576, 768), (144, 192)),   # the unmerged rung at 576x768: cells of 4x4 pixels
+    ((576, 768), (45, 60)),     # the top rung (head at 1/8 of a 0.625-scaled input): cells of 12.8 pixels
+    ((512, 1024), (40, 80)),
+    ((301, 407), (144, 192)),   # scale factors that are not integers
+    ((97, 130), (144, 192)),    # downsampling
+])
+def test_boundary_only_upsampling_equals_full_bilinear_argmax(size, logits_size):
     import torch
     import torch.nn.functional as F
 
     from segmerge_ros.runtime.engine import upsampled_argmax
 
-    generator = torch.Generator().manual_seed(size[0])
+    generator = torch.Generator().manual_seed(size[0] + logits_size[0])
     # Smooth logits with real class regions: random low-resolution fields, upsampled.
-    logits = F.interpolate(torch.randn(1, 19, 9, 12, generator=generator), size=(144, 192), mode="bicubic")
+    logits = F.interpolate(torch.randn(1, 19, 9, 12, generator=generator), size=logits_size, mode="bicubic")
     reference = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(dim=1)[0]
     ours = upsampled_argmax(logits[0], logits[0].argmax(dim=0), size)
     assert ours.shape == size
-    assert torch.equal(ours, reference)
+    assert ours.dtype == torch.uint8
+    assert torch.equal(ours.long(), reference)
     boundary_share = (reference[1:] != reference[:-1]).float().mean().item()
     assert 0.001 < boundary_share < 0.2  # the case has boundaries, and most of the picture is inside regions
+
+
+def test_upsampled_argmax_breaks_exact_ties_and_many_class_corners_like_interpolate():
+    """Where classes tie exactly the lower id wins, as in F.interpolate(...).argmax; where many classes meet in one
+    cell (random logits: every cell a boundary), all of them are weighed."""
+    import torch
+    import torch.nn.functional as F
+
+    from segmerge_ros.runtime.engine import upsampled_argmax
+
+    generator = torch.Generator().manual_seed(7)
+    noisy = torch.randn(1, 6, 12, 16, generator=generator)
+    tied = F.interpolate(torch.randn(1, 4, 3, 4, generator=generator), size=(12, 16), mode="bicubic")
+    tied = torch.cat([tied, tied[:, 1:2]], dim=1)  # class 4 equals class 1 everywhere: class 1 must win there
+    for logits in (noisy, tied):
+        reference = F.interpolate(logits, size=(53, 70), mode="bilinear", align_corners=False).argmax(dim=1)[0]
+        ours = upsampled_argmax(logits[0], logits[0].argmax(dim=0), (53, 70))
+        assert torch.equal(ours.long(), reference)
+    assert not (ours == 4).any() and (ours == 1).any()

@@ -21,11 +21,11 @@ from typing import Iterable
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..merging.segformerpp import MAX_MERGE_RATE, NONE, MergeConfig, preset, scaled_size
 from ..merging.vit_methods import build_vit_model, is_vit_model_name, load_vit_model, parse_vit_name
 from .backends import PRECISIONS, autocast, make_backend, split_device
+from .upsample import upsampled_argmax
 from .ladder import Step, build_ladder, merge_rungs, precision_plan, step_for_rate, with_precision
 from ..models.checkpoints import load_segformer
 from ..models.labels import LabelSet, label_set
@@ -35,6 +35,8 @@ LOG = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_PIXEL_MEAN = torch.tensor(IMAGENET_MEAN) * 255.0  # float32, as the normalisation has always computed them
+_PIXEL_STD = torch.tensor(IMAGENET_STD) * 255.0
 # precision auto keeps the half precision when its arg-max agrees with fp32 on at least this share of a real frame
 AUTO_MIN_AGREEMENT = 0.995
 
@@ -70,101 +72,16 @@ def to_tensor(rgb: np.ndarray, size: tuple[int, int] | None, device: torch.devic
         raise ValueError(f"expected an HxWx3 uint8 RGB image, got shape {rgb.shape} dtype {rgb.dtype}")
     if size is not None and rgb.shape[:2] != size:
         rgb = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-    pixels = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1).float().unsqueeze(0)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255.0
-    return (pixels - mean) / std
-
-
-def _bilinear_taps(source: int, target: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per output index: the two source indices and the weight of the second, as F.interpolate's bilinear mode
-    with align_corners=False computes them (source coordinate clamped at 0, the last index repeated at the edge)."""
-    position = ((torch.arange(target, device=device, dtype=torch.float32) + 0.5) * (source / target) - 0.5).clamp(min=0)
-    first = position.floor().long().clamp(max=source - 1)
-    second = (first + 1).clamp(max=source - 1)
-    return first, second, position - first
-
-
-def upsampled_argmax(logits: torch.Tensor, labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Arg-max of the bilinearly upsampled (K, h, w) logits at ``size``, without upsampling the K channels.
-
-    A cell is the square between four neighbouring logit pixels; bilinear interpolation inside it is a convex
-    combination of its corners, so a class that some corner winner beats at all four corners cannot win anywhere in
-    the cell. Inside regions one class wins at every corner; on a boundary between two regions the two corner winners
-    are, almost everywhere, the only classes not ruled out: there the sign of their interpolated margin decides,
-    computed densely and separably (along the columns at the logits' height, then along the rows at full size: a
-    few fused passes over the output, whatever the share of boundary pixels), near ties again in F.interpolate's own
-    order of operations. Cells where more classes remain interpolate just those. Same result as
-    ``F.interpolate(...).argmax`` (ties go to the lower class id, as there); ``labels`` is the arg-max at (h, w).
-    """
-    num_classes, height, width = logits.shape
-    device = logits.device
-    y0, y1, wy = _bilinear_taps(height, size[0], device)
-    x0, x1, wx = _bilinear_taps(width, size[1], device)
-    # Cell (r, c) spans logit pixels r..r1 x c..c1 (clamped at the last row/column, as the taps are).
-    r1 = (torch.arange(height, device=device) + 1).clamp(max=height - 1)
-    c1 = (torch.arange(width, device=device) + 1).clamp(max=width - 1)
-    corner_rows = torch.stack([torch.arange(height, device=device), r1]).view(2, 1, height, 1)
-    corner_cols = torch.stack([torch.arange(width, device=device), c1]).view(1, 2, 1, width)
-    corner_pixels = (corner_rows * width + corner_cols).reshape(4, height, width)  # flat index of each cell corner
-    corner_labels = labels.reshape(-1)[corner_pixels]  # (4 corners, h, w)
-    low, high = corner_labels.min(dim=0).values, corner_labels.max(dim=0).values
-    flat_logits, span = logits.reshape(-1), height * width
-
-    def to_full(cell_values: torch.Tensor) -> torch.Tensor:  # (h, w) per cell -> (H, W) per pixel
-        # Columns first, at the logits' height; then whole rows, which index_select copies as contiguous blocks.
-        return cell_values.index_select(1, x0).index_select(0, y0)
-
-    def interpolate(classes: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Each class's logit at pixels (rows, cols), in F.interpolate's order of operations (exact comparisons)."""
-        ry0, ry1, cx0, cx1 = y0[rows] * width, y1[rows] * width, x0[cols], x1[cols]
-        rwy, cwx, base = wy[rows], wx[cols], classes * span
-        p00, p01, p10, p11 = ry0 + cx0, ry0 + cx1, ry1 + cx0, ry1 + cx1  # per pixel, shared by every class
-        top = flat_logits[base + p00] * (1 - cwx) + flat_logits[base + p01] * cwx
-        bottom = flat_logits[base + p10] * (1 - cwx) + flat_logits[base + p11] * cwx
-        return top * (1 - rwy) + bottom * rwy
-
-    # Every cell as if only its lowest and highest corner winner could win: exact inside regions and on two-class
-    # boundaries; the other cells are overwritten below.
-    corner_margin = flat_logits[high * span + corner_pixels] - flat_logits[low * span + corner_pixels]  # (4, h, w)
-    columns = corner_margin.index_select(2, x0)  # (4 corners, h, W)
-    top, bottom = torch.lerp(columns[0], columns[1], wx), torch.lerp(columns[2], columns[3], wx)
-    full_margin = torch.addcmul(top.index_select(0, y0), (bottom - top).index_select(0, y0), wy.unsqueeze(1))
-    small = torch.uint8 if num_classes <= 256 else torch.int32  # full-size label maps: a quarter of the memory
-    out = torch.where(full_margin > 0, to_full(high.to(small)), to_full(low.to(small)))
-    # Near ties, where lerp's rounding could differ from F.interpolate's: decide them exactly.
-    tolerance = 1e-4 * (1.0 + float(logits.abs().max()))
-    rows, cols = torch.nonzero((full_margin.abs() <= tolerance) & to_full(high != low), as_tuple=True)
-    if rows.numel():
-        pair = torch.stack([low[y0[rows], x0[cols]], high[y0[rows], x0[cols]]])
-        values = interpolate(pair, rows, cols)
-        out[rows, cols] = torch.where(values[1] > values[0], pair[1], pair[0]).to(small)
-    # Boundary cells: which classes are not ruled out (corner winners, and classes no winner beats at all corners).
-    cell_r, cell_c = torch.nonzero(high != low, as_tuple=True)
-    if not cell_r.numel():
-        return out.long()
-    corner_logits = flat_logits[torch.arange(num_classes, device=device).view(-1, 1, 1) * span
-                                + corner_pixels[:, cell_r, cell_c]]  # (K, 4 corners, cells)
-    winners = corner_labels[:, cell_r, cell_c]  # (4, cells)
-    winner_values = corner_logits.gather(0, winners.unsqueeze(1).expand(-1, 4, -1))  # (4 winners, 4 corners, cells)
-    slack = 1e-4 * (1.0 + winner_values.abs().amax(dim=(0, 1)))  # absorbs the interpolation's rounding
-    beaten = ((corner_logits.unsqueeze(1) - winner_values.unsqueeze(0)).amax(dim=2) < -slack).any(dim=1)
-    possible = ~beaten
-    possible.scatter_(0, winners, True)
-    count = possible.sum(dim=0)
-    more = count > 2
-    if not more.any():
-        return out.long()
-    # Cells with three or more possible winners: interpolate exactly those classes at their pixels.
-    cell_of = torch.full((height, width), -1, dtype=torch.long, device=device)
-    cell_of[cell_r[more], cell_c[more]] = torch.arange(int(more.sum()), device=device)
-    classes = possible[:, more].to(torch.uint8).topk(int(count.max()), dim=0).indices  # (R, cells): possible first
-    rows, cols = torch.nonzero(to_full(cell_of >= 0), as_tuple=True)
-    candidates = classes[:, cell_of[y0[rows], x0[cols]]]  # (R, pixels); padding classes are beaten: harmless
-    values = interpolate(candidates, rows, cols)
-    best = values.max(dim=0, keepdim=True).values
-    out[rows, cols] = torch.where(values == best, candidates, num_classes).min(dim=0).values.to(small)
-    return out.long()
+    if device.type != "cpu":  # a quarter of the bytes over the bus: normalise there
+        pixels = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1).float().unsqueeze(0)
+        return (pixels - _PIXEL_MEAN.to(device).view(1, 3, 1, 1)) / _PIXEL_STD.to(device).view(1, 3, 1, 1)
+    # numpy, one channel plane at a time: torch's element-wise ops on a frame stall on their thread pool when the
+    # robot's other processes hold the cores (measured: 15-45 ms instead of 1.5 on a busy 2-core machine).
+    pixels = np.empty((1, 3, *rgb.shape[:2]), np.float32)
+    for channel, (mean, std) in enumerate(zip(_PIXEL_MEAN.numpy(), _PIXEL_STD.numpy())):
+        np.subtract(rgb[:, :, channel], mean, out=pixels[0, channel])
+        np.divide(pixels[0, channel], std, out=pixels[0, channel])
+    return torch.from_numpy(pixels)
 
 
 def logits_to_maps(logits: torch.Tensor, size: tuple[int, int], upsample: str = "logits") -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +96,7 @@ def logits_to_maps(logits: torch.Tensor, size: tuple[int, int], upsample: str = 
     # max softmax probability = 1 / sum(exp(l - l_max)): no full softmax tensor needed.
     confidence = (1.0 / torch.exp(logits - best.unsqueeze(1)).sum(dim=1))[0].cpu().numpy()
     if upsample == "logits":
-        class_map = upsampled_argmax(logits[0], labels[0], size).to(torch.uint8).cpu().numpy()
+        class_map = upsampled_argmax(logits[0], labels[0], size).to(torch.uint8).cpu().numpy()  # no copy: uint8
         interpolation = cv2.INTER_LINEAR
     elif upsample == "labels":
         small = labels[0].to(torch.uint8).cpu().numpy()
