@@ -18,6 +18,7 @@ from segmerge_ros.models.mask2former import (  # noqa: E402
     attention_mask_for,
     mask2former_config,
 )
+from segmerge_ros.models.deformable_attention import MultiScaleDeformableAttention  # noqa: E402
 from segmerge_ros.models.resnet import ResNetConfig as ResNetBackboneConfig  # noqa: E402
 from segmerge_ros.models.segformer import mit_config  # noqa: E402
 from segmerge_ros.models.swin import SwinConfig as SwinBackboneConfig  # noqa: E402
@@ -199,3 +200,22 @@ def test_traces_without_data_dependent_python_in_our_modules(backbone):
     other = torch.randn(1, 3, HEIGHT, WIDTH)
     with torch.no_grad():
         assert torch.allclose(traced(other)[1], model(other).mask_logits, atol=1e-5)
+
+
+def test_fresh_model_starts_as_the_training_recipe():
+    """Deformable attention starts with uniform weights (zero logits) and offsets along one direction per head:
+    with 8 heads, head 0 looks right (1, 0), head 1 diagonally (1, 1), head 2 down (0, 1); point k at k+1 steps."""
+    model = Mask2Former(tiny_config("swin", num_attention_heads=8))
+    attentions = [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
+    assert len(attentions) == 2
+    for attention in attentions:
+        assert not attention.attention_weights.weight.any() and not attention.attention_weights.bias.any()
+        assert not attention.sampling_offsets.weight.any()
+        offsets = attention.sampling_offsets.bias.view(8, 3, 4, 2)
+        assert torch.allclose(offsets[0, 2], torch.tensor([[1.0, 0], [2, 0], [3, 0], [4, 0]]), atol=1e-6)
+        assert torch.allclose(offsets[1, 0, 1], torch.tensor([2.0, 2.0]))
+        assert torch.allclose(offsets[2, 1, 3], torch.tensor([0.0, 4.0]), atol=1e-6)
+        assert torch.allclose(offsets[4, 0, 0], torch.tensor([-1.0, 0.0]), atol=1e-6)
+    layer = model.transformer_module.decoder.layers[0]
+    assert not layer.cross_attn.in_proj_bias.any() and not layer.self_attn.q_proj.bias.any()
+    assert model.pixel_level_module.decoder.level_embed.std() > 0.5  # N(0, 1), not zeros

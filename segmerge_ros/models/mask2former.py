@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .deformable_attention import DeformableEncoder, sine_position_embedding
+from .deformable_attention import DeformableEncoder, MultiScaleDeformableAttention, sine_position_embedding
 from .proscale import ProScaleEncoder, light_pixel_embedding
 from .resnet import RESNET_CONFIGS, ResNetBackbone, ResNetConfig
 from .segformer import MiTConfig, MixTransformer, mit_config
@@ -457,6 +457,7 @@ class Mask2Former(nn.Module):
         self.pixel_level_module = PixelLevelModule(config)
         self.transformer_module = TransformerModule(config)
         self.class_predictor = nn.Linear(config.hidden_dim, config.num_classes + 1)
+        initialise_for_training(self)
 
     def forward(self, pixels: torch.Tensor, coarse_layers: int = 0) -> Mask2FormerOutput:
         """pixels (B, 3, H, W), ImageNet-normalised; ``coarse_layers``: the encoder knob (0 = the stock model)."""
@@ -470,3 +471,59 @@ class Mask2Former(nn.Module):
         mask_features, levels = self.pixel_level_module(pixels, coarse_layers)
         normed_queries, mask_logits = self.transformer_module(levels, mask_features)
         return [Mask2FormerOutput(self.class_predictor(q), m) for q, m in zip(normed_queries, mask_logits)]
+
+
+def deformable_attention_initial_offsets(attention: MultiScaleDeformableAttention) -> torch.Tensor:
+    """Deformable DETR's starting sampling offsets (the bias of ``sampling_offsets``; its weight starts at 0):
+    head h looks along the direction at angle 2*pi*h/heads, scaled so the larger coordinate is 1, point k at k+1
+    times that step, the same on every level. Laid out heads x levels x points x 2 (x, y)."""
+    heads, levels, points = attention.n_heads, attention.n_levels, attention.n_points
+    angles = torch.arange(heads, dtype=torch.float32) * (2 * torch.pi / heads)
+    directions = torch.stack([angles.cos(), angles.sin()], -1)
+    directions = directions / directions.abs().max(-1, keepdim=True).values
+    steps = torch.arange(1, points + 1, dtype=torch.float32)
+    return (directions[:, None, None, :] * steps[None, None, :, None]).expand(heads, levels, points, 2).reshape(-1)
+
+
+@torch.no_grad()
+def initialise_for_training(model: Mask2Former) -> None:
+    """Start the pixel decoder and the transformer decoder as Mask2Former's training recipe does (detectron2); the
+    backbone keeps its own initialisation (it is meant to be loaded from a pretrained checkpoint).
+
+    Pixel decoder: input projections Xavier-uniform, the FPN and mask-projection convs Kaiming-uniform (a=1, "C2
+    Xavier"), biases 0, ``level_embed`` N(0, 1); encoder matrices Xavier-uniform, then each deformable attention's
+    offsets from ``deformable_attention_initial_offsets``, its attention logits 0 (uniform weights over levels and
+    points), value/output projections Xavier-uniform with bias 0. Transformer decoder: every layer's matrices
+    Xavier-uniform and attention biases 0; the queries, their embeddings and the level embedding N(0, 1) (``nn.Embedding``'s own init),
+    the class and mask heads PyTorch's Linear default.
+    """
+    decoder = model.pixel_level_module.decoder
+    for projection in decoder.input_projections:
+        nn.init.xavier_uniform_(projection[0].weight)
+        nn.init.zeros_(projection[0].bias)
+    for conv in [decoder.adapter_1[0], decoder.mask_projection] + [
+            m for m in decoder.layer_1.modules() if isinstance(m, nn.Conv2d)]:
+        nn.init.kaiming_uniform_(conv.weight, a=1)
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
+    nn.init.normal_(decoder.level_embed)
+    for parameter in decoder.encoder.parameters():
+        if parameter.dim() > 1:
+            nn.init.xavier_uniform_(parameter)
+    for attention in decoder.encoder.modules():
+        if isinstance(attention, MultiScaleDeformableAttention):
+            nn.init.zeros_(attention.sampling_offsets.weight)
+            attention.sampling_offsets.bias.copy_(deformable_attention_initial_offsets(attention))
+            nn.init.zeros_(attention.attention_weights.weight)
+            nn.init.zeros_(attention.attention_weights.bias)
+            for linear in (attention.value_proj, attention.output_proj):
+                nn.init.xavier_uniform_(linear.weight)
+                nn.init.zeros_(linear.bias)
+    for parameter in model.transformer_module.decoder.layers.parameters():
+        if parameter.dim() > 1:
+            nn.init.xavier_uniform_(parameter)
+    for attention in model.transformer_module.decoder.layers.modules():
+        if isinstance(attention, (QueryAttention, MaskedCrossAttention)):  # nn.MultiheadAttention's zero biases
+            for name, parameter in attention.named_parameters():
+                if name.endswith("bias"):
+                    nn.init.zeros_(parameter)
