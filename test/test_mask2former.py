@@ -219,3 +219,19 @@ def test_fresh_model_starts_as_the_training_recipe():
     layer = model.transformer_module.decoder.layers[0]
     assert not layer.cross_attn.in_proj_bias.any() and not layer.self_attn.q_proj.bias.any()
     assert model.pixel_level_module.decoder.level_embed.std() > 0.5  # N(0, 1), not zeros
+
+
+@pytest.mark.parametrize("name, backbone", [
+    ("mask2former-swin-t", SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
+                                      out_features=OUT_FEATURES)),
+    ("mask2former-swin-b", SwinConfig(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12,
+                                      out_features=OUT_FEATURES)),
+    ("mask2former-r50", ResNetConfig(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
+                                     out_features=OUT_FEATURES)),
+])
+def test_hub_config_of_a_published_layout_reads_as_the_named_preset(name, backbone):
+    labels = {i: f"class {i}" for i in range(133)}
+    hub = HFMask2FormerConfig(backbone_config=backbone, id2label=labels).to_dict()
+    config = Mask2FormerConfig.from_hf_dict(hub)
+    assert config.class_names == tuple(f"class {i}" for i in range(133))
+    assert config == mask2former_config(name, class_names=config.class_names)
