@@ -314,3 +314,18 @@ def test_knob_rate_mapping():
         coarse_layers_for_rate(0.96)
     with pytest.raises(ValueError, match="merge rate"):
         coarse_layers_for_rate(-0.1)
+
+
+def test_bf16_encoder_stays_finite_and_close_to_fp32():
+    """torch's CPU grid_sample gave NaN on strided bf16 maps/grids (a batch of 1 at d 256 hit it): the attention
+    hands it contiguous tensors. bf16 keeps ~8 bits, so only the mean error is held tight."""
+    torch.manual_seed(0)
+    shapes = [(3, 5), (6, 10), (12, 20)]
+    tokens = sum(h * w for h, w in shapes)
+    encoder = DeformableEncoder(num_layers=1).eval()
+    x, pos = torch.randn(1, tokens, 256), torch.randn(1, tokens, 256)
+    with torch.no_grad():
+        reference = encoder(x, pos, shapes)
+        low = encoder.to(torch.bfloat16)(x.bfloat16(), pos.bfloat16(), shapes).float()
+    assert torch.isfinite(low).all()
+    assert (low - reference).abs().mean() < 0.02

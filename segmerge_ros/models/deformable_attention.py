@@ -92,8 +92,9 @@ def multi_scale_deformable_attention(
     grids = 2 * sampling_locations - 1
     sampled = []
     for level, (level_value, (height, width)) in enumerate(zip(value.split(sizes, dim=1), spatial_shapes)):
-        maps = level_value.permute(0, 2, 3, 1).reshape(batch * heads, head_dim, int(height), int(width))
-        level_grid = grids[:, :, :, level].transpose(1, 2).reshape(batch * heads, queries, points, 2)
+        # contiguous: torch 2.13's CPU grid_sample returns NaN for some strided bf16 inputs
+        maps = level_value.permute(0, 2, 3, 1).reshape(batch * heads, head_dim, int(height), int(width)).contiguous()
+        level_grid = grids[:, :, :, level].transpose(1, 2).reshape(batch * heads, queries, points, 2).contiguous()
         sampled.append(F.grid_sample(maps, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False))
     # (B*M, D, Lq, L*K) against weights (B*M, 1, Lq, L*K)
     stacked = torch.stack(sampled, dim=-2).flatten(-2)
