@@ -15,7 +15,8 @@ import torch
 from mask2former_fixtures import hf_mask2former, randomise
 from segmerge_ros.models.checkpoint_errors import CheckpointError
 from segmerge_ros.models.mask2former import Mask2Former, Mask2FormerConfig
-from segmerge_ros.models.mask2former_checkpoints import config_from_detectron2, detect_format, load_mask2former
+from segmerge_ros.models.mask2former_checkpoints import (config_from_detectron2, detect_format, is_mask2former_name,
+                                                         load_mask2former)
 from segmerge_ros.models.resnet import ResNetConfig
 from segmerge_ros.models.swin import SwinConfig
 
@@ -295,3 +296,13 @@ def test_stock_checkpoint_into_a_proscale_config_names_the_misfit(tmp_path):
     assert "pixel_level_module.decoder.layer_1.0.weight" in message  # unexpected: LPE has no conv
     assert ("pixel_level_module.decoder.encoder.layers.0.self_attn.attention_weights.weight: checkpoint (48, 32) "
             "vs model (16, 32)") in message
+
+
+def test_model_names_and_the_expected_architecture(tmp_path):
+    assert is_mask2former_name("mask2former-swin-t") and is_mask2former_name("mask2former-mit-b0-proscale")
+    assert not is_mask2former_name("mask2former-vit-s") and not is_mask2former_name("segformer-b0")
+    path = write_pth(tmp_path / "swin.pth", to_detectron2(small_model("swin").state_dict()))
+    assert load_mask2former(path, expect="mask2former-swin-b").model.config.swin == SMALL_SWIN  # sizes: the file's
+    with pytest.raises(CheckpointError, match="model mask2former-r50 has a resnet backbone and the stock encoder, "
+                                              "but checkpoint .*swin.pth .* holds a swin backbone"):
+        load_mask2former(path, expect="mask2former-r50")

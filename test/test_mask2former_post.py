@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from segmerge_ros.models.labels import LabelSet, generic, label_set
 from segmerge_ros.runtime.mask2former_post import (
     first_argmax,
     InstanceInfo,
@@ -20,6 +21,7 @@ from segmerge_ros.runtime.mask2former_post import (
     person_boxes_from_instances,
     semantic_maps,
     semantic_scores,
+    thing_classes,
 )
 
 INSIDE, OUTSIDE = 8.0, -8.0  # mask logits: sigmoid 0.99966 / 0.00034
@@ -272,3 +274,11 @@ def test_panoptic_of_nothing_is_all_zero():
     result = panoptic_segmentation(class_logits({0: 0.5}, num_classes=2), square_masks((4, 4), (0, 0, 2, 2)),
                                    (5, 7), thing_ids=[0])
     assert result.segments == () and result.segment_map.shape == (5, 7) and not result.segment_map.any()
+
+
+def test_thing_classes_of_known_label_sets():
+    assert [label_set(19).classes[i] for i in thing_classes(label_set(19))] == [
+        "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]
+    coco = LabelSet("custom", ("person",) + tuple(f"c{i}" for i in range(132)), generic(133).palette)
+    assert thing_classes(coco) == tuple(range(80))
+    assert thing_classes(generic(7)) is None  # unknown split: every class may be an instance

@@ -36,7 +36,7 @@ import torch
 from .checkpoint_errors import CheckpointError, load_state_dict_strict
 from .checkpoints import HF_WEIGHT_FILES, _labels_for, _read_tensors, _rename
 from .labels import LabelSet
-from .mask2former import ENCODER_POINTS, NUM_LEVELS, Mask2Former, Mask2FormerConfig
+from .mask2former import ENCODER_POINTS, NUM_LEVELS, Mask2Former, Mask2FormerConfig, mask2former_config
 from .resnet import ResNetConfig
 from .swin import SwinConfig
 
@@ -55,11 +55,23 @@ class LoadedMask2Former:
     source: Path
 
 
-def load_mask2former(path: str | Path, config: Mask2FormerConfig | None = None, **overrides) -> LoadedMask2Former:
+def is_mask2former_name(name: str) -> bool:
+    """Whether ``name`` is a model name ``mask2former_config`` knows (``mask2former-<backbone>[-proscale]``)."""
+    try:
+        mask2former_config(name)
+    except ValueError:
+        return False
+    return True
+
+
+def load_mask2former(path: str | Path, config: Mask2FormerConfig | None = None, expect: str | None = None,
+                     **overrides) -> LoadedMask2Former:
     """Load a Mask2Former / PRO-SCALE checkpoint (hub folder or its files, detectron2 ``.pth``/``.pkl``).
 
     ``config`` replaces the one read from ``config.json`` or the weights; ``overrides`` change fields of the read
-    one (e.g. ``trc_temperature``, ``pre_norm``). The model is returned in eval mode.
+    one (e.g. ``trc_temperature``, ``pre_norm``). ``expect``, a model name such as ``mask2former-swin-t-proscale``,
+    makes a checkpoint of another backbone kind or encoder a CheckpointError (sizes come from the checkpoint). The
+    model is returned in eval mode.
     """
     path = Path(path)
     kind = detect_format(path)
@@ -77,6 +89,12 @@ def load_mask2former(path: str | Path, config: Mask2FormerConfig | None = None, 
         state = mask2former_detectron2_to_ours(raw)
         config = config or config_from_detectron2(raw, source=path, **overrides)
         source = f"{path} (detectron2 layout, {config.backbone} backbone, {config.encoder} encoder)"
+    if expect is not None:
+        named = mask2former_config(expect)
+        if (named.backbone, named.encoder) != (config.backbone, config.encoder):
+            raise CheckpointError(f"model {expect} has a {named.backbone} backbone and the {named.encoder} encoder, "
+                                  f"but checkpoint {source} holds a {config.backbone} backbone and the "
+                                  f"{config.encoder} encoder")
     model = Mask2Former(config)
     load_state_dict_strict(model, with_derived_buffers(state, model), source)
     return LoadedMask2Former(model.eval(), _labels_for(config.num_classes, _names(config)), kind, weights)

@@ -26,7 +26,13 @@ import cv2
 import numpy as np
 import torch
 
+from ..models.labels import LabelSet
 from .engine import upsampled_argmax
+
+# Thing classes (countable objects) of the label sets whose split is known: Cityscapes' person, rider and vehicles,
+# and COCO panoptic's 80 thing classes, which come first in its 133 (detectron2's contiguous ids).
+CITYSCAPES_THINGS = tuple(range(11, 19))
+COCO_PANOPTIC_THINGS = tuple(range(80))
 
 # detectron2 Mask2Former defaults (MODEL.MASK_FORMER.TEST.*, TEST.DETECTIONS_PER_IMAGE)
 OBJECT_MASK_THRESHOLD = 0.8
@@ -71,6 +77,16 @@ class Segment:
 class PanopticSegmentation:
     segment_map: np.ndarray  # (H, W) int32, 0 = no segment, else a Segment id (1, 2, ...)
     segments: tuple[Segment, ...]
+
+
+def thing_classes(labels: LabelSet) -> tuple[int, ...] | None:
+    """The classes instances may have for a label set: Cityscapes' and COCO panoptic's things, None (every class)
+    for label sets whose thing/stuff split is not known here."""
+    if labels.name == "cityscapes":
+        return CITYSCAPES_THINGS
+    if labels.num_classes == 133 and labels.classes[0].lower() == "person":
+        return COCO_PANOPTIC_THINGS
+    return None
 
 
 def _one_image(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
