@@ -150,15 +150,15 @@ class MultiScaleDeformableAttention(nn.Module):
             raise ValueError(f"attention built for {self.n_levels} levels cannot run on {levels}")
         queries = hidden_states + position_embeddings
         value = self.value_proj(hidden_states).view(batch, tokens, self.n_heads, self.d_model // self.n_heads)
-        if levels == self.n_levels:
-            offsets = self.sampling_offsets(queries)
-            logits = self.attention_weights(queries)
-        else:
-            offsets = F.linear(queries, *level_sliced_linear(self.sampling_offsets, self.n_heads, self.n_levels, levels))
-            logits = F.linear(queries, *level_sliced_linear(self.attention_weights, self.n_heads, self.n_levels, levels))
-        offsets = offsets.view(batch, tokens, self.n_heads, levels, self.n_points, 2)
-        weights = F.softmax(logits.view(batch, tokens, self.n_heads, levels * self.n_points), -1)
-        weights = weights.view(batch, tokens, self.n_heads, levels, self.n_points)
+
+        def per_level(linear: nn.Linear) -> torch.Tensor:
+            if levels == self.n_levels:
+                return linear(queries)
+            return F.linear(queries, *level_sliced_linear(linear, self.n_heads, self.n_levels, levels))
+
+        offsets = per_level(self.sampling_offsets).view(batch, tokens, self.n_heads, levels, self.n_points, 2)
+        logits = per_level(self.attention_weights).view(batch, tokens, self.n_heads, levels * self.n_points)
+        weights = F.softmax(logits, -1).view(batch, tokens, self.n_heads, levels, self.n_points)
         # Offsets are in pixels of their level: divide by (W, H) to reach the normalised frame.
         normaliser = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.long, device=queries.device)
         locations = reference_points[:, :, None, None, None, :] + offsets / normaliser[None, None, None, :, None, :]

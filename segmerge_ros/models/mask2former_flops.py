@@ -41,13 +41,15 @@ def encoder_levels(config: Mask2FormerConfig, coarse_layers: int = 0) -> list[in
     return stock_encoder_levels(config.encoder_layers, coarse_layers)
 
 
-def pixel_decoder_macs_for(config: Mask2FormerConfig, image_size: tuple[int, int], coarse_layers: int = 0) -> dict[str, int]:
+def pixel_decoder_macs_for(config: Mask2FormerConfig, image_size: tuple[int, int],
+                           coarse_layers: int = 0) -> dict[str, int]:
     """The pixel decoder's MACs by part, from shapes (``proscale.pixel_decoder_macs``; the TRC as its own part)."""
     shape = EncoderShape(config.feature_size, config.num_attention_heads, 4, config.encoder_feedforward_dim)
     proscale = config.encoder == "proscale"
     parts = pixel_decoder_macs(image_size, config.backbone_channels, encoder_levels(config, coarse_layers),
                                light_pixel_embedding=proscale, shape=shape, mask_dim=config.mask_feature_size)
-    parts["token_recalibration"] = recalibration_macs(encoder_shapes(image_size), config.feature_size) if proscale else 0
+    trc = recalibration_macs(encoder_shapes(image_size), config.feature_size) if proscale else 0
+    parts["token_recalibration"] = trc
     return parts
 
 
