@@ -13,6 +13,7 @@ import logging
 import math
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -333,8 +334,25 @@ class SegmentationEngine:
         start = time.perf_counter()
         step, merge, rate = self._current()
         logits = self._run(self._network_input(rgb, merge), merge, step.precision, rate)
-        class_map, confidence = logits_to_maps(logits, rgb.shape[:2], self.upsample)
+        with one_torch_thread():
+            class_map, confidence = logits_to_maps(logits, rgb.shape[:2], self.upsample)
         return SegmentationResult(class_map, confidence, (time.perf_counter() - start) * 1e3, rate, step.name)
+
+
+@contextmanager
+def one_torch_thread():
+    """Post-processing's tensors are small: on one thread it costs little more than on two when the CPU is idle, while
+    on a busy robot CPU a second thread's pool waits for a core at every operation (measured on the 2-core machine
+    under load: 8-13 ms on one thread, 79-163 ms on two, and the threads' spinning slowed OpenVINO's network too)."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @lru_cache(maxsize=64)

@@ -129,6 +129,8 @@ class OpenVINOBackend(PreparedBackend):
         self.environment = dict(environment) if environment is not None else openvino_environment(openvino_device)
         self._weights = weights_hash(self.model.state_dict())
         self.engines: dict[str, tuple[Path, str]] = {}  # rung name -> (IR file, "built" | "reused")
+        # Read now: the engine post-processes on one torch thread, and a rung compiled then must not get one.
+        self.threads = torch.get_num_threads()
 
     def key_fields(self, shape: tuple[int, ...], config: MergeConfig) -> dict[str, str]:
         # The IR holds fp32 weights whatever the inference precision (applied when compiling), so one entry serves
@@ -139,8 +141,8 @@ class OpenVINOBackend(PreparedBackend):
     def _compile(self, path: Path) -> Callable[[np.ndarray], np.ndarray]:
         core = openvino_core()
         properties = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[self.precision], "PERFORMANCE_HINT": "LATENCY"}
-        if self.openvino_device == "CPU":  # the same thread budget as torch's (set_num_threads, OMP_NUM_THREADS)
-            properties["INFERENCE_NUM_THREADS"] = torch.get_num_threads()
+        if self.openvino_device == "CPU":  # torch's thread budget when the backend was made (OMP_NUM_THREADS, ...)
+            properties["INFERENCE_NUM_THREADS"] = self.threads
         if self.openvino_device.split(".")[0] in ("GPU", "NPU"):  # compiling for these takes long; the CPU is quick
             properties["CACHE_DIR"] = str(self.cache.cache_dir / "openvino_compiled")
         compiled = core.compile_model(core.read_model(str(path)), self.openvino_device, properties)
