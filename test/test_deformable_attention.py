@@ -130,7 +130,8 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, param in module.named_parameters():
             scale = 0.6 if "sampling_offsets" in name else 0.1
-            param.copy_(torch.randn(param.shape, generator=generator) * scale + (1.0 if name.endswith("norm.weight") else 0.0))
+            offset = 1.0 if name.endswith("norm.weight") else 0.0
+            param.copy_(torch.randn(param.shape, generator=generator) * scale + offset)
 
 
 def inputs(d_model=64, batch=2, seed=0):
@@ -243,7 +244,8 @@ def test_a_three_level_layer_on_two_levels_is_a_two_level_layer_with_the_sliced_
     two_level.load_state_dict(state, strict=True)
     # The rows kept for head 1, level 1, point 2 of the offsets (x, y) are rows ((1*3 + 1)*4 + 2)*2 + (0, 1).
     kept = level_sliced_linear(layer.self_attn.sampling_offsets, heads=8, levels=3, keep=2)[0]
-    assert torch.equal(kept[((1 * 2 + 1) * 4 + 2) * 2], layer.self_attn.sampling_offsets.weight[((1 * 3 + 1) * 4 + 2) * 2])
+    stock_rows = layer.self_attn.sampling_offsets.weight
+    assert torch.equal(kept[((1 * 2 + 1) * 4 + 2) * 2], stock_rows[((1 * 3 + 1) * 4 + 2) * 2])
 
     coarse = SHAPES[:2]
     count = sum(h * w for h, w in coarse)
@@ -253,7 +255,8 @@ def test_a_three_level_layer_on_two_levels_is_a_two_level_layer_with_the_sliced_
     with torch.no_grad():
         assert torch.equal(layer(tokens, pos, reference, coarse), two_level(tokens, pos, reference, coarse))
         queries = tokens + pos
-        full = torch.softmax(layer.self_attn.attention_weights(queries).view(2, count, 8, 12), -1).view(2, count, 8, 3, 4)
+        full_logits = layer.self_attn.attention_weights(queries).view(2, count, 8, 12)
+        full = torch.softmax(full_logits, -1).view(2, count, 8, 3, 4)
         sliced = torch.softmax(two_level.self_attn.attention_weights(queries).view(2, count, 8, 8), -1)
         renormalised = full[:, :, :, :2] / full[:, :, :, :2].sum((-2, -1), keepdim=True)
         assert torch.allclose(sliced.view(2, count, 8, 2, 4), renormalised, atol=1e-6)

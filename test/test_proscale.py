@@ -35,7 +35,8 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, param in module.named_parameters():
             scale = 0.6 if "sampling_offsets" in name else 0.3
-            param.copy_(torch.randn(param.shape, generator=generator) * scale + (1.0 if name.endswith("norm.weight") else 0.0))
+            offset = 1.0 if name.endswith("norm.weight") else 0.0
+            param.copy_(torch.randn(param.shape, generator=generator) * scale + offset)
 
 
 def inputs(seed=0, batch=2):
