@@ -384,7 +384,8 @@ def test_vit_model_segments_refuses_presets_and_enables_pose_live(tmp_path, pers
     ({"model": "segformer-b9"}, "model must be segformer-b0 .. segformer-b5 or a plain ViT"),
     ({"pose.enable": True, "pose.weights": "/nonexistent/pose.pth", "input_size": "64x64"},
      "cannot load pose.weights"),
-], ids=["preset_on_vit", "unknown_model", "missing_pose_weights"])
+    ({"pose.enable": True, "pose.input_size": "300x200", "input_size": "64x64"}, "must be a multiple of 32"),
+], ids=["preset_on_vit", "unknown_model", "missing_pose_weights", "pose_input_size"])
 def test_bad_configuration_is_fatal_with_a_clear_message(params, message, tmp_path):
     err = open(tmp_path / "stderr", "w+")
     process = subprocess.Popen(node_command(params), env=quiet_env("fatal_" + message[:10]),

@@ -79,7 +79,8 @@ def client():
 def node(client, student_dir, distilled, tmp_path_factory):
     logs = tmp_path_factory.mktemp("distilled_node")
     params = {"image_topics": [CAM], "weights": str(student_dir), "input_size": f"{SIZE[0]}x{SIZE[1]}",
-              "pose.enable": True, "pose.mode": "full_frame", "pose.weights": str(distilled)}
+              "pose.enable": True, "pose.mode": "full_frame", "pose.weights": str(distilled),
+              "pose.input_size": "128x96"}  # HEIGHTxWIDTH: the crops it was distilled at
     env = ros_env(DOMAIN_ID)
     env["OMP_NUM_THREADS"] = "1"
     stderr = open(logs / "stderr", "w")
@@ -107,7 +108,11 @@ def test_the_node_publishes_the_distilled_checkpoints_keypoints(client, node, di
     assert client.spin_until(lambda: len(answered()) >= 1, 30), "no keypoints from the node"
     points = read_keypoints_cloud(answered()[-1])
     assert points.shape == (1, 17)  # full_frame: one person
-    offline = PoseEstimator("segformer-b0", weights=distilled, mode="full_frame").estimate(person_photo)
+    offline = PoseEstimator("segformer-b0", weights=distilled, mode="full_frame",
+                            input_size=(96, 128)).estimate(person_photo)
+    # pose.input_size took effect: the default crop size gives other keypoints.
+    default_size = PoseEstimator("segformer-b0", weights=distilled, mode="full_frame").estimate(person_photo)
+    assert np.abs(default_size.keypoints[0] - offline.keypoints[0]).max() > 2.0
     np.testing.assert_allclose(points["u"][0], offline.keypoints[0, :, 0], atol=1.0)
     np.testing.assert_allclose(points["v"][0], offline.keypoints[0, :, 1], atol=1.0)
     np.testing.assert_allclose(points["score"][0], offline.scores[0], atol=1e-3)

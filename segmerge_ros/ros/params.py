@@ -137,6 +137,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "switches it back off, with the reason logged and in the diagnostics key pose_model (at start-up "
               "both stop the node).",
               read_only=True),
+    ParamSpec("pose.input_size", "384x288",
+              "Pose crop size HEIGHTxWIDTH, multiples of 32. 384x288 is the Segformer++ setting the checkpoints are "
+              "trained at; smaller crops (e.g. 256x192) run faster on a CPU robot: the shared vtest student keeps "
+              "its vtest accuracy there but loses some on other scenes (docs/pose.md).", read_only=True),
     ParamSpec("pose.mode", "segmentation",
               "segmentation: one crop per connected region of the label set's person classes (largest first); "
               "full_frame: the whole frame is one person (single-person cameras).", choices=POSE_MODES),

@@ -15,9 +15,9 @@ from std_msgs.msg import String
 
 from ..models.checkpoint_errors import CheckpointError
 from ..models.labels import LabelSet
-from ..runtime.engine import SegmentationEngine
+from ..runtime.engine import SegmentationEngine, parse_size
 from ..runtime.ladder import merge_rungs
-from ..runtime.pose import PoseEstimator
+from ..runtime.pose import POSE_INPUT_SIZE, PoseEstimator
 from .frame_pipeline import PoseSettings
 from .parameter_policy import label_count_refusal
 
@@ -66,7 +66,10 @@ def build_pose(param: Param, warn: Warn) -> PoseEstimator:
     model, weights = param("pose.model"), param("pose.weights")
     settings = pose_settings(param)
     try:
-        pose = PoseEstimator(model, weights or None, device=param("device"), max_persons=settings.max_persons,
+        crop = parse_size(param("pose.input_size"))  # HEIGHTxWIDTH; the estimator takes (w, h)
+        pose = PoseEstimator(model, weights or None, device=param("device"),
+                             input_size=(crop[1], crop[0]) if crop else POSE_INPUT_SIZE,
+                             max_persons=settings.max_persons,
                              min_person_area=settings.min_person_area,
                              keypoint_threshold=settings.keypoint_threshold, mode=settings.mode,
                              backend=param("backend"), precision=param("precision"),
