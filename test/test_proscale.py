@@ -10,7 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from segmerge_ros.models.deformable_attention import DeformableEncoder, encoder_reference_points
+from segmerge_ros.models.deformable_attention import (
+    DeformableEncoder,
+    coarse_layers_for_rate,
+    encoder_reference_points,
+)
 from segmerge_ros.models.proscale import (
     EncoderShape,
     ProScaleEncoder,
@@ -192,6 +196,9 @@ def test_knob_on_proscale_extends_stage_two_into_stage_three():
     assert (knob - stock).abs().max() > 1e-3
     with pytest.raises(ValueError, match="coarse_layers must lie in 0..3"):
         encoder(tokens, pos, SHAPES, coarse_layers=4)
+    # The rate mapping reads the range off the encoder: at most p3 - 1 = 2 here, 5 for the stock six layers.
+    assert coarse_layers_for_rate(0.95, encoder.full_scale_layers) == 2
+    assert coarse_layers_for_rate(0.95, DeformableEncoder().full_scale_layers) == 5
     with pytest.raises(ValueError, match="exactly 3 levels"):
         encoder(tokens[:, :COUNTS[0] + COUNTS[1]], pos[:, :COUNTS[0] + COUNTS[1]], SHAPES[:2])
 

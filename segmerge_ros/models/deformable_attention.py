@@ -325,6 +325,11 @@ class DeformableEncoder(nn.Module):
             for _ in range(num_layers)
         )
 
+    @property
+    def full_scale_layers(self) -> int:
+        """Layers trained on every level: what ``coarse_layers_for_rate`` needs for this encoder."""
+        return len(self.layers)
+
     def forward(
         self, tokens: torch.Tensor, pos: torch.Tensor, spatial_shapes: SpatialShapes, coarse_layers: int = 0
     ) -> torch.Tensor:

@@ -113,6 +113,11 @@ class ProScaleEncoder(nn.Module):
         )
         self.token_excite = TokenRecalibration(d_model, trc_temperature) if token_recalibration else None
 
+    @property
+    def full_scale_layers(self) -> int:
+        """Layers trained on every level (p3): the knob's range, for ``coarse_layers_for_rate``."""
+        return self.schedule[2]
+
     def forward(
         self, tokens: torch.Tensor, pos: torch.Tensor, spatial_shapes: SpatialShapes, coarse_layers: int = 0
     ) -> torch.Tensor:
