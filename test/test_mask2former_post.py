@@ -249,6 +249,10 @@ def test_panoptic_merges_stuff_per_class_but_not_things():
     masks = square_masks((8, 8), (0, 0, 4, 4), (0, 4, 4, 8), (4, 0, 8, 4), (4, 4, 8, 8))
     result = panoptic_segmentation(classes, masks, (8, 8), thing_ids=[0, 1])
     assert [(s.id, s.class_id, s.is_thing) for s in result.segments] == [(1, 2, False), (2, 0, True), (3, 0, True)]
+    assert result.as_dict(("car", "bus", "road")) == {
+        "1": {"class_id": 2, "class": "road", "is_thing": False, "score": 0.9},
+        "2": {"class_id": 0, "class": "car", "is_thing": True, "score": 0.95},
+        "3": {"class_id": 0, "class": "car", "is_thing": True, "score": 0.9}}
     np.testing.assert_array_equal(result.segment_map[:4, :4], 1)
     np.testing.assert_array_equal(result.segment_map[4:, :4], 1)  # merged into the first stuff segment
     np.testing.assert_array_equal(result.segment_map[:4, 4:], 2)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..models.labels import LabelSet
-from .engine import upsampled_argmax
+from .upsample import upsampled_argmax
 
 # Thing classes (countable objects) of the label sets whose split is known: Cityscapes' person, rider and vehicles,
 # and COCO panoptic's 80 thing classes, which come first in its 133 (detectron2's contiguous ids).
@@ -77,6 +77,11 @@ class Segment:
 class PanopticSegmentation:
     segment_map: np.ndarray  # (H, W) int32, 0 = no segment, else a Segment id (1, 2, ...)
     segments: tuple[Segment, ...]
+
+    def as_dict(self, class_names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """segment id (as a string) -> class id, class name, thing or stuff, score (rounded to 4 decimals)."""
+        return {str(s.id): {"class_id": s.class_id, "class": class_names[s.class_id], "is_thing": s.is_thing,
+                            "score": round(s.score, 4)} for s in self.segments}
 
 
 def thing_classes(labels: LabelSet) -> tuple[int, ...] | None:
