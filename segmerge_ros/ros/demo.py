@@ -8,7 +8,10 @@
 2. runs unmerged, then sets ``merge_rate`` through the node's parameter service, then switches budget mode on with
    a latency target between the two measured speeds;
 3. prints a table (frames in/out, dropped, bad, merge rates used, processing and end-to-end latency against the
-   target) and writes overlays as PNG files.
+   target; with pose, people per frame and pose time) and writes overlays as PNG files.
+
+With the distilled pose student in the shared data (or ``--pose-weights``), pose runs on the people found and the
+overlays show their skeletons; ``--pose-weights none`` leaves pose off.
 
 Discovery stays on this host (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST) on a private ROS_DOMAIN_ID.
 The client that drives the node (``client.py``) is the one the integration tests use.
@@ -38,6 +41,7 @@ from .client import (FASTDDS_PROFILE_VARIABLE, DiagnosticsWindow, SegmergeClient
                      ros_env, stop_process, with_fastdds_profile)
 
 STUDENT = "segformer_b0_vtest_student"
+POSE_STUDENT = "segformer_pose_b0_vtest_student"
 CAMERA_TOPIC = "/demo_cam/image"
 
 
@@ -55,6 +59,8 @@ class PhaseReport:
     final_rate: float = math.nan
     target: str = ""
     target_ms: float | None = None
+    persons: list[float] = field(default_factory=list)   # diagnostics windows: people in the window's last frame
+    pose_ms: list[float] = field(default_factory=list)   # diagnostics windows: mean pose time per frame
 
     def delta(self, key: str) -> int:
         return int(self.counters_end.get(key, 0) - self.counters_start.get(key, 0))
@@ -78,11 +84,24 @@ def default_weights() -> Path | None:
     return folder if folder and (folder / "model.safetensors").is_file() else None
 
 
+def default_pose_weights() -> Path | None:
+    shared = shared_data_dir()
+    path = shared / POSE_STUDENT / "pose.pth" if shared else None
+    return path if path and path.is_file() else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segmerge-ros-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default=None, help="video, image folder or image (default: vtest.avi)")
     parser.add_argument("--weights", default=None,
                         help=f"checkpoint (default: shared data's {STUDENT}; 'none' forces random weights)")
+    parser.add_argument("--pose-weights", default=None,
+                        help="Segformer++ pose checkpoint (default: the distilled student in the shared data when "
+                             "present; 'none': pose off)")
+    parser.add_argument("--pose-max-persons", type=int, default=3, help="pose.max_persons (default 3)")
+    parser.add_argument("--pose-threshold", type=float, default=0.15,
+                        help="pose.keypoint_threshold for the overlays (default 0.15: the shared student's heatmap "
+                             "maxima are low, and at the node's default 0.3 most joints are not drawn)")
     parser.add_argument("--out", default="out/demo", help="folder for overlay PNGs and logs (default out/demo)")
     parser.add_argument("--input-size", default="", help="network input HxW (default: the camera's own size; at "
                         "vtest's 576x768 the merge-rate ladder has authority, at 288x384 fixed costs dominate)")
@@ -119,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = None if (args.weights or "").lower() == "none" else (args.weights or default_weights())
     if weights is None:
         print("WARNING: no trained weights found: the node runs a RANDOM model, masks will be noise", file=sys.stderr)
+    pose_weights = None if (args.pose_weights or "").lower() == "none" else (args.pose_weights or default_pose_weights())
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*.png"):
@@ -140,8 +160,12 @@ def main(argv: list[str] | None = None) -> int:
                    "budget.max_merge_rate": 0.9}
     if weights:
         node_params["weights"] = str(weights)
+    if pose_weights:
+        node_params.update({"pose.enable": True, "pose.weights": str(pose_weights),
+                            "pose.max_persons": args.pose_max_persons, "pose.keypoint_threshold": args.pose_threshold})
     print(f"demo: ROS_DOMAIN_ID={args.domain_id}, source {source} ({args.encoding}, {args.fps:g} fps), weights "
-          f"{weights or 'RANDOM'}, input_size {args.input_size or 'camera resolution'}, output {out_dir}")
+          f"{weights or 'RANDOM'}, pose {pose_weights or 'off'}, input_size {args.input_size or 'camera resolution'}, "
+          f"output {out_dir}")
 
     context = Context()
     rclpy.init(context=context, domain_id=args.domain_id)
@@ -191,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             windows = [w for w in client.windows_after(camera_topic, phase.started + 1.0) if w.time <= phase.ended]
             busy = [w for w in windows if w.number("fps") > 0]
             phase.processing_ms = [w.number("processing_ms") for w in busy]
+            phase.persons = [w.number("persons") for w in busy if "persons" in w.values]
+            phase.pose_ms = [w.number("pose_ms") for w in busy if "pose_ms" in w.values]
             node_targets = [w.number("budget_target_ms") for w in busy if math.isfinite(w.number("budget_target_ms"))]
             if target_ms is not None and node_targets:
                 # The node's own per-frame target (in fps mode it also depends on the camera's measured rate).
@@ -233,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
         rclpy.try_shutdown(context=context)
         if phases:
-            print_table(phases)
+            print_table(phases, pose=bool(pose_weights))
             sent = published_frames(camera_log)
             received = sum(p.delta("frames_in") for p in phases)
             print(f"camera published {sent} frames in all; the node received {received} during the phases.")
@@ -252,9 +278,9 @@ def save_overlay(msg: Image, path: Path) -> None:
     cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
 
-def print_table(phases: list[PhaseReport]) -> None:
+def print_table(phases: list[PhaseReport], pose: bool = False) -> None:
     header = ("phase", "in", "out", "dropped", "bad", "merge rates used", "final rate", "proc p50", "proc p90",
-              "e2e p50", "e2e p90", "target", "proc p50 vs target")
+              "e2e p50", "e2e p90", "target", "proc p50 vs target") + (("persons", "pose p50") if pose else ())
     rows = []
     for p in phases:
         proc50, proc90 = percentile(p.processing_ms, 50), percentile(p.processing_ms, 90)
@@ -265,7 +291,8 @@ def print_table(phases: list[PhaseReport]) -> None:
         rows.append((p.name, str(p.delta("frames_in")), str(p.delta("frames_out")), str(p.delta("dropped_frames")),
                      str(p.delta("bad_frames")), rates, f"{p.final_rate:g}", f"{proc50:.1f}", f"{proc90:.1f}",
                      f"{percentile(p.latencies_ms, 50):.1f}", f"{percentile(p.latencies_ms, 90):.1f}", target,
-                     versus))
+                     versus) + ((f"{statistics.mean(p.persons):.1f}" if p.persons else "-",
+                                 f"{percentile(p.pose_ms, 50):.1f}") if pose else ()))
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     line = "  ".join("{:<%d}" % w for w in widths)
     print()
@@ -276,7 +303,8 @@ def print_table(phases: list[PhaseReport]) -> None:
     print("\nin/out/dropped/bad: the node's counters during the phase (dropped = replaced in the one-frame slot before "
           "the worker took it).\nproc: node processing per frame (decode + inference + publishing; what budget mode "
           "controls), p50/p90 over 1-s diagnostics windows, ms.\ne2e: now - header.stamp at the demo's subscriber, "
-          "per mask, ms (includes waiting for the worker).")
+          "per mask, ms (includes waiting for the worker)." + ("\npersons: people per frame (mean over the windows' "
+          "last frames); pose p50: pose time per frame (all its people), ms, included in proc." if pose else ""))
 
 
 if __name__ == "__main__":
