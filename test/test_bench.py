@@ -38,3 +38,20 @@ def test_bench_writes_the_documented_json(tmp_path, shared_data):
 def test_bench_rejects_out_of_range_rates():
     with pytest.raises(SystemExit, match="outside"):
         bench.main(["--size", "64x128", "--repeat", "1", "--rates", "0.97", "--no-hf"])
+
+
+def test_pose_bench_has_a_row_per_backend_precision_and_crop_with_time_per_person(tmp_path, shared_data, one_thread):
+    from segmerge_ros.runtime.backends import cpu_bf16_support
+    from segmerge_ros.tools import bench_pose
+
+    out = tmp_path / "pose.md"
+    assert bench_pose.main(["--configs", "none", "--persons", "2", "--repeats", "1", "--warmup", "0",
+                            "--precision", "fp32,bf16", "--input-size", "128x96,64x64", "--markdown", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| eager-")]
+    half = "bf16" if cpu_bf16_support() else "fp32"  # without bf16 the estimator warns and runs fp32
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == [
+        f"eager-{p} {crop}" for p in ("fp32", half) for crop in ("96x128", "64x64")]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        frame_min, per_person = float(cells[4]), float(cells[5])
+        assert per_person == pytest.approx(frame_min / 2, abs=0.06)  # two people

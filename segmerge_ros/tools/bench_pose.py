@@ -8,6 +8,8 @@ threads); the speed-ups divide the unmerged figure by the configuration's at the
 minimum wall time and the CPU time are the robust figures; the median shows the contention.
 
     python -m segmerge_ros.tools.bench_pose --model segformer-b0 --persons 1 4 --repeats 10
+    python -m segmerge_ros.tools.bench_pose --configs none --backend eager,openvino --precision fp32,bf16 \
+        --input-size 384x288,256x192
 """
 
 from __future__ import annotations
@@ -58,7 +60,10 @@ def _apply(estimator, config: str) -> None:
 
 
 def run(model: str, persons: list[int], configs: list[str], repeats: int, warmup: int, threads: int | None,
-        image: Path | None) -> tuple[list[dict], str]:
+        image: Path | None, variants: list[tuple[str, str, tuple[int, int]]] = (("eager", "fp32", (288, 384)),),
+        cache_dir: str | None = None) -> tuple[list[dict], str]:
+    """Rows per (variant, persons, merge configuration); a variant is (backend, precision, crop (w, h)), each its own
+    PoseEstimator. Speed-ups divide the first variant's unmerged figure at the same N by the row's."""
     import torch
 
     from segmerge_ros.runtime.pose import PoseEstimator
@@ -67,32 +72,39 @@ def run(model: str, persons: list[int], configs: list[str], repeats: int, warmup
         torch.set_num_threads(threads)
     load_before = os.getloadavg()[0]
     rgb = _frame(image)
-    estimator = PoseEstimator(model, device="cpu", max_persons=max(persons), min_person_area=1)
+    estimators = {}
+    for backend, precision, crop in variants:
+        estimator = PoseEstimator(model, device="cpu", max_persons=max(persons), min_person_area=1,
+                                  backend=backend, precision=precision, input_size=crop, cache_dir=cache_dir)
+        label = f"{estimator.backend}-{estimator.precision} {crop[0]}x{crop[1]}"  # after any fallback to eager
+        estimators[label] = estimator
     person_id = 11
     segs = {n: _segmentation(rgb.shape[:2], n, person_id) for n in persons}
-    wall: dict[tuple[str, int], list[float]] = {(c, n): [] for c in configs for n in persons}
-    cpu: dict[tuple[str, int], list[float]] = {(c, n): [] for c in configs for n in persons}
-    for round_ in range(warmup + repeats):
-        for n in persons:
-            for config in configs:
-                _apply(estimator, config)
-                c0 = time.process_time()
-                result = estimator.estimate(rgb, segs[n], (person_id,))
-                c1 = time.process_time()
-                assert result.num_persons == n, (result.num_persons, n)
-                if round_ >= warmup:
-                    wall[(config, n)].append(result.pose_ms)
-                    cpu[(config, n)].append((c1 - c0) * 1e3)
+    keys = [(label, config, n) for label in estimators for config in configs for n in persons]
+    wall: dict[tuple, list[float]] = {k: [] for k in keys}
+    cpu: dict[tuple, list[float]] = {k: [] for k in keys}
+    for round_ in range(warmup + repeats):  # interleaved: load from other processes hits every row alike
+        for label, config, n in keys:
+            estimator = estimators[label]
+            _apply(estimator, config)
+            c0 = time.process_time()
+            result = estimator.estimate(rgb, segs[n], (person_id,))
+            c1 = time.process_time()
+            if result.num_persons != n:
+                raise RuntimeError(f"{label} {config}: found {result.num_persons} people, expected {n}")
+            if round_ >= warmup:
+                wall[(label, config, n)].append(result.pose_ms)
+                cpu[(label, config, n)].append((c1 - c0) * 1e3)
+    first = next(iter(estimators))
     rows = []
-    for n in persons:
-        for config in configs:
-            row = {"persons": n, "config": config, "runs": len(wall[(config, n)]),
-                   "wall_median": statistics.median(wall[(config, n)]), "wall_min": min(wall[(config, n)]),
-                   "cpu_median": statistics.median(cpu[(config, n)])}
-            if "none" in configs:
-                row["speedup_min"] = min(wall[("none", n)]) / row["wall_min"]
-                row["speedup_cpu"] = statistics.median(cpu[("none", n)]) / row["cpu_median"]
-            rows.append(row)
+    for label, config, n in keys:
+        row = {"variant": label, "persons": n, "config": config, "runs": len(wall[(label, config, n)]),
+               "wall_median": statistics.median(wall[(label, config, n)]), "wall_min": min(wall[(label, config, n)]),
+               "cpu_median": statistics.median(cpu[(label, config, n)])}
+        if "none" in configs:
+            row["speedup_min"] = min(wall[(first, "none", n)]) / row["wall_min"]
+            row["speedup_cpu"] = statistics.median(cpu[(first, "none", n)]) / row["cpu_median"]
+        rows.append(row)
     env = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
            f"threads, torch {torch.__version__}, Python {platform.python_version()}, frame {rgb.shape[1]}x{rgb.shape[0]}, "
            f"1-min load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after")
@@ -100,14 +112,24 @@ def run(model: str, persons: list[int], configs: list[str], repeats: int, warmup
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| persons | merge | wall ms / frame, median | wall ms / frame, min | wall ms / person, min | "
-             "CPU ms / frame, median | speed-up (wall min) | speed-up (CPU) |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| backend-precision crop (w x h) | persons | merge | wall ms / frame, median | wall ms / frame, min | "
+             "wall ms / person, min | CPU ms / frame, median | speed-up (wall min) | speed-up (CPU) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['persons']} | {r['config']} | {r['wall_median']:.1f} | {r['wall_min']:.1f} | "
-                     f"{r['wall_min'] / r['persons']:.1f} | {r['cpu_median']:.1f} | "
+        lines.append(f"| {r['variant']} | {r['persons']} | {r['config']} | {r['wall_median']:.1f} | "
+                     f"{r['wall_min']:.1f} | {r['wall_min'] / r['persons']:.1f} | {r['cpu_median']:.1f} | "
                      f"{r.get('speedup_min', float('nan')):.2f}x | {r.get('speedup_cpu', float('nan')):.2f}x |")
     return "\n".join(lines)
+
+
+def _variants(backends: str, precisions: str, sizes: str) -> list[tuple[str, str, tuple[int, int]]]:
+    from segmerge_ros.runtime.engine import parse_size
+
+    crops = []
+    for text in sizes.split(","):
+        height, width = parse_size(text.strip())
+        crops.append((width, height))
+    return [(b.strip(), p.strip(), crop) for b in backends.split(",") for p in precisions.split(",") for crop in crops]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,14 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--image", type=Path, default=None, help="RGB frame (default: a shared COCO image)")
+    parser.add_argument("--backend", default="eager", help="comma-separated backends, each a row group (eager, "
+                        "openvino, compile, tensorrt)")
+    parser.add_argument("--precision", default="fp32", help="comma-separated precisions (fp32, bf16, fp16, auto)")
+    parser.add_argument("--input-size", default="384x288",
+                        help="comma-separated pose crop sizes HEIGHTxWIDTH, multiples of 32 (as pose.input_size)")
+    parser.add_argument("--engine-cache-dir", default=None, help="compiled models of openvino/tensorrt")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     t0 = time.perf_counter()
-    rows, env = run(args.model, args.persons, configs, args.repeats, args.warmup, args.threads, args.image)
-    text = (f"{args.model} pose, crop 288x384 (w x h), heatmaps 72x96, {args.repeats} timed rounds after "
-            f"{args.warmup} warm-up, configurations interleaved; {env}; {time.perf_counter() - t0:.0f} s total\n\n"
-            + table(rows))
+    rows, env = run(args.model, args.persons, configs, args.repeats, args.warmup, args.threads, args.image,
+                    _variants(args.backend, args.precision, args.input_size), args.engine_cache_dir)
+    text = (f"{args.model} pose, heatmaps at 1/4 of the crop, {args.repeats} timed rounds after {args.warmup} "
+            f"warm-up, rows interleaved; {env}; {time.perf_counter() - t0:.0f} s total\n\n" + table(rows))
     print(text)
     if args.markdown:
         args.markdown.write_text(text + "\n")
