@@ -663,6 +663,8 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="segmentation checkpoint that finds the people")
     p.add_argument("--init-encoder", help="segmentation checkpoint whose encoder starts the student "
                    "(default --seg-weights; 'none': random)")
+    p.add_argument("--init-pose", help="pose checkpoint (.pth, mmpose layout) the whole student starts from, e.g. "
+                   "to fine-tune an earlier student on more people (instead of --init-encoder)")
     p.add_argument("--teacher-crop", choices=TEACHER_CROPS, default="tight")
     p.add_argument("--min-person-area", type=int, default=400)
     p.add_argument("--max-persons", type=int, default=12)
@@ -755,12 +757,21 @@ def main_train(argv: Sequence[str]) -> int:
         shift_jitter=args.shift_jitter, flip=args.flip, save_every=args.save_every, seed=args.seed,
         time_budget=args.time_budget, bf16=args.bf16)
     model = SegformerPose("b0")
-    init = args.init_encoder or seg_weights
-    if init != "none" and not args.resume:
+    if args.init_pose and args.init_encoder:
+        raise SystemExit("--init-pose and --init-encoder both set: the student starts from one of them")
+    init = args.init_pose or args.init_encoder or seg_weights
+    if args.resume:
+        pass  # train_pose loads the run's own checkpoint
+    elif args.init_pose:
+        from segmerge_ros.models.pose import load_pose_checkpoint
+
+        load_pose_checkpoint(model, args.init_pose)
+    elif init != "none":
         init_encoder_from_segmentation(model, init)
     info = {"command": "segmerge-train pose " + " ".join(argv), "data": key, "people_per_source": per_source,
             "teacher_keypoints_above_min_score": float((people.scores > args.min_score).mean()) if len(people) else 0,
-            "prepare_seconds": round(prepare_seconds, 1), "encoder_init": init}
+            "prepare_seconds": round(prepare_seconds, 1), "encoder_init": init,
+            "init": "pose checkpoint" if args.init_pose else "encoder"}
     records = train_pose(model, people, frames, settings, out, args.resume, info)
     losses = [r["loss"] for r in records]
     window = max(1, min(50, len(losses) // 4))
