@@ -494,8 +494,8 @@ def initialise_for_training(model: Mask2Former) -> None:
     Xavier"), biases 0, ``level_embed`` N(0, 1); encoder matrices Xavier-uniform, then each deformable attention's
     offsets from ``deformable_attention_initial_offsets``, its attention logits 0 (uniform weights over levels and
     points), value/output projections Xavier-uniform with bias 0. Transformer decoder: every layer's matrices
-    Xavier-uniform and attention biases 0; the queries, their embeddings and the level embedding N(0, 1) (``nn.Embedding``'s own init),
-    the class and mask heads PyTorch's Linear default.
+    Xavier-uniform and attention biases 0; the queries, their embeddings and the level embedding N(0, 1)
+    (``nn.Embedding``'s own init), the class and mask heads PyTorch's Linear default.
     """
     decoder = model.pixel_level_module.decoder
     for projection in decoder.input_projections:
