@@ -309,8 +309,7 @@ class PoseEstimator:
         self.max_persons = int(max_persons)
         self.min_person_area = int(min_person_area)
         self.keypoint_threshold = float(keypoint_threshold)
-        self._mean = torch.tensor(POSE_MEAN, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(POSE_STD, device=self.device).view(1, 3, 1, 1)
+        self._mean, self._std = torch.tensor(POSE_MEAN), torch.tensor(POSE_STD)
         self._merge = None
         self._merge_rate = 0.0
         self._preset = "none"
@@ -375,9 +374,9 @@ class PoseEstimator:
         return boxes
 
     def preprocess(self, crops: np.ndarray):
-        torch = self._torch
-        x = torch.from_numpy(crops).to(self.device).permute(0, 3, 1, 2).float()
-        return (x - self._mean) / self._std
+        from segmerge_ros.runtime.engine import normalise
+
+        return normalise(crops, self._mean, self._std, self.device)
 
     def forward(self, pixels) -> np.ndarray:
         """Heatmaps (N, K, h, w) of normalised crops, with the flip test when enabled: crops and their mirror
