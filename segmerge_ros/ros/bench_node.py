@@ -135,6 +135,8 @@ def measure_network(args, backend: str, precision: str, rates: list[float], fram
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A terminated benchmark still stops the node and the camera it started (measure_node's finally).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     rates = [float(v) for v in args.rates.split(",")]
     size = parse_size(args.size)
     source = args.source or default_video()
