@@ -69,7 +69,8 @@ def upsampled_argmax(logits: torch.Tensor, labels: torch.Tensor, size: tuple[int
     corner_cols = torch.stack([torch.arange(width, device=device), c1]).view(1, 2, 1, width)
     corner_pixels = (corner_rows * width + corner_cols).reshape(4, height, width)  # flat index of each cell corner
     corner_labels = labels.reshape(-1)[corner_pixels]  # (4 corners, h, w)
-    boundary = (corner_labels[1:] != corner_labels[0]).any(dim=0)
+    first = corner_labels[0]
+    boundary = (corner_labels[1] != first) | (corner_labels[2] != first) | (corner_labels[3] != first)
 
     # Every pixel as if its cell were inside a region; one scratch row and column (index H, W) take the padding of
     # the boundary blocks below.
@@ -82,16 +83,18 @@ def upsampled_argmax(logits: torch.Tensor, labels: torch.Tensor, size: tuple[int
 
     # The classes not ruled out in each boundary cell: its corner winners, and classes no winner beats at all four
     # corners; listed first in ``candidates`` (R, cells), padded with classes that are ruled out (harmless).
-    corner_logits = flat_logits[torch.arange(num_classes, device=device).view(-1, 1, 1) * span
-                                + corner_pixels[:, cell_r, cell_c]]  # (K, 4 corners, cells)
-    winners = corner_labels[:, cell_r, cell_c]  # (4, cells)
-    winner_values = corner_logits.gather(0, winners.unsqueeze(1).expand(-1, 4, -1))  # (4 winners, 4 corners, cells)
-    slack = 1e-4 * (1.0 + winner_values.abs().amax(dim=(0, 1)))  # absorbs the interpolation's rounding
-    possible = ~((corner_logits.unsqueeze(1) - winner_values.unsqueeze(0)).amax(dim=2) < -slack).any(dim=1)
-    possible.scatter_(0, winners, True)
-    count = possible.sum(dim=0)
-    # A stable sort along the classes of each cell (the last axis: contiguous, fast) keeps them in class-id order.
-    candidates = torch.argsort((~possible).t().to(torch.uint8), dim=1, stable=True)[:, :int(count.max())].t()
+    # Reductions run along the last, contiguous axis: (cells, ..., 4 corners).
+    corner_logits = flat_logits[torch.arange(num_classes, device=device).view(1, -1, 1) * span
+                                + corner_pixels[:, cell_r, cell_c].t().unsqueeze(1)]  # (cells, K, 4 corners)
+    winners = corner_labels[:, cell_r, cell_c].t()  # (cells, 4 corners)
+    winner_values = corner_logits.gather(1, winners.unsqueeze(2).expand(-1, -1, 4))  # (cells, 4 winners, 4 corners)
+    slack = 1e-4 * (1.0 + winner_values.abs().flatten(1).amax(dim=1))  # absorbs the interpolation's rounding
+    margin = (corner_logits.unsqueeze(2) - winner_values.unsqueeze(1)).amax(dim=3)  # (cells, K, 4 winners)
+    possible = margin.amin(dim=2) >= -slack.unsqueeze(1)  # (cells, K): no winner beats it at all four corners
+    possible.scatter_(1, winners, True)
+    count = possible.sum(dim=1)
+    # A stable sort along each cell's classes keeps them in class-id order.
+    candidates = torch.argsort((~possible).to(torch.uint8), dim=1, stable=True)[:, :int(count.max())].t()
 
     # Boundary cells as blocks of pixels: every (row group, column group) pair whose cell is a boundary cell.
     cell_id = torch.full((height, width), -1, dtype=torch.long, device=device)
