@@ -87,6 +87,13 @@ def test_trc_reproduces_the_released_view_semantics_on_a_hand_made_case():
     assert max(abs(a - t) for a, t in zip(gate, by_hand(reading_transposed=True))) > 0.05
     coarse = torch.randn(1, 2, 2)
     assert torch.allclose(trc(coarse, (1, 2), guide, (2, 4)), coarse * torch.tensor(gate)[None, :, None])
+    # In a batch each sample's (L3, C) block is reinterpreted on its own, also when the guide is a slice of the
+    # whole token sequence (not contiguous across the batch), as the encoder passes it.
+    other = torch.randn(1, 8, 2)
+    sequence = torch.cat([torch.randn(2, 3, 2), torch.cat([guide, other])], 1)
+    batched = trc.gate((1, 2), sequence[:, 3:], (2, 4))
+    assert torch.equal(batched[0], trc.gate((1, 2), guide, (2, 4))[0])
+    assert torch.equal(batched[1], trc.gate((1, 2), other, (2, 4))[0])
 
 
 def test_stages_run_on_their_levels_and_tokens():

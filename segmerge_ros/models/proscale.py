@@ -21,7 +21,7 @@ layers (``...transformer.encoder.`` -> ``pixel_level_module.decoder.encoder.``).
 
 FLOPs: ``*_macs`` count multiply-accumulates of the projections (linear layers and convolutions) from shapes alone,
 the convention of the note's per-token formula and of fvcore's matmul/conv counts; the bilinear sampling and the
-weighted sum of the deformable attention are counted apart (``sampling_macs``), norms and activations not at all.
+weighted sum of the deformable attention are counted apart (``sampling_macs_per_token``), norms and activations not at all.
 """
 
 from __future__ import annotations
