@@ -168,6 +168,9 @@ def build_models(args: argparse.Namespace, device: torch.device):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import bench_mask2former  # --model mask2former-...: its own rows (knob settings); imports bench itself
+    if bench_mask2former.requested(argv):
+        return bench_mask2former.main(argv)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
