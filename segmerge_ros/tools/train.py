@@ -635,6 +635,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from segmerge_ros.tools.train_pose import main_eval, main_train
 
         return (main_train if argv[0] == "pose" else main_eval)(argv[1:])
+    if argv and argv[0] == "mask2former":  # distil a Mask2Former (docs/mask2former.md)
+        from segmerge_ros.tools.train_mask2former import main as main_mask2former
+
+        return main_mask2former(argv[1:])
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
