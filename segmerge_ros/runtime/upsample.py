@@ -81,16 +81,18 @@ def upsampled_argmax(logits: torch.Tensor, labels: torch.Tensor, size: tuple[int
     if not cell_r.numel():
         return out.contiguous()
 
-    # The classes not ruled out in each boundary cell: its corner winners, and classes no winner beats at all four
-    # corners; listed first in ``candidates`` (R, cells), padded with classes that are ruled out (harmless).
-    # Reductions run along the last, contiguous axis: (cells, ..., 4 corners).
+    # The classes not ruled out in each boundary cell: its corner winners, and classes that its lowest or its
+    # highest corner winner beats at no more than three corners (testing every winner would rule out a few more
+    # classes for twice the work); listed first in ``candidates`` (R, cells), in class-id order, padded with
+    # ruled-out classes (harmless). Reductions run along the last, contiguous axis: (cells, ..., 4 corners).
     corner_logits = flat_logits[torch.arange(num_classes, device=device).view(1, -1, 1) * span
                                 + corner_pixels[:, cell_r, cell_c].t().unsqueeze(1)]  # (cells, K, 4 corners)
     winners = corner_labels[:, cell_r, cell_c].t()  # (cells, 4 corners)
-    winner_values = corner_logits.gather(1, winners.unsqueeze(2).expand(-1, -1, 4))  # (cells, 4 winners, 4 corners)
-    slack = 1e-4 * (1.0 + winner_values.abs().flatten(1).amax(dim=1))  # absorbs the interpolation's rounding
-    margin = (corner_logits.unsqueeze(2) - winner_values.unsqueeze(1)).amax(dim=3)  # (cells, K, 4 winners)
-    possible = margin.amin(dim=2) >= -slack.unsqueeze(1)  # (cells, K): no winner beats it at all four corners
+    extremes = torch.stack([winners.amin(dim=1), winners.amax(dim=1)], dim=1)  # (cells, 2)
+    extreme_values = corner_logits.gather(1, extremes.unsqueeze(2).expand(-1, -1, 4))  # (cells, 2, 4 corners)
+    slack = 1e-4 * (1.0 + extreme_values.abs().flatten(1).amax(dim=1))  # absorbs the interpolation's rounding
+    margin = (corner_logits.unsqueeze(2) - extreme_values.unsqueeze(1)).amax(dim=3)  # (cells, K, 2)
+    possible = margin.amin(dim=2) >= -slack.unsqueeze(1)  # (cells, K)
     possible.scatter_(1, winners, True)
     count = possible.sum(dim=1)
     # A stable sort along each cell's classes keeps them in class-id order.
@@ -145,13 +147,11 @@ def upsampled_argmax(logits: torch.Tensor, labels: torch.Tensor, size: tuple[int
         flat = rows.unsqueeze(2) * (out_width + 1) + cols.unsqueeze(1)
         canvas.view(-1)[flat.reshape(-1)] = decided.reshape(-1)
 
-    # Two possible classes (almost every boundary cell): the sign of their margin decides; the others among theirs.
+    # Two possible classes (most boundary cells): the sign of their margin decides; three (most of the rest), and
+    # more: the best among them. Grouped so that each group interpolates only as many classes as its cells need.
     block_count = count[block_cell]
-    two = block_count == 2
-    if bool(two.any()):
-        blocks = two.nonzero().squeeze(1)
-        decide(blocks, candidates[:2, block_cell[blocks]].sort(dim=0).values)
-    if not bool(two.all()):
-        blocks = (~two).nonzero().squeeze(1)
-        decide(blocks, candidates[:, block_cell[blocks]])
+    for group in (block_count == 2, block_count == 3, block_count > 3):
+        blocks = group.nonzero().squeeze(1)
+        if blocks.numel():
+            decide(blocks, candidates[:int(block_count[blocks].max()), block_cell[blocks]])
     return out.contiguous()
