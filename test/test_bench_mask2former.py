@@ -87,3 +87,22 @@ def test_random_weights_are_seeded_and_scaled():
     key = "pixel_level_module.decoder.encoder.layers.0.self_attn.attention_weights.weight"
     assert np.array_equal(a[key].numpy(), b[key].numpy())
     assert a[key].abs().max() > 0  # the fresh model's zero attention logits were replaced
+
+
+def test_weights_of_a_distilled_checkpoint_are_benchmarked(tmp_path):
+    from segmerge_ros.models.mask2former import Mask2Former
+    from segmerge_ros.tools.train_mask2former import save_checkpoint
+
+    config = bench_mask2former.config_with_overrides("mask2former-mit-b0-proscale", TINY_MIT)
+    model = bench_mask2former.randomise_weights(Mask2Former(config), seed=5)
+    save_checkpoint(model, tmp_path / "model", {})
+    path = tmp_path / "result.json"
+    bench_mask2former.main(["--model", "mask2former-mit-b0-proscale", "--weights", str(tmp_path / "model"),
+                            "--size", "64x64", "--repeats", "1", "--json", str(path)])
+    result = json.loads(path.read_text())
+    assert "segmerge-train mask2former" in result["weights"] and result["encoder"] == "proscale (3, 3, 3)"
+    assert [row["coarse_layers"] for row in result["sizes"][0]["rows"]] == [0, 1, 2]
+    assert not any("random weights" in note for note in result["notes"])
+    with pytest.raises(SystemExit, match="not mask2former-mit-b0$"):
+        bench_mask2former.main(["--model", "mask2former-mit-b0", "--weights", str(tmp_path / "model"),
+                                "--size", "64x64"])

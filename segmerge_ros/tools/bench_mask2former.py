@@ -271,7 +271,15 @@ def print_table(result: dict) -> None:
 def load_model(args: argparse.Namespace) -> tuple[Mask2Former, str]:
     if args.weights:
         from ..models.mask2former_checkpoints import load_mask2former
+        from .train_mask2former import distilled_checkpoint, load_distilled
 
+        if distilled_checkpoint(args.weights):  # written by segmerge-train mask2former
+            model = load_distilled(args.weights)
+            if (model.config.backbone, model.config.encoder) != (mask2former_config(args.model).backbone,
+                                                                  mask2former_config(args.model).encoder):
+                raise SystemExit(f"segmerge-bench: {args.weights} is a {model.config.backbone} backbone with the "
+                                 f"{model.config.encoder} encoder, not {args.model}")
+            return model.eval(), f"weights {args.weights} (segmerge-train mask2former)"
         overrides = json.loads(args.config_overrides) if args.config_overrides else {}
         loaded = load_mask2former(args.weights, expect=args.model, **overrides)
         return loaded.model.eval(), f"weights {args.weights} ({loaded.format})"

@@ -195,6 +195,12 @@ def save_checkpoint(model: Mask2Former, directory: Path, extra: dict) -> None:
     (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def distilled_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by ``save_checkpoint``."""
+    config = Path(path) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("format") == CHECKPOINT_FORMAT
+
+
 def load_distilled(directory: str | Path) -> Mask2Former:
     """A model written by ``save_checkpoint``, loaded by the project's loader (strict, clear mismatch errors)."""
     directory = Path(directory)
