@@ -40,6 +40,7 @@ def test_swin_rows_per_knob_setting_and_equal_to_transformers(tmp_path, capsys):
     assert hf["max_abs_class_logit_diff_vs_ours"] <= 1e-4
     assert hf["max_abs_mask_logit_diff_vs_ours"] <= 1e-4
     assert hf["agreement_vs_k0"] == 1.0
+    assert hf["max_abs_mask_logit"] > 1.0 and hf["max_abs_class_logit"] > 0.5  # the equality is not of zeros
     k0, k5 = rows[1], rows[-1]
     assert k0["speedup_vs_k0"] == 1.0 and k0["agreement_vs_k0"] == 1.0 and k0["macs_share_vs_k0"] == 1.0
     # each coarse layer removes the res3 tokens from one encoder layer: strictly fewer MACs per setting

@@ -57,6 +57,7 @@ class Row:
     agreement: list[float] = field(default_factory=list)
     class_diff: float | None = None
     mask_diff: float | None = None
+    largest_logits: tuple[float, float] = (0.0, 0.0)  # max |class|, |mask| logit of the row (scale of the diffs)
 
 
 def requested(argv: Sequence[str] | None) -> bool:
@@ -201,6 +202,9 @@ def measure(rows: list[Row], images: list[np.ndarray], size: tuple[int, int], re
             reference = outputs[reference_row.name]
             reference_map = semantic_map(reference, size)
             for row in rows:
+                class_logits, mask_logits = outputs[row.name]
+                row.largest_logits = (max(row.largest_logits[0], class_logits.abs().max().item()),
+                                      max(row.largest_logits[1], mask_logits.abs().max().item()))
                 row.agreement.append(float((semantic_map(outputs[row.name], size) == reference_map).mean()))
                 if row.coarse_layers is None:
                     row.class_diff = max(row.class_diff or 0.0,
@@ -242,6 +246,8 @@ def size_result(config: Mask2FormerConfig, rows: list[Row], size: tuple[int, int
             "agreement_vs_k0": round(statistics.mean(row.agreement), 4),
             "max_abs_class_logit_diff_vs_ours": row.class_diff,
             "max_abs_mask_logit_diff_vs_ours": row.mask_diff,
+            "max_abs_class_logit": round(row.largest_logits[0], 3),
+            "max_abs_mask_logit": round(row.largest_logits[1], 3),
         })
     return {"size": list(size), "rows": out}
 
@@ -255,7 +261,8 @@ def print_table(result: dict) -> None:
         print(f"\n{result['model']} ({result['encoder']}) {entry['size'][0]}x{entry['size'][1]}  {result['device']}  "
               f"{result['weights']}")
         header = (f"{'row':<14} {'rate>=':>6} {'median ms':>10} {'x vs k=0':>8} {'x vs hf':>8} {'GMAC':>7} "
-                  f"{'pixdec GMAC':>11} {'MAC %':>6} {'agree k=0':>9} {'max|dcls|':>9} {'max|dmask|':>10}")
+                  f"{'pixdec GMAC':>11} {'MAC %':>6} {'agree k=0':>9} {'max|dcls|':>9} {'max|dmask|':>10} "
+                  f"{'max|cls|':>8} {'max|mask|':>9}")
         print(header)
         print("-" * len(header))
         for row in entry["rows"]:
@@ -263,7 +270,8 @@ def print_table(result: dict) -> None:
                   f"{row['speedup_vs_k0']:>8.2f} {fmt(row['speedup_vs_transformers'], '>8.2f')} "
                   f"{row['gmac_total']:>7.2f} {row['gmac_pixel_decoder']:>11.2f} {100 * row['macs_share_vs_k0']:>6.1f} "
                   f"{row['agreement_vs_k0']:>9.4f} {fmt(row['max_abs_class_logit_diff_vs_ours'], '>9.2e')} "
-                  f"{fmt(row['max_abs_mask_logit_diff_vs_ours'], '>10.2e')}")
+                  f"{fmt(row['max_abs_mask_logit_diff_vs_ours'], '>10.2e')} {row['max_abs_class_logit']:>8.1f} "
+                  f"{row['max_abs_mask_logit']:>9.1f}")
     for note in result["notes"]:
         print(f"note: {note}")
 
@@ -316,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         for row in rows:
             row.times_ms, row.agreement, row.class_diff, row.mask_diff = [], [], None, None
+            row.largest_logits = (0.0, 0.0)
         measure(rows, images, size, args.repeats)
         result["sizes"].append(size_result(config, rows, size))
     print_table(result)

@@ -90,7 +90,8 @@ class DeepLabTeacher:
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError as error:
-            raise ImportError("the DeepLab teacher needs ai-edge-litert (pip install -r requirements-test.txt)") from error
+            raise ImportError("the DeepLab teacher needs ai-edge-litert (pip install -r requirements-test.txt)") \
+                from error
         if not Path(path).is_file():
             raise FileNotFoundError(f"DeepLab teacher {path} does not exist")
         self.interpreter = Interpreter(model_path=str(path), num_threads=1)
@@ -351,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="mask2former-mit-b0", help="mask2former-mit-b0 .. -mit-b5 (default b0)")
     p.add_argument("--proscale", action="store_true", help="the PRO-SCALE encoder instead of the stock one")
     p.add_argument("--schedule", default="3,3,3", help="PRO-SCALE (p1, p2, p3) with --proscale (default 3,3,3)")
-    p.add_argument("--teacher", default=f"deeplab:{_shared('coral_cityscapes_deeplab', 'deeplab_mobilenet_edgetpu_slim_cityscapes_quant.tflite')}",
+    deeplab = _shared("coral_cityscapes_deeplab", "deeplab_mobilenet_edgetpu_slim_cityscapes_quant.tflite")
+    p.add_argument("--teacher", default=f"deeplab:{deeplab}",
                    help="deeplab:TFLITE | segformer:PATH | vit:PATH (default: the shared Cityscapes DeepLab)")
     p.add_argument("--source", default=_shared("opencv_samples", "vtest.avi"), help="video or image folder")
     p.add_argument("--frames", default="0:640:4", help="training frames start:stop[:step] (default 0:640:4)")
