@@ -43,8 +43,8 @@ from ..tools.plots import TimelinePoint, plot_bag_timeline
 from .camera import output_topic
 from .demo import percentile
 from .diagnostics import FailureLog, failure_cause
-from .frame_pipeline import (CONFIDENCE, KEYPOINTS, MARKERS, MASK, OVERLAY, BadFrame, FramePipeline, FrameSettings,
-                             budget_step)
+from .frame_pipeline import (CONFIDENCE, INSTANCES, INSTANCES_INFO, KEYPOINTS, MARKERS, MASK, OVERLAY, PANOPTIC,
+                             PANOPTIC_INFO, BadFrame, FramePipeline, FrameSettings, budget_step)
 from .parameter_policy import startup_refusal, topics_refusal
 from .params import DEFAULTS, SPECS
 from .startup import (StartupError, apply_merge_settings, build_engine, build_pose, labels_message, model_info,
@@ -62,7 +62,9 @@ LATCHED_QOS = Qos(history=QosHistory.KEEP_LAST, depth=1, reliability=QosReliabil
                   liveliness=QosLiveliness.AUTOMATIC, liveliness_lease_duration=_NO_TIME,
                   avoid_ros_namespace_conventions=False)
 OUTPUT_NAMES = {MASK: "segmentation/mask", CONFIDENCE: "segmentation/confidence", OVERLAY: "segmentation/overlay",
-                KEYPOINTS: "pose/keypoints", MARKERS: "pose/markers"}
+                KEYPOINTS: "pose/keypoints", MARKERS: "pose/markers", INSTANCES: "segmentation/instances",
+                INSTANCES_INFO: "segmentation/instances/info", PANOPTIC: "segmentation/panoptic",
+                PANOPTIC_INFO: "segmentation/panoptic/info"}
 # Everything written per camera: the node's outputs, plus each frame's rate and cost.
 CAMERA_OUTPUTS = (*OUTPUT_NAMES.values(), "segmentation/labels", "segmentation/merge_rate",
                   "segmentation/processing_ms")

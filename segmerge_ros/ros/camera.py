@@ -1,7 +1,9 @@
 """One input camera of the node: its subscriptions, its one-frame slot, its publishers and its counters.
 
 For a camera topic ``<ns>/<name>`` (``<ns>/<name>/compressed`` for JPEG/PNG) the outputs go to
-``<ns>/segmentation/*`` and ``<ns>/pose/*``, and the calibration is read from ``<ns>/camera_info``.
+``<ns>/segmentation/*`` and ``<ns>/pose/*``, and the calibration is read from ``<ns>/camera_info``. Models with
+instance output (Mask2Former) also publish ``<ns>/segmentation/instances`` and ``<ns>/segmentation/instances/info``,
+with ``panoptic.enable`` ``<ns>/segmentation/panoptic`` and ``<ns>/segmentation/panoptic/info``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from visualization_msgs.msg import MarkerArray
 
 from ..runtime.budget import ArrivalRate
 from .diagnostics import CameraSnapshot, FrameTiming
-from .frame_pipeline import CONFIDENCE, KEYPOINTS, MARKERS, MASK, OVERLAY
+from ..models.mask2former_checkpoints import is_mask2former_name
+from .frame_pipeline import (CONFIDENCE, INSTANCES, INSTANCES_INFO, KEYPOINTS, MARKERS, MASK, OVERLAY, PANOPTIC,
+                             PANOPTIC_INFO)
 from .startup import labels_message
 from .topics import COMPRESSED_SUFFIX, output_topic
 
@@ -70,6 +74,12 @@ class Camera:
         self.markers_pub = publisher(MarkerArray, "pose/markers", OUTPUT_QOS)
         self.publishers = {MASK: self.mask_pub, CONFIDENCE: self.confidence_pub, OVERLAY: self.overlay_pub,
                            KEYPOINTS: self.keypoints_pub, MARKERS: self.markers_pub}
+        if is_mask2former_name(node.get_parameter("model").value):  # the models that give instances
+            self.publishers[INSTANCES] = publisher(Image, "segmentation/instances", OUTPUT_QOS)
+            self.publishers[INSTANCES_INFO] = publisher(String, "segmentation/instances/info", OUTPUT_QOS)
+            if node.get_parameter("panoptic.enable").value:
+                self.publishers[PANOPTIC] = publisher(Image, "segmentation/panoptic", OUTPUT_QOS)
+                self.publishers[PANOPTIC_INFO] = publisher(String, "segmentation/panoptic/info", OUTPUT_QOS)
         self.output_namespace = posixpath.dirname(posixpath.dirname(self.mask_pub.topic_name))
         # The latest calibration of this camera (set on the executor thread, read by the worker: one reference).
         self.camera_info: CameraInfo | None = None

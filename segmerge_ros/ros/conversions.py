@@ -125,9 +125,10 @@ def message_to_rgb(msg: Image | CompressedImage) -> np.ndarray:
     return image_to_rgb(msg)
 
 
-def _image_message(array: np.ndarray, encoding: str, channels: int, header: Header | None) -> Image:
-    if array.dtype != np.uint8:
-        raise TypeError(f"{encoding} images must be uint8, got {array.dtype}")
+def _image_message(array: np.ndarray, encoding: str, channels: int, header: Header | None,
+                   dtype: type = np.uint8) -> Image:
+    if array.dtype != dtype:
+        raise TypeError(f"{encoding} images must be {np.dtype(dtype).name}, got {array.dtype}")
     expected_ndim = 2 if channels == 1 else 3
     if array.ndim != expected_ndim or (channels > 1 and array.shape[2] != channels):
         raise ValueError(f"{encoding} image needs shape (H, W{'' if channels == 1 else f', {channels}'}), "
@@ -138,14 +139,20 @@ def _image_message(array: np.ndarray, encoding: str, channels: int, header: Head
     msg.height, msg.width = int(array.shape[0]), int(array.shape[1])
     msg.encoding = encoding
     msg.is_bigendian = 0
-    msg.step = msg.width * channels
-    msg.data = array.tobytes()  # bytes, never a memoryview: see the module docstring
+    msg.step = msg.width * channels * array.itemsize
+    # Little-endian bytes (is_bigendian 0), never a memoryview: see the module docstring.
+    msg.data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
     return msg
 
 
 def mono8_image(array: np.ndarray, header: Header | None = None) -> Image:
     """An HxW uint8 array (class ids, confidence) as a mono8 ``sensor_msgs/Image`` with the given header."""
     return _image_message(array, "mono8", 1, header)
+
+
+def mono16_image(array: np.ndarray, header: Header | None = None) -> Image:
+    """An HxW uint16 array (instance ids) as a mono16 ``sensor_msgs/Image`` with the given header."""
+    return _image_message(array, "mono16", 1, header, np.uint16)
 
 
 def rgb8_image(array: np.ndarray, header: Header | None = None) -> Image:

@@ -19,6 +19,7 @@ engine for the next frame.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,22 +27,25 @@ from typing import Callable
 
 import numpy as np
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
-from std_msgs.msg import Header
+from std_msgs.msg import Header, String
 from visualization_msgs.msg import MarkerArray
 
 from ..models.labels import overlay
 from ..runtime.budget import BudgetController
 from ..runtime.engine import SegmentationEngine, SegmentationResult
+from ..runtime.mask2former_post import person_boxes_from_instances
 from ..runtime.pose import PoseEstimator, PoseResult, draw_skeletons
-from .conversions import BadFrame, message_to_rgb, mono8_image, rgb8_image
+from .conversions import BadFrame, message_to_rgb, mono8_image, mono16_image, rgb8_image
 from .params import POSE_FOLLOW_SEGMENTATION
 from .pose_msgs import camera_matrix, keypoints_cloud, pose_markers
 
 __all__ = ["BadFrame", "FrameOutputs", "FramePipeline", "FrameSettings", "FrameTimes", "PoseSettings",
-           "budget_step", "minimum_network_side"]
+           "budget_step", "ids_info_message", "minimum_network_side"]
 
 # Output kinds, as handed to ``publish`` and named in FrameOutputs.
 MASK, CONFIDENCE, OVERLAY, KEYPOINTS, MARKERS = "mask", "confidence", "overlay", "keypoints", "markers"
+INSTANCES, INSTANCES_INFO = "instances", "instances_info"  # models with instance output (Mask2Former)
+PANOPTIC, PANOPTIC_INFO = "panoptic", "panoptic_info"  # Mask2Former with panoptic.enable
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,10 @@ class FrameOutputs:
     times: FrameTimes
     segmentation: SegmentationResult
     pose: PoseResult | None
+    instances: Image | None = None       # mono16 instance ids, when the model gives instances
+    instances_info: String | None = None  # JSON: each id's class and score
+    panoptic: Image | None = None       # mono16 panoptic segment ids, with panoptic.enable
+    panoptic_info: String | None = None  # JSON: each segment's class, thing or stuff, score
 
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -149,6 +157,19 @@ class FramePipeline:
         if settings.confidence:
             confidence = mono8_image(result.confidence, header)
             emit(CONFIDENCE, confidence)
+        instances = instances_info = None
+        if result.instances is not None:
+            instances = mono16_image(result.instances.id_map, header)
+            emit(INSTANCES, instances)
+            instances_info = ids_info_message("instances", result.instances.as_dict(self.engine.labels.classes),
+                                              header)
+            emit(INSTANCES_INFO, instances_info)
+        panoptic = panoptic_info = None
+        if result.panoptic is not None:
+            panoptic = mono16_image(result.panoptic.segment_map.astype(np.uint16), header)
+            emit(PANOPTIC, panoptic)
+            panoptic_info = ids_info_message("segments", result.panoptic.as_dict(self.engine.labels.classes), header)
+            emit(PANOPTIC_INFO, panoptic_info)
 
         pose = keypoints = markers = None
         if settings.pose.enable and self.pose is not None:
@@ -174,7 +195,8 @@ class FramePipeline:
             processing_ms=(time.perf_counter() - started) * 1e3,  # pose included: the budget controller sees it
             merge_rate=result.merge_rate, merge_name=result.merge_name,
             persons=pose.num_persons if pose is not None else -1)
-        return FrameOutputs(header, mask, confidence, overlay_msg, keypoints, markers, times, result, pose)
+        return FrameOutputs(header, mask, confidence, overlay_msg, keypoints, markers, times, result, pose,
+                            instances, instances_info, panoptic, panoptic_info)
 
     def _check_size(self, rgb: np.ndarray) -> None:
         if self.engine.input_size is not None:
@@ -205,7 +227,21 @@ class FramePipeline:
             self._warned_no_person_classes = True
             self._warn(f"pose.mode segmentation: label set {self.engine.labels.name!r} has no person class, so no "
                        "person is ever found; use pose.mode full_frame or a model with a person class")
+        if settings.mode == "segmentation" and result.instances is not None:
+            # One crop per person instance: people who touch in the class map still get a crop each.
+            boxes, _ = person_boxes_from_instances(result.instances, person_ids, settings.min_person_area,
+                                                   settings.max_persons)
+            return pose.estimate_boxes(rgb, boxes)
         return pose.estimate(rgb, result.class_map, person_ids)
+
+
+def ids_info_message(key: str, entries: dict, header: Header) -> String:
+    """``<ns>/segmentation/{instances,panoptic}/info``: JSON with the frame's header (String has none) and under
+    ``key`` the description of each id of the mono16 image (class id, class name, score; panoptic: thing or stuff)."""
+    return String(data=json.dumps({
+        "header": {"stamp": {"sec": header.stamp.sec, "nanosec": header.stamp.nanosec}, "frame_id": header.frame_id},
+        key: entries,
+    }))
 
 
 def budget_step(controller: BudgetController, engine: SegmentationEngine, processing_ms: float,

@@ -11,11 +11,13 @@ from typing import Any
 
 from ..merging.segformerpp import MAX_MERGE_RATE, PRESETS
 from ..merging.vit_methods import is_vit_model_name
+from ..models.mask2former_checkpoints import is_mask2former_name
 from ..runtime.backends import BACKEND_NAMES, PRECISION_CHOICES
 from ..runtime.pose import POSE_MODES
 
 MODELS = tuple(f"segformer-b{i}" for i in range(6))  # SegFormer sizes (also the pose model's choices)
 VIT_MODEL_PATTERN = "<segmenter|algm|clustvit|dovit>-vit-<t|s|b|l>[-linear|-mask]"
+MASK2FORMER_MODEL_PATTERN = "mask2former-<swin-t|swin-s|swin-b|swin-l|r50|r101|mit-b0..mit-b5>[-proscale]"
 BUDGET_MODES = ("off", "latency", "fps")
 PRECISION_NAMES = PRECISION_CHOICES
 POSE_FOLLOW_SEGMENTATION = -1.0  # pose.merge_rate value: use the segmentation's merge configuration
@@ -62,12 +64,16 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               read_only=True),
     ParamSpec("model", "segformer-b0",
               "Model family and size: segformer-b0 .. segformer-b5 (Segformer++ token merging: the merge_rate "
-              f"ladder and the presets), or a plain ViT {VIT_MODEL_PATTERN} (e.g. algm-vit-s-linear; merge_rate "
-              "drives the method's own control, no presets). Unknown names stop the node.", read_only=True,
-              constraints=f"segformer-b0 .. segformer-b5, or {VIT_MODEL_PATTERN}"),
+              f"ladder and the presets), a plain ViT {VIT_MODEL_PATTERN} (e.g. algm-vit-s-linear; merge_rate "
+              f"drives the method's own control, no presets), or a Mask2Former {MASK2FORMER_MODEL_PATTERN} (e.g. "
+              "mask2former-swin-t, mask2former-mit-b0-proscale; merge_rate runs the first encoder layers on the "
+              "coarse scales, no presets; also publishes instances; eager only). Unknown names stop the node.",
+              read_only=True,
+              constraints=f"segformer-b0 .. segformer-b5, {VIT_MODEL_PATTERN}, or {MASK2FORMER_MODEL_PATTERN}"),
     ParamSpec("weights", "",
               "Checkpoint: a Hugging Face hub folder (config.json + model.safetensors), a .safetensors or an mmseg "
-              ".pth. Empty: a randomly initialised model (outputs are meaningless; for plumbing tests only).",
+              ".pth; Mask2Former: a hub folder or a detectron2 .pth/.pkl (Mask2Former or PRO-SCALE). Empty: a "
+              "randomly initialised model (outputs are meaningless; for plumbing tests only).",
               read_only=True),
     ParamSpec("device", "cpu",
               "Torch device: cpu, cuda or cuda:N (falls back to cpu without CUDA). With backend openvino: an OpenVINO "
@@ -120,6 +126,18 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "std_msgs/Float32 topic carrying a compute budget in ms (e.g. from an onboard compute manager); each "
               "message sets budget.target_latency_ms and switches budget mode to latency. Empty = not subscribed.",
               read_only=True),
+    ParamSpec("instances.score_threshold", 0.5,
+              "Mask2Former: instances scoring below this (class probability x mean mask probability) are not "
+              "published on <ns>/segmentation/instances (mono16 ids) and <ns>/segmentation/instances/info (JSON).",
+              read_only=True, float_range=(0.0, 1.0)),
+    ParamSpec("instances.max_instances", 100,
+              "Mask2Former: the best (query, class) pairs considered per frame (detectron2's detections per image).",
+              read_only=True, int_range=(1, 1000)),
+    ParamSpec("panoptic.enable", False,
+              "Mask2Former (panoptic checkpoints): also publish detectron2's panoptic segmentation on "
+              "<ns>/segmentation/panoptic (mono16 segment ids, 0 = none) and <ns>/segmentation/panoptic/info (JSON: "
+              "class, thing or stuff, score); stuff merges into one segment per class (Cityscapes and COCO panoptic "
+              "label sets; every class is a thing otherwise).", read_only=True),
     ParamSpec("publish_overlay", True,
               "Publish <ns>/segmentation/overlay (class colours blended over the camera image); it is computed only "
               "while someone subscribes."),
@@ -142,8 +160,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "trained at; smaller crops (e.g. 256x192) run faster on a CPU robot: the shared vtest student keeps "
               "its vtest accuracy there but loses some on other scenes (docs/pose.md).", read_only=True),
     ParamSpec("pose.mode", "segmentation",
-              "segmentation: one crop per connected region of the label set's person classes (largest first); "
-              "full_frame: the whole frame is one person (single-person cameras).", choices=POSE_MODES),
+              "segmentation: one crop per connected region of the label set's person classes (largest first; with a "
+              "Mask2Former one per person instance, so people who touch get a crop each); full_frame: the whole "
+              "frame is one person (single-person cameras).", choices=POSE_MODES),
     ParamSpec("pose.max_persons", 4, "Most people per frame (largest regions first).", int_range=(1, 32)),
     ParamSpec("pose.min_person_area", 400, "Smallest person region in pixels (camera resolution) to estimate.",
               int_range=(0, 100_000_000)),
@@ -162,7 +181,7 @@ DEFAULTS: dict[str, Any] = {spec.name: spec.default for spec in PARAMETERS}
 
 
 def is_model_name(name: str) -> bool:
-    return name in MODELS or is_vit_model_name(name)
+    return name in MODELS or is_vit_model_name(name) or is_mask2former_name(name)
 
 
 def is_segformer_name(name: str) -> bool:
@@ -177,8 +196,8 @@ def check_choice(name: str, value: Any) -> str | None:
         return None
     if name == "model":
         if not is_model_name(str(value)):
-            return (f"model must be segformer-b0 .. segformer-b5 or a plain ViT {VIT_MODEL_PATTERN}; "
-                    f"got {value!r}")
+            return (f"model must be segformer-b0 .. segformer-b5 or a plain ViT {VIT_MODEL_PATTERN}, or a "
+                    f"Mask2Former {MASK2FORMER_MODEL_PATTERN}; got {value!r}")
         return None
     if name == "pose.merge_rate":
         if value != POSE_FOLLOW_SEGMENTATION and not 0.0 <= value <= MAX_MERGE_RATE:

@@ -37,7 +37,10 @@ def build_engine(param: Param, warn: Warn) -> SegmentationEngine:
     try:
         engine = SegmentationEngine(model=model, weights=weights or None, device=param("device"),
                                     backend=param("backend"), input_size=param("input_size") or None,
-                                    precision=param("precision"), cache_dir=param("engine_cache_dir") or None)
+                                    precision=param("precision"), cache_dir=param("engine_cache_dir") or None,
+                                    instance_score_threshold=param("instances.score_threshold"),
+                                    max_instances=param("instances.max_instances"),
+                                    panoptic=param("panoptic.enable"))
     except (CheckpointError, FileNotFoundError) as error:
         raise StartupError(f"cannot load weights {weights!r} for {model}: {error}") from None
     except ValueError as error:

@@ -29,8 +29,14 @@ from .backends import PRECISIONS, autocast, make_backend, split_device
 from .upsample import upsampled_argmax
 from .ladder import Step, build_ladder, merge_rungs, precision_plan, step_for_rate, with_precision
 from ..models.checkpoints import load_segformer
+from ..models.deformable_attention import KNOB_SETTINGS, coarse_layers_for_rate
 from ..models.labels import LabelSet, label_set
+from ..models.mask2former import Mask2Former, mask2former_config
+from ..models.mask2former_checkpoints import is_mask2former_name, load_mask2former
 from ..models.segformer import SegFormer, mit_config
+from .mask2former_post import (DETECTIONS_PER_IMAGE, InstanceMap, PanopticSegmentation, instance_id_map,
+                               instance_segmentation, panoptic_segmentation, semantic_maps, semantic_scores,
+                               thing_classes)
 
 LOG = logging.getLogger(__name__)
 
@@ -49,6 +55,8 @@ class SegmentationResult:
     inference_ms: float  # pre-processing + model + post-processing
     merge_rate: float
     merge_name: str
+    instances: InstanceMap | None = None  # Mask2Former: the instance id map (mono16) and each id's class and score
+    panoptic: PanopticSegmentation | None = None  # Mask2Former with panoptic=True: segment map and segments
 
 
 def parse_size(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -119,7 +127,12 @@ class SegmentationEngine:
 
     ``model`` names a SegFormer size (``segformer-b0`` .. ``b5``: Segformer++ merging, the merge-rate ladder) or a
     plain-ViT family (``<segmenter|algm|clustvit|dovit>-vit-<t|s|b|l>[-linear|-mask]``: ``merge_rate`` maps onto
-    the method's own control, see ``merging/vit_methods.py``; presets are SegFormer's only).
+    the method's own control, see ``merging/vit_methods.py``; presets are SegFormer's only) or a Mask2Former
+    (``mask2former-<backbone>[-proscale]``, ``models/mask2former.py``: ``merge_rate`` maps onto the pixel-decoder
+    encoder's coarse-layer knob, ``coarse_layers_for_rate``; the result also holds instances, thresholded at
+    ``instance_score_threshold``, at most ``max_instances``, and with ``panoptic=True`` detectron2's panoptic
+    segmentation, stuff and things as ``mask2former_post.thing_classes`` knows them, every class a thing
+    otherwise; eager only).
 
     ``precision``: fp32, bf16, fp16, or auto (fp32 at merge rate 0, the half precision from the first faster step
     on, kept only if it agrees with fp32 on the first real frame: ``runtime/ladder.py``). With ``backend="openvino"``
@@ -139,6 +152,9 @@ class SegmentationEngine:
         precision: str = "fp32",
         cache_dir: str | None = None,
         warm: bool = True,
+        instance_score_threshold: float = 0.5,
+        max_instances: int = DETECTIONS_PER_IMAGE,
+        panoptic: bool = False,
     ):
         device, openvino_device = split_device(device, backend)
         self.device = _pick_device(device)
@@ -154,6 +170,19 @@ class SegmentationEngine:
                 torch.manual_seed(0)
                 self.model = build_vit_model(model, num_classes=num_classes).eval()
             self.labels: LabelSet = label_set(self.model.config.labels)
+        elif is_mask2former_name(model):
+            self.family = "mask2former"
+            if weights:
+                loaded = load_mask2former(weights, expect=model)
+                self.model, self.labels = loaded.model, loaded.labels
+            else:
+                torch.manual_seed(0)
+                self.model = Mask2Former(mask2former_config(model, num_classes=num_classes)).eval()
+                self.labels = label_set(num_classes)
+            self.instance_score_threshold = float(instance_score_threshold)
+            self.max_instances = int(max_instances)
+            self.thing_ids = thing_classes(self.labels)
+            self.panoptic = bool(panoptic)
         elif weights:
             loaded = load_segformer(weights, size=model)
             self.model = loaded.model
@@ -166,7 +195,8 @@ class SegmentationEngine:
         self._lock = threading.Lock()
         self._vit_rate_applied: float | None = None
         if not self.is_segformer and backend != "eager":
-            # ALGM, ClustViT and DoViT have content-dependent token counts: no static graph to compile.
+            # ALGM, ClustViT and DoViT have content-dependent token counts: no static graph to compile; Mask2Former
+            # has no compiled path yet.
             LOG.warning("backend %r serves SegFormer models only; running %s eagerly", backend, self.family)
             backend = "eager"
         plan, half = precision_plan(precision, self.device, openvino_device if backend == "openvino" else None)
@@ -203,8 +233,20 @@ class SegmentationEngine:
 
     @property
     def ladder_rates(self) -> list[float]:
-        """The merge rates at which the configuration changes (SegFormer's steps; ViT methods are continuous)."""
+        """The merge rates at which the configuration changes (SegFormer's steps, Mask2Former's knob settings; ViT
+        methods are continuous)."""
+        if self.family == "mask2former":
+            return [rate for rate, layers in KNOB_SETTINGS if layers < self._full_scale_layers]
         return [step.rate for step in self.ladder] if self.is_segformer else []
+
+    @property
+    def _full_scale_layers(self) -> int:
+        """Mask2Former: the encoder layers on all three levels, which the knob may run on the coarse ones."""
+        return self.model.pixel_level_module.decoder.encoder.full_scale_layers
+
+    def coarse_layers(self, rate: float) -> int:
+        """Mask2Former's knob setting for a merge rate."""
+        return coarse_layers_for_rate(rate if math.isfinite(rate) else 0.0, self._full_scale_layers)
 
     @property
     def merge_config(self) -> MergeConfig:
@@ -253,7 +295,10 @@ class SegmentationEngine:
         if not 0.0 <= rate <= MAX_MERGE_RATE:
             raise ValueError(f"merge_rate must lie in [0, {MAX_MERGE_RATE}], got {rate}")
         step = step_for_rate(rate, self.ladder)
-        if not self.is_segformer:
+        if self.family == "mask2former":
+            step = Step(rate, replace(NONE, name=f"mask2former coarse_layers={self.coarse_layers(rate)}"),
+                        step.precision)
+        elif not self.is_segformer:
             step = Step(rate, replace(NONE, name=f"{self.family} rate={rate:g}"), step.precision)
         with self._lock:
             self._step, self._merge, self._merge_rate = step, step.config, rate
@@ -283,9 +328,14 @@ class SegmentationEngine:
         if half is None:
             return float("nan")
         pixels = self._network_input(rgb, NONE)
+
+        def labels(precision: str) -> torch.Tensor:
+            if self.is_segformer:
+                return self._backends[precision].run(pixels, NONE).argmax(dim=1)
+            return self._run(pixels, NONE, precision, 0.0).argmax(dim=1)
+
         with torch.inference_mode():
-            exact = self._backends["fp32"].run(pixels, NONE).argmax(dim=1)
-            fast = self._backends[half].run(pixels, NONE).argmax(dim=1)
+            exact, fast = labels("fp32"), labels(half)
         agreement = (exact == fast).float().mean().item()
         if agreement >= threshold:
             LOG.info("precision auto: %s agrees with fp32 on %.2f %% of this frame's pixels; merge rates above 0 "
@@ -308,8 +358,11 @@ class SegmentationEngine:
         return to_tensor(rgb, scaled_size(height, width, merge.input_scale), self.device)
 
     def _run(self, pixels: torch.Tensor, merge: MergeConfig, precision: str, rate: float) -> torch.Tensor:
+        """The class scores (1, K, h, w) at the network's resolution (Mask2Former: its semantic scores)."""
         if self.is_segformer:
             return self._backends[precision].run(pixels, network_config(merge))
+        if self.family == "mask2former":
+            return semantic_scores(*self._run_mask2former(pixels, precision, rate))
         # ViT methods hold their control as state: change it here, on the inferring thread, between frames.
         rate = 0.0 if math.isnan(rate) else rate
         if rate != self._vit_rate_applied:
@@ -317,6 +370,13 @@ class SegmentationEngine:
             self._vit_rate_applied = rate
         with autocast(self.device, PRECISIONS[precision]):
             return self.model.segment(pixels).float()
+
+    def _run_mask2former(self, pixels: torch.Tensor, precision: str, rate: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask2Former's class logits (1, Q, K+1) and mask logits (1, Q, h/4, w/4) with the knob of ``rate``."""
+        with autocast(self.device, PRECISIONS[precision]):
+            output = self.model(pixels, coarse_layers=self.coarse_layers(rate))
+        return output.class_logits.float(), output.mask_logits.float()
 
     def _current(self) -> tuple[Step, MergeConfig, float]:
         with self._lock:
@@ -338,10 +398,31 @@ class SegmentationEngine:
             self.calibrate_precision(rgb)
         start = time.perf_counter()
         step, merge, rate = self._current()
-        logits = self._run(self._network_input(rgb, merge), merge, step.precision, rate)
+        pixels = self._network_input(rgb, merge)
+        if self.family == "mask2former":
+            class_logits, mask_logits = self._run_mask2former(pixels, step.precision, rate)
+            with one_torch_thread():
+                class_map, confidence, instances, panoptic = self._mask2former_outputs(class_logits, mask_logits,
+                                                                                       rgb.shape[:2])
+            return SegmentationResult(class_map, confidence, (time.perf_counter() - start) * 1e3, rate, step.name,
+                                      instances, panoptic)
+        logits = self._run(pixels, merge, step.precision, rate)
         with one_torch_thread():
             class_map, confidence = logits_to_maps(logits, rgb.shape[:2], self.upsample)
         return SegmentationResult(class_map, confidence, (time.perf_counter() - start) * 1e3, rate, step.name)
+
+    def _mask2former_outputs(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int]
+                             ) -> tuple[np.ndarray, np.ndarray, InstanceMap, PanopticSegmentation | None]:
+        """Class map and confidence, instances and (with ``panoptic``) the panoptic segmentation at ``size``."""
+        class_map, confidence = semantic_maps(class_logits, mask_logits, size)
+        instances = instance_id_map(instance_segmentation(class_logits, mask_logits, size, top_k=self.max_instances,
+                                                          score_threshold=self.instance_score_threshold,
+                                                          thing_ids=self.thing_ids))
+        panoptic = None
+        if self.panoptic:
+            things = range(self.labels.num_classes) if self.thing_ids is None else self.thing_ids
+            panoptic = panoptic_segmentation(class_logits, mask_logits, size, thing_ids=things)
+        return class_map, confidence, instances, panoptic
 
 
 @contextmanager

@@ -1,0 +1,105 @@
+"""The segmentation engine with a Mask2Former: semantic maps and instances from one forward pass, merge_rate on the
+encoder knob, the knob's settings as the budget controller's levels, checkpoints checked against the model name."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from mask2former_fixtures import hf_mask2former, write_hub_folder
+from segmerge_ros.models.checkpoint_errors import CheckpointError
+from segmerge_ros.runtime.engine import SegmentationEngine
+from segmerge_ros.runtime.mask2former_post import (instance_id_map, instance_segmentation, semantic_maps,
+                                                   panoptic_segmentation, semantic_scores, thing_classes)
+
+
+@pytest.fixture(scope="module")
+def frame() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (72, 100, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def hub_folder(tmp_path_factory):
+    model = hf_mask2former("swin", class_names=("person", "car", "road"))
+    with torch.no_grad():
+        model.class_predictor.bias[0] += 8.0  # confident person queries: instances above the threshold
+    return write_hub_folder(tmp_path_factory.mktemp("m2f_engine_hub"), model)
+
+
+def test_result_holds_the_semantic_maps_and_instances_of_one_forward(hub_folder, frame):
+    engine = SegmentationEngine("mask2former-swin-t", weights=str(hub_folder), input_size=(64, 96),
+                                instance_score_threshold=0.3, panoptic=True)
+    assert engine.family == "mask2former" and not engine.randomly_initialised
+    assert engine.labels.classes == ("person", "car", "road") and engine.labels.person_ids == (0,)
+    result = engine.infer(frame)
+    # The same post-processing applied to the model's own output on the engine's input.
+    pixels = engine._network_input(frame, engine.merge_config)
+    with torch.no_grad():
+        output = engine.model(pixels)
+    class_map, confidence = semantic_maps(output.class_logits, output.mask_logits, frame.shape[:2])
+    np.testing.assert_array_equal(result.class_map, class_map)
+    np.testing.assert_array_equal(result.confidence, confidence)
+    expected = instance_id_map(instance_segmentation(output.class_logits, output.mask_logits, frame.shape[:2],
+                                                     score_threshold=0.3))
+    np.testing.assert_array_equal(result.instances.id_map, expected.id_map)
+    assert result.instances.info == expected.info and len(expected.info) > 0
+    assert result.instances.id_map.shape == frame.shape[:2] and result.instances.id_map.dtype == np.uint16
+    # Panoptic: this label set's thing/stuff split is unknown, so every class is a thing.
+    panoptic = panoptic_segmentation(output.class_logits, output.mask_logits, frame.shape[:2], thing_ids=range(3))
+    np.testing.assert_array_equal(result.panoptic.segment_map, panoptic.segment_map)
+    assert result.panoptic.segments == panoptic.segments
+    assert engine.infer(frame).panoptic is not None
+    engine.panoptic = False
+    assert engine.infer(frame).panoptic is None
+
+
+def test_merge_rate_drives_the_knob_and_ladder_rates_are_its_settings(frame):
+    engine = SegmentationEngine("mask2former-mit-b0", input_size=(64, 96))  # random, 6 encoder layers
+    assert engine.labels.name == "cityscapes" and engine.thing_ids == thing_classes(engine.labels)
+    assert engine.ladder_rates == [0.0, 0.15, 0.3, 0.45, 0.6, 0.75]
+    seen = {}
+    for rate in (0.0, 0.2, 0.75, 0.95):
+        engine.set_merge_rate(rate)
+        result = engine.infer(frame)
+        seen[rate] = result.merge_name
+        assert result.merge_rate == rate
+    assert seen == {0.0: "mask2former coarse_layers=0", 0.2: "mask2former coarse_layers=1",
+                    0.75: "mask2former coarse_layers=5", 0.95: "mask2former coarse_layers=5"}
+    # The knob reaches the model: rate 0 is the stock forward, a coarse setting changes the masks.
+    pixels = engine._network_input(frame, engine.merge_config)
+    with torch.no_grad():
+        stock, coarse = engine.model(pixels), engine.model(pixels, coarse_layers=5)
+    engine.set_merge_rate(0.0)
+    torch.testing.assert_close(engine.logits(frame), _scores(stock), atol=0, rtol=0)
+    engine.set_merge_rate(0.75)
+    torch.testing.assert_close(engine.logits(frame), _scores(coarse), atol=0, rtol=0)
+    assert not torch.equal(_scores(stock), _scores(coarse))
+
+
+def _scores(output) -> torch.Tensor:
+    return semantic_scores(output.class_logits, output.mask_logits)
+
+
+def test_proscale_knob_settings_stop_below_its_full_scale_layers():
+    engine = SegmentationEngine("mask2former-mit-b0-proscale", input_size=(64, 96))  # schedule (3, 3, 3)
+    assert engine.ladder_rates == [0.0, 0.15, 0.3]
+    engine.set_merge_rate(0.9)
+    assert engine.merge_config.name == "mask2former coarse_layers=2"
+
+
+def test_presets_are_refused_and_compiled_backends_run_eagerly(caplog):
+    with caplog.at_level(logging.WARNING):
+        engine = SegmentationEngine("mask2former-mit-b0", backend="compile", input_size=(64, 96))
+    assert engine.backend == "eager" and "running mask2former eagerly" in caplog.text
+    with pytest.raises(ValueError, match="merge preset"):
+        engine.set_preset("hq")
+
+
+def test_checkpoint_of_another_backbone_than_the_name_says(hub_folder):
+    with pytest.raises(CheckpointError, match="model mask2former-r50 has a resnet backbone .* holds a swin backbone"):
+        SegmentationEngine("mask2former-r50", weights=str(hub_folder))
+    with pytest.raises(CheckpointError, match="proscale encoder"):
+        SegmentationEngine("mask2former-swin-t-proscale", weights=str(hub_folder))
