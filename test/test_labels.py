@@ -160,3 +160,14 @@ def test_overlay_matches_float_reference_on_real_labels():
     out = overlay(image, class_map, ADE20K.palette, alpha=0.4)
     reference = 0.6 * image + 0.4 * colorize(class_map, ADE20K.palette)
     assert np.abs(out.astype(float) - reference).max() <= 1.0
+
+
+def test_coco_panoptic_label_set_has_the_80_things_first_and_person_at_0():
+    from segmerge_ros.models.labels import COCO_PANOPTIC, known_label_set
+
+    assert label_set(133) is COCO_PANOPTIC and label_set("coco_panoptic") is COCO_PANOPTIC
+    assert known_label_set(133) is COCO_PANOPTIC and known_label_set(21) is None
+    assert len(set(COCO_PANOPTIC.classes)) == 133 and COCO_PANOPTIC.person_ids == (0,)
+    assert COCO_PANOPTIC.classes[79] == "toothbrush" and COCO_PANOPTIC.classes[80] == "banner"
+    assert COCO_PANOPTIC.classes[-1] == "rug-merged"
+

@@ -21,7 +21,7 @@ from typing import Mapping
 import torch
 
 from .checkpoint_errors import CheckpointError, load_state_dict_strict
-from .labels import LabelSet, generic, label_set
+from .labels import LabelSet, generic, known_label_set
 from .segformer import MiTConfig, SegFormer, mit_config
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -267,7 +267,7 @@ def _load_mmseg(path: Path, size: str | None, num_classes: int | None) -> Loaded
 
 
 def _labels_for(num_classes: int, names: list[str] | None) -> LabelSet:
-    known = label_set(num_classes) if num_classes in (19, 150) else None
+    known = known_label_set(num_classes)
     if known is not None and (names is None or [n.lower() for n in names] == [n.lower() for n in known.classes]):
         return known
     if names is not None:

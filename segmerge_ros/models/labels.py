@@ -5,6 +5,7 @@ The tables are embedded constants so that the package needs no data files at run
 * Cityscapes: the 19 trainId classes in their standard order with the official palette.
 * ADE20K-150: the SceneParsing order of ``object150_info.csv`` (Idx 1..150 -> 0..149), which is also the order of the
   HF ``nvidia/segformer-*-ade`` ``id2label``; the palette is ``color150.mat`` from the same CSAIL release.
+* COCO panoptic (133): 80 things then 53 stuff classes, detectron2's order; the generic palette.
 """
 
 from __future__ import annotations
@@ -111,6 +112,26 @@ ADE20K = LabelSet(
     person_ids=(_ADE20K_CLASSES.index("person"),),  # 12
 )
 
+# COCO panoptic (Mask2Former's and PRO-SCALE's COCO checkpoints): the 80 thing classes in COCO's order, then the
+# 53 stuff classes, as detectron2's COCO_CATEGORIES and the published id2label number them (ids 0..132).
+_COCO_PANOPTIC_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
+    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
+    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
+    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
+    "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+    "banner", "blanket", "bridge", "cardboard", "counter", "curtain", "door-stuff", "floor-wood", "flower", "fruit",
+    "gravel", "house", "light", "mirror-stuff", "net", "pillow", "platform", "playingfield", "railroad", "river",
+    "road", "roof", "sand", "sea", "shelf", "snow", "stairs", "tent", "towel", "wall-brick", "wall-stone",
+    "wall-tile", "wall-wood", "water-other", "window-blind", "window-other", "tree-merged", "fence-merged",
+    "ceiling-merged", "sky-other-merged", "cabinet-merged", "table-merged", "floor-other-merged", "pavement-merged",
+    "mountain-merged", "grass-merged", "dirt-merged", "paper-merged", "food-other-merged", "building-other-merged",
+    "rock-merged", "wall-other-merged", "rug-merged",
+)
+
 _NAMED = {CITYSCAPES.name: CITYSCAPES, ADE20K.name: ADE20K}
 _BY_SIZE = {CITYSCAPES.num_classes: CITYSCAPES, ADE20K.num_classes: ADE20K}
 
@@ -135,8 +156,24 @@ def generic(num_classes: int) -> LabelSet:
     )
 
 
+COCO_PANOPTIC = LabelSet(
+    name="coco_panoptic",
+    classes=_COCO_PANOPTIC_CLASSES,
+    palette=generic(len(_COCO_PANOPTIC_CLASSES)).palette,
+    person_ids=(0,),
+)
+_NAMED[COCO_PANOPTIC.name] = COCO_PANOPTIC
+_BY_SIZE[COCO_PANOPTIC.num_classes] = COCO_PANOPTIC
+
+
+def known_label_set(num_classes: int) -> LabelSet | None:
+    """The named label set with ``num_classes`` classes (19 Cityscapes, 150 ADE20K, 133 COCO panoptic), if any."""
+    return _BY_SIZE.get(int(num_classes))
+
+
 def label_set(name_or_num_classes: str | int) -> LabelSet:
-    """CITYSCAPES for "cityscapes" or 19, ADE20K for "ade20k" or 150, ``generic(n)`` for any other class count."""
+    """CITYSCAPES for "cityscapes" or 19, ADE20K for "ade20k" or 150, COCO_PANOPTIC for "coco_panoptic" or 133,
+    ``generic(n)`` for any other class count."""
     if isinstance(name_or_num_classes, str):
         key = name_or_num_classes.strip().lower()
         if key in _NAMED:
