@@ -65,6 +65,11 @@ def test_loss_falls_and_the_checkpoint_loads_back(tmp_path, proscale):
         assert torch.equal(loaded.state_dict()[key], value), key
     stored = json.loads((tmp_path / "model" / "config.json").read_text())
     assert stored["format"] == m2f.CHECKPOINT_FORMAT and stored["step"] == 3
+    # The project's loader (the node's weights parameter) reads the folder by its format alone, and checks the name.
+    by_name = load_mask2former(tmp_path / "model", expect="mask2former-mit-b0" + ("-proscale" if proscale else ""))
+    assert by_name.model.config == model.config
+    with pytest.raises(CheckpointError):
+        load_mask2former(tmp_path / "model", expect="mask2former-mit-b0" + ("" if proscale else "-proscale"))
     # --resume continues from the saved step (same optimiser state, schedule and batches)
     more = base.TrainSettings(**{**settings.__dict__, "steps": 4})
     resumed = m2f.distil(m2f.load_distilled(tmp_path / "model").train(), striped_dataset(), more, tmp_path,

@@ -23,7 +23,7 @@ weight, dropped when loading (H2's loaders).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, NamedTuple
 
 import torch
@@ -41,6 +41,10 @@ ENCODERS = ("stock", "proscale")
 NUM_LEVELS = 3  # res5, res4, res3 go through the deformable encoder and feed the decoder (fixed in Mask2Former)
 ENCODER_POINTS = 4  # sampling points per head and level (fixed in Mask2Former and transformers)
 GROUP_NORM_GROUPS = 32
+
+
+# config.json "format" of the checkpoints segmerge-train mask2former writes: our keys, our config under "mask2former"
+SEGMERGE_CHECKPOINT_FORMAT = "segmerge-mask2former"
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,21 @@ class Mask2FormerConfig:
         if self.backbone == "mit":
             return tuple(self.mit.hidden_sizes)
         return self.backbone_config.channels
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON-ready values (``from_dict`` reads it back): what our own checkpoints store."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "Mask2FormerConfig":
+        """The inverse of ``to_dict`` (JSON lists back to tuples, the backbone's sub-config rebuilt)."""
+        def frozen(value):
+            return tuple(frozen(v) for v in value) if isinstance(value, list) else value
+
+        subs = {"swin": SwinConfig, "resnet": ResNetConfig, "mit": MiTConfig}
+        fields = {key: frozen(value) for key, value in values.items() if key not in subs}
+        return cls(**fields, **{key: kind(**{k: frozen(v) for k, v in values[key].items()})
+                                for key, kind in subs.items() if values.get(key) is not None})
 
     @classmethod
     def from_hf_dict(cls, config: Mapping[str, Any], **overrides) -> "Mask2FormerConfig":

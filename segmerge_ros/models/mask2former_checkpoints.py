@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -36,7 +36,8 @@ import torch
 from .checkpoint_errors import CheckpointError, load_state_dict_strict
 from .checkpoints import HF_WEIGHT_FILES, _labels_for, _read_tensors, _rename
 from .labels import LabelSet
-from .mask2former import ENCODER_POINTS, NUM_LEVELS, Mask2Former, Mask2FormerConfig, mask2former_config
+from .mask2former import (ENCODER_POINTS, NUM_LEVELS, SEGMERGE_CHECKPOINT_FORMAT, Mask2Former, Mask2FormerConfig,
+                          mask2former_config)
 from .resnet import ResNetConfig
 from .swin import SwinConfig
 
@@ -80,8 +81,10 @@ def load_mask2former(path: str | Path, config: Mask2FormerConfig | None = None, 
         weights, state = _read_huggingface(folder)
         hf_config = json.loads((folder / "config.json").read_text())
         try:
+            if config is None and hf_config.get("format") == SEGMERGE_CHECKPOINT_FORMAT:  # segmerge-train's own
+                config = replace(Mask2FormerConfig.from_dict(hf_config["mask2former"]), **overrides)
             config = config or Mask2FormerConfig.from_hf_dict(hf_config, **overrides)
-        except ValueError as error:
+        except (ValueError, TypeError, KeyError) as error:
             raise CheckpointError(f"checkpoint {folder / 'config.json'}: {error}") from error
         state, source = mask2former_hub_to_ours(state), f"{weights} (Hugging Face layout)"
     else:

@@ -53,12 +53,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..models.checkpoints import load_segformer
-from ..models.mask2former import Mask2Former, Mask2FormerConfig, Mask2FormerOutput, mask2former_config
+from ..models.mask2former import (SEGMERGE_CHECKPOINT_FORMAT, Mask2Former, Mask2FormerOutput,
+                                  mask2former_config)
 from ..models.mask2former_checkpoints import load_mask2former
 from ..models.mask2former_flops import model_macs
-from ..models.resnet import ResNetConfig
-from ..models.segformer import MiTConfig
-from ..models.swin import SwinConfig
 from ..models.vit import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from ..runtime.mask2former_post import semantic_scores
 from ..runtime.metrics import ConfusionMatrix
@@ -66,9 +64,8 @@ from ..runtime.sources import shared_data_dir
 from . import train as base
 from .bench_mask2former import knob_settings
 
-CHECKPOINT_FORMAT = "segmerge-mask2former"
+CHECKPOINT_FORMAT = SEGMERGE_CHECKPOINT_FORMAT
 DEEPLAB_SIZE = 513  # the DeepLab .tflite's fixed input
-SUB_CONFIGS = {"swin": SwinConfig, "resnet": ResNetConfig, "mit": MiTConfig}
 
 
 def _shared(*parts: str) -> str | None:
@@ -172,27 +169,12 @@ class SemanticView(torch.nn.Module):
         return class_probabilities(self.model(images, coarse_layers=self.coarse_layers), tuple(images.shape[-2:]))
 
 
-def config_to_dict(config: Mask2FormerConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def config_from_dict(values: dict[str, Any]) -> Mask2FormerConfig:
-    """Inverse of ``config_to_dict`` (lists back to tuples, backbone sub-configs rebuilt)."""
-    def frozen(value):
-        return tuple(frozen(v) for v in value) if isinstance(value, list) else value
-
-    fields = {key: frozen(value) for key, value in values.items() if key not in SUB_CONFIGS}
-    subs = {key: SUB_CONFIGS[key](**{k: frozen(v) for k, v in values[key].items()}) for key in SUB_CONFIGS
-            if key in values}
-    return Mask2FormerConfig(**fields, **subs)
-
-
 def save_checkpoint(model: Mask2Former, directory: Path, extra: dict) -> None:
     """``directory/config.json`` (our config's fields under ``"mask2former"``) and ``model.safetensors``."""
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
               str(directory / "model.safetensors"))
-    config = {"format": CHECKPOINT_FORMAT, "mask2former": config_to_dict(model.config), **extra}
+    config = {"format": CHECKPOINT_FORMAT, "mask2former": model.config.to_dict(), **extra}
     (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -209,7 +191,7 @@ def load_distilled(directory: str | Path) -> Mask2Former:
     if stored.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{directory / 'config.json'} is not a {CHECKPOINT_FORMAT} checkpoint "
                          f"(format {stored.get('format')!r})")
-    return load_mask2former(directory, config=config_from_dict(stored["mask2former"])).model
+    return load_mask2former(directory).model
 
 
 # ---------------------------------------------------------------------------------------------------------------
