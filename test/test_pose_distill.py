@@ -304,3 +304,29 @@ def test_score_calibration_is_folded_into_the_head_and_moves_only_scores(street_
     kp_before, _ = decode_heatmaps(heat_before)
     kp_after, _ = decode_heatmaps(heat_after)
     np.testing.assert_allclose(kp_after, kp_before, atol=0.01)  # heatmap pixels (float32 rounding)
+
+
+def test_the_shared_pose_student_follows_the_teacher_on_held_out_people(shared_data, student_dir, teacher):
+    """The distilled checkpoint the node and the demo use (../shared/data/segformer_pose_b0_vtest_student): on
+    people of a held-out vtest frame its keypoints follow MoveNet's (its README: PCK@0.2 0.78 over frames
+    660-795), far above a random model's."""
+    from segmerge_ros.runtime.pose import PoseEstimator
+
+    weights = shared_data / "segformer_pose_b0_vtest_student" / "pose.pth"
+    if not weights.is_file():
+        pytest.fail(f"the shared pose student is missing: {weights}", pytrace=False)
+    torch.set_num_threads(1)
+    frame = list(iter_frames(shared_data / "opencv_samples" / "vtest.avi", max_frames=701))[-1]  # frame 700
+    boxes = PersonFinder(student_dir)(frame)[:4]
+    assert len(boxes) >= 2, "the segmentation student finds pedestrians in vtest frame 700"
+    target, scores = teacher_keypoints(teacher, frame, boxes, "padded")
+
+    def agreement(estimator: PoseEstimator) -> float:
+        keypoints = estimator.estimate_boxes(frame, boxes).keypoints
+        return pck_against_teacher(keypoints, target, scores)["pck"]
+
+    student = agreement(PoseEstimator("segformer-b0", weights))
+    torch.manual_seed(0)
+    random = agreement(PoseEstimator("segformer-b0"))
+    print(f"PCK@0.2 against the teacher: shared student {student:.3f}, random model {random:.3f}")
+    assert student >= 0.6 and random <= 0.35, (student, random)
