@@ -76,13 +76,13 @@ def upsampled_argmax(logits: torch.Tensor, labels: torch.Tensor, size: tuple[int
     # the boundary blocks below.
     canvas = torch.empty((out_height + 1, out_width + 1), dtype=small, device=device)
     out = canvas[:out_height, :out_width]
-    out.copy_(corner_labels[0].to(small).index_select(1, x0).index_select(0, y0))
+    out.copy_(first.to(small).index_select(1, x0).index_select(0, y0))
     cell_r, cell_c = torch.nonzero(boundary, as_tuple=True)
     if not cell_r.numel():
         return out.contiguous()
 
-    # The classes not ruled out in each boundary cell: its corner winners, and classes that its lowest or its
-    # highest corner winner beats at no more than three corners (testing every winner would rule out a few more
+    # The classes not ruled out in each boundary cell: its corner winners, and classes that neither its lowest- nor
+    # its highest-id corner winner beats at all four corners (testing every winner would rule out a few more
     # classes for twice the work); listed first in ``candidates`` (R, cells), in class-id order, padded with
     # ruled-out classes (harmless). Reductions run along the last, contiguous axis: (cells, ..., 4 corners).
     corner_logits = flat_logits[torch.arange(num_classes, device=device).view(1, -1, 1) * span
