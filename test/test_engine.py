@@ -130,10 +130,10 @@ def test_boundary_only_upsampling_equals_full_bilinear_argmax(size, logits_size)
     # Smooth logits with real class regions: random low-resolution fields, upsampled.
     logits = F.interpolate(torch.randn(1, 19, 9, 12, generator=generator), size=logits_size, mode="bicubic")
     reference = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(dim=1)[0]
-    ours = upsampled_argmax(logits[0], logits[0].argmax(dim=0), size)
+    ours = upsampled_argmax(logits[0], size)
     assert ours.shape == size
-    assert ours.dtype == torch.uint8
-    assert torch.equal(ours.long(), reference)
+    assert ours.dtype == np.uint8
+    assert np.array_equal(ours, reference.numpy())
     boundary_share = (reference[1:] != reference[:-1]).float().mean().item()
     assert 0.001 < boundary_share < 0.2  # the case has boundaries, and most of the picture is inside regions
 
@@ -152,6 +152,39 @@ def test_upsampled_argmax_breaks_exact_ties_and_many_class_corners_like_interpol
     tied = torch.cat([tied, tied[:, 1:2]], dim=1)  # class 4 equals class 1 everywhere: class 1 must win there
     for logits in (noisy, tied):
         reference = F.interpolate(logits, size=(53, 70), mode="bilinear", align_corners=False).argmax(dim=1)[0]
-        ours = upsampled_argmax(logits[0], logits[0].argmax(dim=0), (53, 70))
-        assert torch.equal(ours.long(), reference)
+        ours = upsampled_argmax(logits[0], (53, 70))
+        assert np.array_equal(ours, reference.numpy())
     assert not (ours == 4).any() and (ours == 1).any()
+
+
+def test_upsampled_argmax_past_256_classes_gives_uint16_ids_equal_to_interpolate():
+    import torch
+    import torch.nn.functional as F
+
+    from segmerge_ros.runtime.upsample import upsampled_argmax
+
+    generator = torch.Generator().manual_seed(3)
+    logits = F.interpolate(torch.randn(1, 300, 5, 6, generator=generator), size=(20, 24), mode="bicubic")
+    logits[:, 299, :10] += 5.0  # ids past 255 win somewhere
+    reference = F.interpolate(logits, size=(77, 90), mode="bilinear", align_corners=False).argmax(dim=1)[0]
+    ours = upsampled_argmax(logits[0], (77, 90))
+    assert ours.dtype == np.uint16
+    assert np.array_equal(ours, reference.numpy()) and (ours == 299).any()
+
+
+def test_upsampled_argmax_runs_compiled_on_the_cpu_and_without_numba_warns_and_stays_exact(monkeypatch, caplog):
+    import torch
+    import torch.nn.functional as F
+
+    from segmerge_ros.runtime import upsample
+
+    assert upsample._cell_argmax is not None, "numba is a dependency (requirements.txt): the compiled pass must load"
+    generator = torch.Generator().manual_seed(11)
+    logits = F.interpolate(torch.randn(1, 19, 6, 8, generator=generator), size=(45, 60), mode="bicubic")[0]
+    compiled = upsample.upsampled_argmax(logits, (576, 768))
+    monkeypatch.setattr(upsample, "_cell_argmax", None)
+    monkeypatch.setattr(upsample, "_warned_without_numba", False)
+    with caplog.at_level("WARNING", logger=upsample.LOG.name):
+        fallback = upsample.upsampled_argmax(logits, (576, 768))
+    assert np.array_equal(compiled, fallback)
+    assert any("numba is not installed" in record.getMessage() for record in caplog.records)

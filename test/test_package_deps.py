@@ -10,7 +10,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Imports that rosdep resolves to system packages, by their key.
-SYSTEM_PYTHON_KEYS = {"numpy": "python3-numpy", "cv2": "python3-opencv"}
+SYSTEM_PYTHON_KEYS = {"numpy": "python3-numpy", "cv2": "python3-opencv", "numba": "python3-numba"}
 ROS_IMPORT = re.compile(r"^(rclpy|launch|launch_ros|ament_index_python|cv_bridge|rosidl_\w+|\w+_msgs|\w+_interfaces)$")
 
 

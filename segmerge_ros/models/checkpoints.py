@@ -208,7 +208,7 @@ def ours_to_mmseg(state: Mapping[str, torch.Tensor], backbone_only: bool = False
 
 
 def _inverse_rules(rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Swap pattern and target of renaming rules whose groups are ``(\d)``/``(\d+)`` used in order."""
+    r"""Swap pattern and target of renaming rules whose groups are ``(\d)``/``(\d+)`` used in order."""
     inverse = []
     for pattern, target in rules:
         groups = re.findall(r"\(\\d\+?\)", pattern)

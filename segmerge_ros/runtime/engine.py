@@ -3,7 +3,7 @@
 Pre-processing: optional resize to the network's input size, ImageNet normalisation. Post-processing: the class map
 is the arg-max of the head's logits upsampled bilinearly to the frame's resolution (``upsample="logits"``, the
 default): boundaries follow the logits' smooth transitions instead of 4x4 blocks (computed exactly, interpolating
-all classes only at boundary cells: ``upsampled_argmax``). ``upsample="labels"`` takes the arg-max at the logits'
+only the classes that can win, only at boundary cells: ``upsampled_argmax``). ``upsample="labels"`` takes the arg-max at the logits'
 resolution and upsamples labels (nearest): cheaper still, but blocky edges.
 """
 
@@ -26,7 +26,8 @@ import torch
 from ..merging.segformerpp import MAX_MERGE_RATE, NONE, MergeConfig, preset, scaled_size
 from ..merging.vit_methods import build_vit_model, is_vit_model_name, load_vit_model, parse_vit_name
 from .backends import PRECISIONS, autocast, make_backend, split_device
-from .upsample import upsampled_argmax
+from .memory import keep_freed_memory
+from .upsample import upsampled_argmax, warm_upsampled_argmax
 from .ladder import Step, build_ladder, merge_rungs, precision_plan, step_for_rate, with_precision
 from ..models.checkpoints import load_segformer
 from ..models.deformable_attention import KNOB_SETTINGS, coarse_layers_for_rate
@@ -110,7 +111,7 @@ def logits_to_maps(logits: torch.Tensor, size: tuple[int, int], upsample: str = 
     # max softmax probability = 1 / sum(exp(l - l_max)): no full softmax tensor needed.
     confidence = (1.0 / torch.exp(logits - best.unsqueeze(1)).sum(dim=1))[0].cpu().numpy()
     if upsample == "logits":
-        class_map = upsampled_argmax(logits[0], labels[0], size).to(torch.uint8).cpu().numpy()  # no copy: uint8
+        class_map = upsampled_argmax(logits[0], size)
         interpolation = cv2.INTER_LINEAR
     elif upsample == "labels":
         small = labels[0].to(torch.uint8).cpu().numpy()
@@ -192,6 +193,9 @@ class SegmentationEngine:
             self.model = SegFormer(mit_config(model, num_classes=num_classes)).eval().fold_head()
             self.labels = label_set(num_classes)
         self.model.to(self.device)
+        keep_freed_memory()  # no page faults per frame: runtime/memory.py
+        if self.device.type == "cpu":
+            warm_upsampled_argmax()  # compiled (or loaded from numba's cache) now, not on the first frame
         self._lock = threading.Lock()
         self._vit_rate_applied: float | None = None
         if not self.is_segformer and backend != "eager":

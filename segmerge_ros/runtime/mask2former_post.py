@@ -127,9 +127,8 @@ def semantic_maps(class_logits: torch.Tensor, mask_logits: torch.Tensor,
     """
     class_logits, mask_logits = _one_image(class_logits, mask_logits)
     scores = semantic_scores(class_logits, mask_logits)
-    best, labels = scores.max(dim=0)
-    dtype = np.uint8 if scores.shape[0] <= 256 else np.uint16
-    class_map = upsampled_argmax(scores, labels, size).cpu().numpy().astype(dtype)
+    best = scores.max(dim=0).values
+    class_map = upsampled_argmax(scores, size)
     confidence = cv2.resize(best.clamp(max=1.0).cpu().numpy(), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
     return class_map, cv2.convertScaleAbs(confidence, alpha=255.0)
 

@@ -267,11 +267,13 @@ class PoseEstimator:
 
         from segmerge_ros.runtime.backends import make_backend, split_device
         from segmerge_ros.runtime.ladder import precision_plan
+        from segmerge_ros.runtime.memory import keep_freed_memory
 
         from segmerge_ros.models.pose import SegformerPose, build_pose_model, load_pose_checkpoint
 
         if mode not in POSE_MODES:
             raise ValueError(f"unknown pose mode {mode!r}; use one of {POSE_MODES}")
+        keep_freed_memory()  # no page faults per crop: runtime/memory.py
         if decode not in DECODE_METHODS:
             raise ValueError(f"unknown decode method {decode!r}; use one of {DECODE_METHODS}")
         self._torch = torch

@@ -1,157 +1,167 @@
 """The arg-max of bilinearly upsampled logits, computed exactly without upsampling every class.
 
 At camera resolution the K-channel upsample costs more than a merged network (19 classes x 576 x 768 floats), so
-``upsampled_argmax`` works per *cell*: the square between four neighbouring logit pixels. Bilinear interpolation
-inside a cell is a convex combination of its corners, so a class that some corner winner beats at all four corners
-cannot win anywhere in the cell:
-- inside regions one class wins at every corner: the cell's pixels take it (one uint8 nearest-style fill);
-- on a boundary between two regions the two corner winners are, almost everywhere, the only classes not ruled out:
-  the sign of their interpolated margin decides, computed per boundary cell as a small block of pixels (a cell is
-  about scale x scale pixels), never over the whole frame; near ties again in F.interpolate's own order of
-  operations;
-- cells where more classes remain interpolate just those classes at their pixels.
+on the CPU ``upsampled_argmax`` works per *cell*, the rectangle of output pixels between four neighbouring logit
+pixels, in one compiled pass (numba):
+- bilinear interpolation inside a cell is a convex combination of its corners, so a class that one of the corner
+  winners beats at all four corners (by more than the interpolation's rounding) cannot win anywhere in the cell;
+- inside a region (one class wins every corner, by more than that) the cell's pixels take it without arithmetic;
+- elsewhere (boundaries: about a third of the cells at the top rung) only the classes not ruled out, two or three
+  as a rule, are interpolated at the cell's pixels, in F.interpolate's order of operations, so that every
+  comparison is the one F.interpolate's values would give.
 The result equals ``F.interpolate(logits, size, mode="bilinear", align_corners=False).argmax`` (ties go to the lower
-class id, as there).
+class id, as there), bit for bit against torch's x86-64 CPU kernel, whose fused multiply-adds the pass repeats; a
+torch built otherwise (another compiler or CPU) can round a pixel whose two best classes are within one float32
+rounding of each other the other way. Tensors on an accelerator take that reference directly (the accelerator has the bandwidth),
+and so does the CPU when numba is missing (several times slower: one warning says so).
 """
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
+try:
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic
+except ImportError:  # pragma: no cover - numba is a declared dependency; see upsampled_argmax
+    njit = None
 
-def _bilinear_taps(source: int, target: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per output index: the two source indices and the weight of the second, as F.interpolate's bilinear mode
-    with align_corners=False computes them (source coordinate clamped at 0, the last index repeated at the edge)."""
-    position = ((torch.arange(target, device=device, dtype=torch.float32) + 0.5) * (source / target) - 0.5).clamp(min=0)
-    first = position.floor().long().clamp(max=source - 1)
-    second = (first + 1).clamp(max=source - 1)
-    return first, second, position - first
+LOG = logging.getLogger(__name__)
+# Bounds the float32 rounding of one interpolated value (three products and two sums of values up to the
+# largest |logit|: a few 1e-7 of it), with a wide margin: what it rules out cannot win anywhere.
+_ROUNDING = 1e-4
+_warned_without_numba = False
 
 
 @lru_cache(maxsize=32)
-def _axis(source: int, target: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """One axis's taps, and its output indices grouped by cell: ``(first, second, weight, group_cell,
-    group_index, group_weight)``. Group g holds up to M consecutive output indices of cell ``group_cell[g]``
-    (``group_index`` (G, M), padded with ``target``, a scratch index; ``group_weight`` (G, M), padded with 0).
-    A cell's indices are consecutive because ``first`` never decreases; long runs (the clamped edge bands) are
-    split, so M stays about the scale factor."""
-    first, second, weight = _bilinear_taps(source, target, device)
-    per_cell = torch.bincount(first, minlength=source)
-    width = max(1, min(int(per_cell.max()), int(-(-target // source)) + 1))
-    cell_start = torch.cumsum(per_cell, 0) - per_cell
-    offset = torch.arange(target, device=device) - cell_start[first]  # index within its cell's run
-    group_key = first * target + offset // width  # (cell, chunk): sorted like the output indices
-    keys, group = torch.unique_consecutive(group_key, return_inverse=True)
-    slot = offset % width
-    group_index = torch.full((len(keys), width), target, dtype=torch.long, device=device)
-    group_weight = torch.zeros((len(keys), width), dtype=weight.dtype, device=device)
-    group_index[group, slot] = torch.arange(target, device=device)
-    group_weight[group, slot] = weight
-    return first, second, weight, keys // target, group_index, group_weight
+def _axis(source: int, target: int) -> tuple[np.ndarray, ...]:
+    """One axis's taps as F.interpolate's bilinear mode with align_corners=False computes them (source coordinate
+    clamped at 0, the last index repeated at the edge): per output index the weight of the second tap and one minus
+    it (float32, as there); per source index ``start``/``end``, its cell's run of output indices (``first`` never
+    decreases, so each run is consecutive; empty where downsampling skips a source index)."""
+    position = ((torch.arange(target, dtype=torch.float32) + 0.5) * (source / target) - 0.5).clamp(min=0)
+    first = position.floor().long().clamp(max=source - 1)
+    weight = (position - first).numpy()
+    first = first.numpy()
+    start = np.searchsorted(first, np.arange(source), side="left")
+    end = np.searchsorted(first, np.arange(source), side="right")
+    for array in (weight, start, end):
+        array.setflags(write=False)  # shared through the cache
+    return weight, np.float32(1.0) - weight, start, end
 
 
-def upsampled_argmax(logits: torch.Tensor, labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Arg-max of the bilinearly upsampled (K, h, w) ``logits`` at ``size`` (H, W), as uint8 class ids (int32 beyond
-    256 classes); ``labels`` is the arg-max at (h, w). See the module's docstring for how."""
+if njit is not None:
+    @intrinsic
+    def _fma(typing_context, a, b, c):
+        """float32 a * b + c with one rounding (LLVM's fma: the FMA instruction where the CPU has one)."""
+        def codegen(context, builder, signature, args):
+            single = ir.FloatType()
+            fma = builder.module.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(single, [single] * 3))
+            return builder.call(fma, args)
+        return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+def _cell_argmax_kernel(logits, row_weight, row_rest, row_start, row_end, col_weight, col_rest, col_start, col_end,
+                        out):
+    """The compiled pass (see the module's docstring); writes ``out`` (H, W)."""
+    classes, height, width = logits.shape
+    labels = np.zeros((height, width), np.int64)
+    best = logits[0].copy()
+    second = np.full((height, width), -np.inf, np.float32)
+    largest = 0.0
+    for k in range(classes):  # class-major: each plane is contiguous
+        for i in range(height):
+            for j in range(width):
+                value = logits[k, i, j]
+                largest = max(largest, abs(value))
+                if k == 0:
+                    continue
+                if value > best[i, j]:
+                    second[i, j] = best[i, j]
+                    best[i, j] = value
+                    labels[i, j] = k
+                elif value > second[i, j]:
+                    second[i, j] = value
+    slack = _ROUNDING * (1.0 + largest)
+    candidates = np.empty(classes, np.int64)
+    winners = np.empty(4, np.int64)
+    for i in range(height):
+        y_start, y_end = row_start[i], row_end[i]
+        if y_start == y_end:
+            continue
+        i1 = min(i + 1, height - 1)
+        for j in range(width):
+            x_start, x_end = col_start[j], col_end[j]
+            if x_start == x_end:
+                continue
+            j1 = min(j + 1, width - 1)
+            winners[0], winners[1], winners[2], winners[3] = labels[i, j], labels[i, j1], labels[i1, j], labels[i1, j1]
+            margin = min(best[i, j] - second[i, j], best[i, j1] - second[i, j1],
+                         best[i1, j] - second[i1, j], best[i1, j1] - second[i1, j1])
+            if winners[0] == winners[1] == winners[2] == winners[3] and margin > slack:
+                out[y_start:y_end, x_start:x_end] = winners[0]
+                continue
+            count = 0
+            for c in range(classes):  # in class-id order, so that ties below go to the lower id
+                possible = True
+                for n in range(4):
+                    d = winners[n]
+                    if d != c and (logits[d, i, j] - logits[c, i, j] > slack
+                                   and logits[d, i, j1] - logits[c, i, j1] > slack
+                                   and logits[d, i1, j] - logits[c, i1, j] > slack
+                                   and logits[d, i1, j1] - logits[c, i1, j1] > slack):
+                        possible = False
+                        break
+                if possible:
+                    candidates[count] = c
+                    count += 1
+            for y in range(y_start, y_end):
+                fy, gy = row_weight[y], row_rest[y]
+                for x in range(x_start, x_end):
+                    fx, gx = col_weight[x], col_rest[x]
+                    winner = candidates[0]
+                    top_value = -np.inf
+                    for n in range(count):
+                        c = candidates[n]
+                        # F.interpolate's own arithmetic (torch's CPU kernel as built for x86-64: along x on
+                        # both rows, then along y, each a fused multiply-add onto the rounded second product)
+                        upper = _fma(logits[c, i, j], gx, logits[c, i, j1] * fx)
+                        lower = _fma(logits[c, i1, j], gx, logits[c, i1, j1] * fx)
+                        value = _fma(upper, gy, lower * fy)
+                        if value > top_value:
+                            top_value = value
+                            winner = c
+                    out[y, x] = winner
+
+
+_cell_argmax = njit(cache=True, nogil=True)(_cell_argmax_kernel) if njit is not None else None
+
+
+def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Arg-max of the bilinearly upsampled (K, h, w) ``logits`` at ``size`` (H, W): uint8 class ids (uint16 beyond
+    256 classes) on the CPU. See the module's docstring for how."""
+    global _warned_without_numba
     num_classes, height, width = logits.shape
-    out_height, out_width = size
-    device = logits.device
-    y0, y1, wy, group_row, row_index, row_weight = _axis(height, out_height, device)
-    x0, x1, wx, group_col, col_index, col_weight = _axis(width, out_width, device)
-    small = torch.uint8 if num_classes <= 256 else torch.int32
-    flat_logits, span = logits.contiguous().reshape(-1), height * width
-    # Cell (r, c) spans logit pixels r..r1 x c..c1 (clamped at the last row/column, as the taps are).
-    r1 = (torch.arange(height, device=device) + 1).clamp(max=height - 1)
-    c1 = (torch.arange(width, device=device) + 1).clamp(max=width - 1)
-    corner_rows = torch.stack([torch.arange(height, device=device), r1]).view(2, 1, height, 1)
-    corner_cols = torch.stack([torch.arange(width, device=device), c1]).view(1, 2, 1, width)
-    corner_pixels = (corner_rows * width + corner_cols).reshape(4, height, width)  # flat index of each cell corner
-    corner_labels = labels.reshape(-1)[corner_pixels]  # (4 corners, h, w)
-    first = corner_labels[0]
-    boundary = (corner_labels[1] != first) | (corner_labels[2] != first) | (corner_labels[3] != first)
+    dtype = np.uint8 if num_classes <= 256 else np.uint16
+    if logits.device.type != "cpu" or _cell_argmax is None:
+        if logits.device.type == "cpu" and not _warned_without_numba:
+            _warned_without_numba = True
+            LOG.warning("numba is not installed: the class map's arg-max upsamples every class (several times "
+                        "slower at camera resolution); pip install numba")
+        upsampled = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)
+        return upsampled.argmax(dim=1)[0].cpu().numpy().astype(dtype)
+    rows, cols = _axis(height, size[0]), _axis(width, size[1])
+    out = np.empty(size, dtype)
+    _cell_argmax(logits.detach().float().contiguous().numpy(), *rows, *cols, out)
+    return out
 
-    # Every pixel as if its cell were inside a region; one scratch row and column (index H, W) take the padding of
-    # the boundary blocks below.
-    canvas = torch.empty((out_height + 1, out_width + 1), dtype=small, device=device)
-    out = canvas[:out_height, :out_width]
-    out.copy_(first.to(small).index_select(1, x0).index_select(0, y0))
-    cell_r, cell_c = torch.nonzero(boundary, as_tuple=True)
-    if not cell_r.numel():
-        return out.contiguous()
 
-    # The classes not ruled out in each boundary cell: its corner winners, and classes that neither its lowest- nor
-    # its highest-id corner winner beats at all four corners (testing every winner would rule out a few more
-    # classes for twice the work); listed first in ``candidates`` (R, cells), in class-id order, padded with
-    # ruled-out classes (harmless). Reductions run along the last, contiguous axis: (cells, ..., 4 corners).
-    corner_logits = flat_logits[torch.arange(num_classes, device=device).view(1, -1, 1) * span
-                                + corner_pixels[:, cell_r, cell_c].t().unsqueeze(1)]  # (cells, K, 4 corners)
-    winners = corner_labels[:, cell_r, cell_c].t()  # (cells, 4 corners)
-    extremes = torch.stack([winners.amin(dim=1), winners.amax(dim=1)], dim=1)  # (cells, 2)
-    extreme_values = corner_logits.gather(1, extremes.unsqueeze(2).expand(-1, -1, 4))  # (cells, 2, 4 corners)
-    slack = 1e-4 * (1.0 + extreme_values.abs().flatten(1).amax(dim=1))  # absorbs the interpolation's rounding
-    margin = (corner_logits.unsqueeze(2) - extreme_values.unsqueeze(1)).amax(dim=3)  # (cells, K, 2)
-    possible = margin.amin(dim=2) >= -slack.unsqueeze(1)  # (cells, K)
-    possible.scatter_(1, winners, True)
-    count = possible.sum(dim=1)
-    # A stable sort along each cell's classes keeps them in class-id order.
-    candidates = torch.argsort((~possible).to(torch.uint8), dim=1, stable=True)[:, :int(count.max())].t()
-
-    # Boundary cells as blocks of pixels: every (row group, column group) pair whose cell is a boundary cell.
-    cell_id = torch.full((height, width), -1, dtype=torch.long, device=device)
-    cell_id[cell_r, cell_c] = torch.arange(len(cell_r), device=device)
-    block_row, block_col = torch.nonzero(boundary[group_row][:, group_col], as_tuple=True)
-    block_cell = cell_id[group_row[block_row], group_col[block_col]]
-    tolerance = 1e-4 * (1.0 + float(flat_logits.abs().max()))
-
-    def interpolate(classes: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Each class's logit at pixels (rows, cols), in F.interpolate's order of operations (exact comparisons)."""
-        ry0, ry1, cx0, cx1 = y0[rows] * width, y1[rows] * width, x0[cols], x1[cols]
-        rwy, cwx, base = wy[rows], wx[cols], classes * span
-        p00, p01, p10, p11 = ry0 + cx0, ry0 + cx1, ry1 + cx0, ry1 + cx1  # per pixel, shared by every class
-        top = flat_logits[base + p00] * (1 - cwx) + flat_logits[base + p01] * cwx
-        bottom = flat_logits[base + p10] * (1 - cwx) + flat_logits[base + p11] * cwx
-        return top * (1 - rwy) + bottom * rwy
-
-    def decide(blocks: torch.Tensor, classes: torch.Tensor) -> None:
-        """Write the arg-max among ``classes`` (R, blocks) into the pixels of ``blocks`` (indices into the block
-        list): interpolated in blocks with lerp (fast); where the best two are within rounding of each other, again
-        exactly in F.interpolate's order of operations (ties to the lower class id)."""
-        cells = block_cell[blocks]
-        corners = corner_pixels[:, cell_r[cells], cell_c[cells]]  # (4, blocks)
-        values = flat_logits[classes.unsqueeze(1) * span + corners]  # (R, 4 corners, blocks)
-        if len(classes) == 2:  # the margin of the two: one interpolation instead of two
-            values = (values[1] - values[0]).unsqueeze(0)
-        bx, by = col_weight[block_col[blocks]], row_weight[block_row[blocks]]  # (blocks, Mx), (blocks, My)
-        top = torch.lerp(values[:, 0, :, None], values[:, 1, :, None], bx)
-        bottom = torch.lerp(values[:, 2, :, None], values[:, 3, :, None], bx)
-        inside = torch.addcmul(top.unsqueeze(2), (bottom - top).unsqueeze(2), by.unsqueeze(2))  # (R, b, My, Mx)
-        if len(classes) == 2:
-            decided = torch.where(inside[0] > 0, classes[1].view(-1, 1, 1), classes[0].view(-1, 1, 1))
-            near_tie = inside[0].abs() <= tolerance
-        else:
-            best, index = inside.max(dim=0)
-            decided = classes.t().gather(1, index.flatten(1)).view_as(index)
-            near_tie = (inside >= (best - tolerance).unsqueeze(0)).sum(dim=0) > 1
-        decided = decided.to(small)
-        rows, cols = row_index[block_row[blocks]], col_index[block_col[blocks]]  # (blocks, My), (blocks, Mx)
-        tie_b, tie_i, tie_j = torch.nonzero(near_tie, as_tuple=True)
-        tie_rows, tie_cols = rows[tie_b, tie_i], cols[tie_b, tie_j]
-        real = (tie_rows < out_height) & (tie_cols < out_width)  # not the padding
-        if bool(real.any()):
-            tie_b, tie_i, tie_j = tie_b[real], tie_i[real], tie_j[real]
-            values = interpolate(classes[:, tie_b], tie_rows[real], tie_cols[real])
-            best = values.max(dim=0, keepdim=True).values
-            decided[tie_b, tie_i, tie_j] = torch.where(values == best, classes[:, tie_b], num_classes).amin(dim=0).to(small)
-        flat = rows.unsqueeze(2) * (out_width + 1) + cols.unsqueeze(1)
-        canvas.view(-1)[flat.reshape(-1)] = decided.reshape(-1)
-
-    # Two possible classes (most boundary cells): the sign of their margin decides; three (most of the rest), and
-    # more: the best among them. Grouped so that each group interpolates only as many classes as its cells need.
-    block_count = count[block_cell]
-    for group in (block_count == 2, block_count == 3, block_count > 3):
-        blocks = group.nonzero().squeeze(1)
-        if blocks.numel():
-            decide(blocks, candidates[:int(block_count[blocks].max()), block_cell[blocks]])
-    return out.contiguous()
+def warm_upsampled_argmax() -> None:
+    """Compile (or load from numba's cache) the kernel ahead of the first frame: a few seconds the first time."""
+    upsampled_argmax(torch.zeros(2, 2, 2), (4, 4))

@@ -1,0 +1,52 @@
+"""runtime/memory.py: after keep_freed_memory() a frame's large temporaries no longer fault their pages in again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+PROBE = r"""
+import json, resource, sys
+import numpy as np
+from segmerge_ros.runtime.memory import keep_freed_memory
+outcome = keep_freed_memory() if sys.argv[1] == "keep" else "not called"
+def frame():
+    # a frame's temporaries, 64 MiB together, freed at its end: more than glibc's default trim threshold
+    blocks = [np.empty(8 << 20, np.uint8) for _ in range(8)]
+    for block in blocks:
+        block.fill(1)  # touch every page
+    return sum(int(block[::4096].sum()) for block in blocks)
+frame()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    frame()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({"outcome": outcome, "faults_per_frame": faults / 10}))
+"""
+
+
+def probe(mode: str, **env: str) -> dict:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120,
+                          env={**clean, **env}, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the thresholds are glibc's")
+def test_keeping_freed_memory_stops_the_page_faults_of_every_frame():
+    default = probe("default")
+    kept = probe("keep")
+    assert default["faults_per_frame"] > 1000  # 64 MiB = 16,384 pages, handed back and faulted in again
+    assert kept["outcome"].startswith("keeping freed memory")
+    assert kept["faults_per_frame"] < 10
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the thresholds are glibc's")
+def test_the_users_malloc_environment_wins():
+    result = probe("keep", MALLOC_TRIM_THRESHOLD_="131072")
+    assert result["outcome"] == "left to the environment (MALLOC_TRIM_THRESHOLD_)"
+    assert result["faults_per_frame"] > 1000  # trimmed after every frame, as the user asked
