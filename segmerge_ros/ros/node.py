@@ -15,12 +15,13 @@ and one status per camera on ``/diagnostics``. It subscribes to ``<ns>/camera_in
 the latest per camera: its K turns keypoints into unit-depth rays. Parameters: see ``segmerge_ros/ros/params.py``.
 
 Threading: subscription callbacks only drop the message into the camera's one-frame slot (a newer frame replaces an
-unprocessed one, counted as dropped), so stale frames never queue up. One worker thread decodes, infers and
-publishes; pose, when enabled, runs there too, after segmentation and inside the time the budget controls. Parameter
-changes, the diagnostics timer and the budget topic run on the executor thread; every parameter set, including the
-node's own, happens there. Pose settings reach the worker as one immutable snapshot, swapped in per frame. The
-pose model is built on a thread of its own on first enable, so the parameter service, diagnostics and frames go on
-meanwhile. Shutdown waits for the frame in progress before the node is destroyed.
+unprocessed one, counted as dropped), so stale frames never queue up. One worker thread builds and warms the models
+(the constructor waits for it), then decodes, infers and publishes: torch runs on no other long-lived thread (see
+``_build_models``). Pose, when enabled, runs there too, after segmentation and inside the time the budget controls.
+Parameter changes, the diagnostics timer and the budget topic run on the executor thread; every parameter set,
+including the node's own, happens there. Pose settings reach the worker as one immutable snapshot, swapped in per
+frame. The pose model is built on a short-lived thread of its own on first live enable, so the parameter service,
+diagnostics and frames go on meanwhile. Shutdown waits for the frame in progress before the node is destroyed.
 """
 
 from __future__ import annotations
@@ -76,13 +77,43 @@ class SegmergeNode(Node):
         self._pose_builder: threading.Thread | None = None  # builds the pose model on first live enable
         self._pose_state = ""  # "", "building", "ready" or "failed: <reason>" (diagnostics key pose_model)
         self._pose_settings = pose_settings(self.param)
+        self._in_flight: Camera | None = None  # the camera whose frame the worker is processing
+        # The models are built, warmed and run on the worker thread: see _build_models.
+        self._models_built, self._setup_done = threading.Event(), threading.Event()
+        self._build_failure: BaseException | None = None
+        self._worker = threading.Thread(target=self._work, name="segmerge-worker", daemon=True)
+        self._worker.start()
+        self._models_built.wait()
+        if self._build_failure is not None:
+            raise self._build_failure
+        try:
+            self._finish_setup(topics)
+        except BaseException:
+            self._stopping = True  # the worker leaves instead of taking frames
+            raise
+        finally:
+            self._setup_done.set()
+        outputs = ", ".join(sorted({c.output_namespace for c in self.cameras}))
+        self.get_logger().info(
+            f"ready: {len(self.cameras)} camera(s) [{', '.join(c.topic for c in self.cameras)}] -> "
+            f"segmentation/* in [{outputs}]; {self.param('model')} on {self.engine.device}, backend {self.engine.backend}, "
+            f"input_size {self.param('input_size') or 'camera resolution'}, {self._merge_description()}; "
+            f"{self._pose_description()}")
+
+    def _build_models(self) -> None:
+        """Pose (when enabled at start) and segmentation models, built and warmed up on the worker thread that runs
+        them. torch's OpenMP pool is per calling thread, and while a second thread that has used it lives, both
+        pools' threads contend for the cores: measured on the 2-core machine, 66 instead of 37 ms per frame at the
+        top rung when the models were built on the main thread and run on the worker."""
         if self._pose_settings.enable:
             reason = self._build_pose()  # before the segmentation model: bad pose weights fail fast
             if reason:
                 raise StartupError(reason)
-        self._in_flight: Camera | None = None  # the camera whose frame the worker is processing
         self.engine = build_engine(self.param, self.get_logger().warning)  # refuses what cannot run, warms up
         self.pipeline = FramePipeline(self.engine, self._pose, warn=self.get_logger().warning)
+
+    def _finish_setup(self, topics: list[str]) -> None:
+        """Everything after the models, on the constructing thread: budget, cameras, parameter callbacks, timers."""
         self._publish_overlay = bool(self.param("publish_overlay"))
         self._overlay_alpha = float(self.param("overlay_alpha"))
         self._budget = BudgetController(
@@ -118,15 +149,6 @@ class SegmergeNode(Node):
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._last_diagnostics = time.monotonic()
         self.create_timer(DIAGNOSTICS_PERIOD_S, self._publish_diagnostics)
-
-        self._worker = threading.Thread(target=self._work, name="segmerge-worker", daemon=True)
-        self._worker.start()
-        outputs = ", ".join(sorted({c.output_namespace for c in self.cameras}))
-        self.get_logger().info(
-            f"ready: {len(self.cameras)} camera(s) [{', '.join(c.topic for c in self.cameras)}] -> "
-            f"segmentation/* in [{outputs}]; {self.param('model')} on {self.engine.device}, backend {self.engine.backend}, "
-            f"input_size {self.param('input_size') or 'camera resolution'}, {self._merge_description()}; "
-            f"{self._pose_description()}")
 
     # -- parameters (the one place that reads them) ---------------------------------------------------------------
     def param(self, name: str):
@@ -319,6 +341,16 @@ class SegmergeNode(Node):
 
     # -- the worker -----------------------------------------------------------------------------------------------
     def _work(self) -> None:
+        try:
+            self._build_models()
+        except BaseException as error:  # noqa: BLE001 - handed to the constructor, which raises it
+            self._build_failure = error
+            return
+        finally:
+            self._models_built.set()
+        self._setup_done.wait()
+        if self._stopping:
+            return
         next_camera = 0
         while True:
             with self.frame_ready:
