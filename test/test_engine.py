@@ -77,6 +77,31 @@ def test_label_upsampling_agrees_with_logit_upsampling_away_from_edges():
     assert confidence.min() > 200
 
 
+def test_confidence_is_the_upsampled_max_probability_and_is_skipped_when_not_asked_for():
+    import cv2
+    import torch
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(5)
+    logits = F.interpolate(torch.randn(1, 19, 6, 8, generator=generator) * 3, size=(45, 60), mode="bicubic")
+    class_map, confidence = logits_to_maps(logits, (576, 768))
+    probability = torch.softmax(logits, dim=1).amax(dim=1)[0].numpy()
+    reference = cv2.resize(probability, (768, 576), interpolation=cv2.INTER_LINEAR) * 255.0
+    assert confidence.shape == (576, 768) and confidence.dtype == np.uint8
+    assert np.abs(confidence.astype(np.float32) - reference).max() <= 1.5  # quantised before upsampling
+    assert confidence.std() > 10  # a real map, not a constant
+    same_map, skipped = logits_to_maps(logits, (576, 768), confidence=False)
+    assert skipped is None and np.array_equal(same_map, class_map)
+
+
+def test_infer_without_confidence_returns_none_and_the_same_class_map():
+    engine = SegmentationEngine(model="segformer-b0", num_classes=19, input_size=(64, 96))
+    rgb = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    full, lean = engine.infer(rgb), engine.infer(rgb, confidence=False)
+    assert full.confidence is not None and full.confidence.shape == (120, 160)
+    assert lean.confidence is None and np.array_equal(lean.class_map, full.class_map)
+
+
 def test_parse_size():
     assert parse_size("512x1024") == (512, 1024)
     assert parse_size("") is None

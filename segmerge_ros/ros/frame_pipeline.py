@@ -150,7 +150,7 @@ class FramePipeline:
         header = msg.header  # copied unchanged: consumers sync outputs with frames by stamp and frame_id
         emit = publish or (lambda kind, message: None)
 
-        result = self.engine.infer(rgb)
+        result = self.engine.infer(rgb, confidence=settings.confidence)
         mask = mono8_image(result.class_map, header)
         emit(MASK, mask)
         confidence = None

@@ -52,7 +52,7 @@ AUTO_MIN_AGREEMENT = 0.995
 @dataclass
 class SegmentationResult:
     class_map: np.ndarray  # (H, W) uint8 class ids at the input resolution
-    confidence: np.ndarray  # (H, W) uint8, max softmax probability * 255
+    confidence: np.ndarray | None  # (H, W) uint8, max softmax probability * 255; None when not asked for
     inference_ms: float  # pre-processing + model + post-processing
     merge_rate: float
     merge_name: str
@@ -99,28 +99,31 @@ def normalise(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor, device:
     return torch.from_numpy(pixels)
 
 
-def logits_to_maps(logits: torch.Tensor, size: tuple[int, int], upsample: str = "logits") -> tuple[np.ndarray, np.ndarray]:
-    """(1, K, h, w) logits -> (class map uint8, confidence uint8) at ``size``.
+def logits_to_maps(logits: torch.Tensor, size: tuple[int, int], upsample: str = "logits", confidence: bool = True
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(1, K, h, w) logits -> (class map uint8, confidence uint8 or None without ``confidence``) at ``size``.
 
-    The confidence (max softmax probability) is computed at the logits' own resolution and upsampled as one
-    channel (OpenCV, bilinear with the same pixel-centre convention): a smooth map does not need K channels
-    upsampled, and OpenCV's SIMD resize costs a fraction of torch's at camera resolution.
+    The confidence (max softmax probability) is computed at the logits' own resolution, quantised to uint8 there
+    and upsampled as one uint8 channel (OpenCV, bilinear with the same pixel-centre convention; within 1.5 levels of
+    upsampling the float map): a smooth map needs neither K channels nor float pixels at camera resolution.
     """
     logits = logits.float()
-    best, labels = logits.max(dim=1)
-    # max softmax probability = 1 / sum(exp(l - l_max)): no full softmax tensor needed.
-    confidence = (1.0 / torch.exp(logits - best.unsqueeze(1)).sum(dim=1))[0].cpu().numpy()
     if upsample == "logits":
         class_map = upsampled_argmax(logits[0], size)
         interpolation = cv2.INTER_LINEAR
     elif upsample == "labels":
-        small = labels[0].to(torch.uint8).cpu().numpy()
+        small = logits[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
         class_map = cv2.resize(small, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
         interpolation = cv2.INTER_NEAREST
     else:
         raise ValueError(f"upsample must be 'logits' or 'labels', got {upsample!r}")
-    confidence = cv2.resize(confidence, (size[1], size[0]), interpolation=interpolation)
-    return class_map, cv2.convertScaleAbs(confidence, alpha=255.0)  # rounds and saturates to uint8
+    if not confidence:
+        return class_map, None
+    # max softmax probability = 1 / sum(exp(l - l_max)): no full softmax tensor needed.
+    best = logits.max(dim=1).values
+    probability = (1.0 / torch.exp(logits - best.unsqueeze(1)).sum(dim=1))[0].cpu().numpy()
+    small = cv2.convertScaleAbs(probability, alpha=255.0)  # rounds and saturates to uint8
+    return class_map, cv2.resize(small, (size[1], size[0]), interpolation=interpolation)
 
 
 class SegmentationEngine:
@@ -394,7 +397,9 @@ class SegmentationEngine:
         return self._run(self._network_input(rgb, merge), merge, step.precision, rate)
 
     @torch.inference_mode()
-    def infer(self, rgb: np.ndarray) -> SegmentationResult:
+    def infer(self, rgb: np.ndarray, confidence: bool = True) -> SegmentationResult:
+        """Segment one HxWx3 uint8 RGB frame; ``confidence=False`` skips the confidence map (the node computes it
+        only while someone subscribes to it)."""
         if self._warm_on_new_sizes and rgb.shape[:2] not in self._warmed_sizes:
             LOG.info("backend %s: preparing every rung for %dx%d frames", self.backend, *rgb.shape[:2])
             self.warm(size=rgb.shape[:2])
@@ -406,14 +411,14 @@ class SegmentationEngine:
         if self.family == "mask2former":
             class_logits, mask_logits = self._run_mask2former(pixels, step.precision, rate)
             with one_torch_thread():
-                class_map, confidence, instances, panoptic = self._mask2former_outputs(class_logits, mask_logits,
-                                                                                       rgb.shape[:2])
-            return SegmentationResult(class_map, confidence, (time.perf_counter() - start) * 1e3, rate, step.name,
-                                      instances, panoptic)
+                class_map, confidence_map, instances, panoptic = self._mask2former_outputs(
+                    class_logits, mask_logits, rgb.shape[:2])
+            return SegmentationResult(class_map, confidence_map if confidence else None,
+                                      (time.perf_counter() - start) * 1e3, rate, step.name, instances, panoptic)
         logits = self._run(pixels, merge, step.precision, rate)
         with one_torch_thread():
-            class_map, confidence = logits_to_maps(logits, rgb.shape[:2], self.upsample)
-        return SegmentationResult(class_map, confidence, (time.perf_counter() - start) * 1e3, rate, step.name)
+            class_map, confidence_map = logits_to_maps(logits, rgb.shape[:2], self.upsample, confidence)
+        return SegmentationResult(class_map, confidence_map, (time.perf_counter() - start) * 1e3, rate, step.name)
 
     def _mask2former_outputs(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int]
                              ) -> tuple[np.ndarray, np.ndarray, InstanceMap, PanopticSegmentation | None]:

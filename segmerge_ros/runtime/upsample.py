@@ -146,20 +146,26 @@ _cell_argmax = njit(cache=True, nogil=True)(_cell_argmax_kernel) if njit is not 
 def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """Arg-max of the bilinearly upsampled (K, h, w) ``logits`` at ``size`` (H, W): uint8 class ids (uint16 beyond
     256 classes) on the CPU. See the module's docstring for how."""
-    global _warned_without_numba
     num_classes, height, width = logits.shape
     dtype = np.uint8 if num_classes <= 256 else np.uint16
     if logits.device.type != "cpu" or _cell_argmax is None:
-        if logits.device.type == "cpu" and not _warned_without_numba:
-            _warned_without_numba = True
-            LOG.warning("numba is not installed: the class map's arg-max upsamples every class (several times "
-                        "slower at camera resolution); pip install numba")
+        if logits.device.type == "cpu":
+            warn_without_numba()
         upsampled = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)
         return upsampled.argmax(dim=1)[0].cpu().numpy().astype(dtype)
     rows, cols = _axis(height, size[0]), _axis(width, size[1])
     out = np.empty(size, dtype)
     _cell_argmax(logits.detach().float().contiguous().numpy(), *rows, *cols, out)
     return out
+
+
+def warn_without_numba() -> None:
+    """One warning per process that the per-frame kernels run as slower numpy/torch code."""
+    global _warned_without_numba
+    if not _warned_without_numba:
+        _warned_without_numba = True
+        LOG.warning("numba is not installed: the per-frame pixel work runs uncompiled (the class map's arg-max "
+                    "upsamples every class: several times slower at camera resolution); pip install numba")
 
 
 def warm_upsampled_argmax() -> None:
