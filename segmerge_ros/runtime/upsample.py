@@ -71,26 +71,44 @@ def _cell_argmax_kernel(logits, row_weight, row_rest, row_start, row_end, col_we
                         out):
     """The compiled pass (see the module's docstring); writes ``out`` (H, W)."""
     classes, height, width = logits.shape
-    labels = np.zeros((height, width), np.int64)
+    # Per logit pixel: the winner, its value, the runner-up's and the lowest (branch-free: vectorises).
+    labels = np.zeros((height, width), np.int32)
     best = logits[0].copy()
     second = np.full((height, width), -np.inf, np.float32)
-    largest = 0.0
-    for k in range(classes):  # class-major: each plane is contiguous
+    lowest = logits[0].copy()
+    for k in range(1, classes):  # class-major: each plane is contiguous
         for i in range(height):
             for j in range(width):
-                value = logits[k, i, j]
-                largest = max(largest, abs(value))
-                if k == 0:
-                    continue
-                if value > best[i, j]:
-                    second[i, j] = best[i, j]
-                    best[i, j] = value
-                    labels[i, j] = k
-                elif value > second[i, j]:
-                    second[i, j] = value
-    slack = _ROUNDING * (1.0 + largest)
+                value, top = logits[k, i, j], best[i, j]
+                second[i, j] = max(second[i, j], min(top, value))
+                labels[i, j] = k if value > top else labels[i, j]
+                best[i, j] = max(top, value)
+                lowest[i, j] = min(lowest[i, j], value)
+    slack = _ROUNDING * (1.0 + max(abs(best.max()), abs(lowest.min())))
+    # Cells inside a region: one class wins all four corners by more than the rounding.
+    inside = np.zeros((height, width), np.bool_)
+    for i in range(height):
+        i1 = min(i + 1, height - 1)
+        for j in range(width):
+            j1 = min(j + 1, width - 1)
+            a = labels[i, j]
+            inside[i, j] = (labels[i, j1] == a and labels[i1, j] == a and labels[i1, j1] == a
+                            and min(best[i, j] - second[i, j], best[i, j1] - second[i, j1],
+                                    best[i1, j] - second[i1, j], best[i1, j1] - second[i1, j1]) > slack)
+    for i in range(height):
+        for y in range(row_start[i], row_end[i]):
+            for j in range(width):
+                if inside[i, j]:
+                    a = labels[i, j]
+                    for x in range(col_start[j], col_end[j]):
+                        out[y, x] = a
     candidates = np.empty(classes, np.int64)
     winners = np.empty(4, np.int64)
+    widest = 1
+    for j in range(width):
+        widest = max(widest, col_end[j] - col_start[j])
+    upper = np.empty((classes, widest), np.float32)  # per candidate and column of a cell: the upper row's value
+    lower = np.empty((classes, widest), np.float32)
     for i in range(height):
         y_start, y_end = row_start[i], row_end[i]
         if y_start == y_end:
@@ -98,15 +116,10 @@ def _cell_argmax_kernel(logits, row_weight, row_rest, row_start, row_end, col_we
         i1 = min(i + 1, height - 1)
         for j in range(width):
             x_start, x_end = col_start[j], col_end[j]
-            if x_start == x_end:
+            if x_start == x_end or inside[i, j]:
                 continue
             j1 = min(j + 1, width - 1)
             winners[0], winners[1], winners[2], winners[3] = labels[i, j], labels[i, j1], labels[i1, j], labels[i1, j1]
-            margin = min(best[i, j] - second[i, j], best[i, j1] - second[i, j1],
-                         best[i1, j] - second[i1, j], best[i1, j1] - second[i1, j1])
-            if winners[0] == winners[1] == winners[2] == winners[3] and margin > slack:
-                out[y_start:y_end, x_start:x_end] = winners[0]
-                continue
             count = 0
             for c in range(classes):  # in class-id order, so that ties below go to the lower id
                 possible = True
@@ -121,23 +134,26 @@ def _cell_argmax_kernel(logits, row_weight, row_rest, row_start, row_end, col_we
                 if possible:
                     candidates[count] = c
                     count += 1
-            for y in range(y_start, y_end):
-                fy, gy = row_weight[y], row_rest[y]
+            # F.interpolate's own arithmetic (torch's CPU kernel as built for x86-64): along x on both rows, then
+            # along y, each a fused multiply-add onto the rounded second product. The x step is the same on every
+            # row of the cell: once per candidate and column.
+            for n in range(count):
+                c = candidates[n]
                 for x in range(x_start, x_end):
                     fx, gx = col_weight[x], col_rest[x]
+                    upper[n, x - x_start] = _fma(logits[c, i, j], gx, logits[c, i, j1] * fx)
+                    lower[n, x - x_start] = _fma(logits[c, i1, j], gx, logits[c, i1, j1] * fx)
+            for y in range(y_start, y_end):
+                fy, gy = row_weight[y], row_rest[y]
+                for x in range(x_end - x_start):
                     winner = candidates[0]
-                    top_value = -np.inf
-                    for n in range(count):
-                        c = candidates[n]
-                        # F.interpolate's own arithmetic (torch's CPU kernel as built for x86-64: along x on
-                        # both rows, then along y, each a fused multiply-add onto the rounded second product)
-                        upper = _fma(logits[c, i, j], gx, logits[c, i, j1] * fx)
-                        lower = _fma(logits[c, i1, j], gx, logits[c, i1, j1] * fx)
-                        value = _fma(upper, gy, lower * fy)
-                        if value > top_value:
+                    top_value = _fma(upper[0, x], gy, lower[0, x] * fy)
+                    for n in range(1, count):
+                        value = _fma(upper[n, x], gy, lower[n, x] * fy)
+                        if value > top_value:  # strictly: ties stay with the lower class id
                             top_value = value
-                            winner = c
-                    out[y, x] = winner
+                            winner = candidates[n]
+                    out[y, x_start + x] = winner
 
 
 _cell_argmax = njit(cache=True, nogil=True)(_cell_argmax_kernel) if njit is not None else None
