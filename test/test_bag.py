@@ -309,12 +309,12 @@ def test_a_failing_frame_is_counted_logged_with_its_traceback_and_the_rest_writt
     infer = SegmentationEngine.infer
     calls = []
 
-    def fail_on_the_second_camera_frame(engine, rgb):
+    def fail_on_the_second_camera_frame(engine, rgb, **options):
         if rgb.shape[:2] == RAW_SIZE:  # camera frames only (not the warm-up)
             calls.append(1)
             if len(calls) == 2:
                 raise RuntimeError("simulated device failure")
-        return infer(engine, rgb)
+        return infer(engine, rgb, **options)
 
     monkeypatch.setattr(SegmentationEngine, "infer", fail_on_the_second_camera_frame)
     ran = run_tool(capsys, [bags["mcap"], tmp_path / "out", "--topics", RAW, *SMALL])
