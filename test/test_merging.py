@@ -89,3 +89,10 @@ def test_rate_mapping_hits_the_paper_presets_and_is_validated():
         preset("HQ-typo")
     with pytest.raises(ValueError):
         StageMerge(q_rate=1.5)
+
+
+def test_matches_tokens_tells_bipartite_merging_from_pooling_and_scaling():
+    from segmerge_ros.merging.segformerpp import NONE, preset
+
+    assert preset("hq").matches_tokens and preset("fast").matches_tokens
+    assert not NONE.matches_tokens and not preset("2x2").matches_tokens  # pooling only

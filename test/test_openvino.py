@@ -44,7 +44,7 @@ def eager(student_dir) -> SegmentationEngine:
     return SegmentationEngine(weights=str(student_dir), input_size=SIZE)
 
 
-def test_every_rung_exports_and_equals_eager_in_fp32_on_a_real_frame(student_dir, cache, frame, eager):
+def test_every_rung_exports_and_equals_eager_in_fp32_on_a_real_frame(student_dir, cache, frame, eager, capfd):
     engine = SegmentationEngine(weights=str(student_dir), input_size=SIZE, backend="openvino", cache_dir=str(cache))
     assert engine.backend == "openvino" and engine.eager_fallbacks == ""
     rungs = {rung.config for rung in LADDER + ladder_for_backend("openvino")}
@@ -55,6 +55,9 @@ def test_every_rung_exports_and_equals_eager_in_fp32_on_a_real_frame(student_dir
     assert engine.eager_fallbacks == ""  # none of them fell back to eager
     built = {step for step, _, _ in engine.prepared_files()}
     assert {rung.name for rung in rungs} <= built
+    assert any(rung.matches_tokens for rung in rungs)  # merged rungs were among them, and exported quietly:
+    printed = capfd.readouterr()
+    assert "Torch IR graph" not in printed.out + printed.err  # (torch's ONNX exporter prints it when it fails)
 
 
 @needs_bf16

@@ -83,6 +83,12 @@ class MergeConfig:
     def is_identity(self) -> bool:
         return self.head_stride == 1 and self.input_scale == 1.0 and all(s.is_identity for s in self.stages)
 
+    @property
+    def matches_tokens(self) -> bool:
+        """Whether some stage merges tokens by bipartite matching (top-k, gathers and a scatter-mean), as opposed to
+        only pooling, a strided head or a scaled input."""
+        return any(s.q_rate > 0 or s.kv_rate > 0 or s.ffn_rate > 0 for s in self.stages)
+
 
 NONE = MergeConfig(name="none")
 PRESETS: dict[str, MergeConfig] = {
