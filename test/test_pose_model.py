@@ -186,7 +186,9 @@ def test_estimator_end_to_end_places_keypoints():
     engine_config = rung_for_rate(0.65).config  # what engine.merge_config would hold
     est.set_merge_config(engine_config, 0.65)
     est.estimate(rgb, seg, CITYSCAPES.person_ids)
-    assert blob.merges[-1] is engine_config
+    # its encoder stages, as the preset with the same stages: head and input scale are the segmentation's
+    assert blob.merges[-1].stages == engine_config.stages and blob.merges[-1].name == "hq"
+    assert blob.merges[-1].head_stride == 1 and blob.merges[-1].input_scale == 1.0
     est.set_preset("fast")
     est.estimate(rgb, seg, CITYSCAPES.person_ids)
     assert blob.merges[-1].name == "fast"

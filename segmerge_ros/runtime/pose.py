@@ -246,6 +246,18 @@ class PoseResult:
                           np.zeros((0, 4), np.float32), pose_ms, keypoint_threshold)
 
 
+def encoder_settings(config):
+    """The part of a MergeConfig that pose's encoder uses: its per-stage settings, as the preset with the same stages
+    where there is one (so rungs that differ only in head or input scale share one compiled pose graph); None when
+    no stage merges."""
+    from segmerge_ros.merging.segformerpp import PRESETS, MergeConfig
+
+    if config is None or all(stage.is_identity for stage in config.stages):
+        return None
+    same = [candidate for candidate in PRESETS.values() if candidate.stages == config.stages]
+    return same[0] if same else MergeConfig(config.stages, name=config.name)
+
+
 class PoseEstimator:
     """Top-down pose on person crops, batched, with the segmentation's token-merging setting.
 
@@ -356,8 +368,7 @@ class PoseEstimator:
         Only its per-stage encoder settings apply: ``head_stride`` and ``input_scale`` concern the segmentation
         head and input, and pose crops are always ``input_size``.
         """
-        if config is not None and all(stage.is_identity for stage in config.stages):
-            config = None  # e.g. the ladder's "head2" rung: nothing for the encoder to merge
+        config = encoder_settings(config)  # e.g. None for the ladder's "head2" rung: nothing for the encoder to merge
         self._merge = config
         self._merge_rate = float(rate)
         self._preset = "none" if config is None else config.name
@@ -410,7 +421,7 @@ class PoseEstimator:
 
         if self.backend == "eager":
             return
-        distinct = dict.fromkeys(NONE if all(s.is_identity for s in c.stages) else c for c in configs)
+        distinct = dict.fromkeys(encoder_settings(c) or NONE for c in configs)
         self._backend.warm(list(distinct), input_shape=(1, 3, self.input_size[1], self.input_size[0]))
 
     def estimate(self, rgb: np.ndarray, class_map: np.ndarray | None = None,
