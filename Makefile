@@ -50,7 +50,7 @@ demo: setup
 	$(VPY) -m segmerge_ros.ros.demo $(DEMO_ARGS)
 
 bench: setup
-	$(VENV)/bin/segmerge-bench $(BENCH_ARGS)
+	$(VPY) -m segmerge_ros.tools.bench $(BENCH_ARGS)  # not bin/: a re-run of setup installs scripts the ament way (lib/segmerge_ros)
 
 # Build outputs and caches; keeps .venv (see distclean).
 clean:
