@@ -3,8 +3,8 @@
 Pre-processing: optional resize to the network's input size, ImageNet normalisation. Post-processing: the class map
 is the arg-max of the head's logits upsampled bilinearly to the frame's resolution (``upsample="logits"``, the
 default): boundaries follow the logits' smooth transitions instead of 4x4 blocks (computed exactly, interpolating
-only the classes that can win, only at boundary cells: ``upsampled_argmax``). ``upsample="labels"`` takes the arg-max at the logits'
-resolution and upsamples labels (nearest): cheaper still, but blocky edges.
+only the classes that can win, only at boundary cells: ``upsampled_argmax``). ``upsample="labels"`` takes the
+arg-max at the logits' resolution and upsamples labels (nearest): cheaper still, but blocky edges.
 """
 
 from __future__ import annotations

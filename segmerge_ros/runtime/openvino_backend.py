@@ -87,17 +87,18 @@ def _export(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings: shapes are static per rung by design
         example = torch.zeros(example.shape, dtype=torch.float32)
+        converted = None
         config = getattr(module, "config", None)
-        try:
-            if config is not None and config.matches_tokens:
-                # known not to export (and the exporter would print its whole graph on the way out)
-                raise NotImplementedError("token merging's scatter-mean has no ONNX operator")
-            with tempfile.TemporaryDirectory() as folder:
-                onnx_path = Path(folder) / "rung.onnx"
-                torch.onnx.export(module, (example,), str(onnx_path), opset_version=18, dynamo=False)
-                converted = openvino.convert_model(str(onnx_path))
-        except Exception as error:  # an operator ONNX lacks (scatter-mean), or no onnx package: trace instead
-            LOG.debug("no ONNX export (%s: %s); converting the traced module", type(error).__name__, error)
+        # Token matching is known not to export (and the exporter would print its whole graph on the way out).
+        if config is None or not config.matches_tokens:
+            try:
+                with tempfile.TemporaryDirectory() as folder:
+                    onnx_path = Path(folder) / "rung.onnx"
+                    torch.onnx.export(module, (example,), str(onnx_path), opset_version=18, dynamo=False)
+                    converted = openvino.convert_model(str(onnx_path))
+            except Exception as error:  # an operator ONNX lacks, or no onnx package: trace instead
+                LOG.debug("ONNX export failed (%s: %s); converting the traced module", type(error).__name__, error)
+        if converted is None:
             # Tracing first without the trace check (a second full run) converts in about half the time of
             # handing the module to convert_model.
             traced = torch.jit.trace(module, example, check_trace=False)

@@ -285,9 +285,9 @@ class PoseEstimator:
 
         if mode not in POSE_MODES:
             raise ValueError(f"unknown pose mode {mode!r}; use one of {POSE_MODES}")
-        keep_freed_memory()  # no page faults per crop: runtime/memory.py
         if decode not in DECODE_METHODS:
             raise ValueError(f"unknown decode method {decode!r}; use one of {DECODE_METHODS}")
+        keep_freed_memory()  # no page faults per crop: runtime/memory.py
         self._torch = torch
         device, openvino_device = split_device(str(device), backend)
         if str(device).startswith("cuda") and not torch.cuda.is_available():

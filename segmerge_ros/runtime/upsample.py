@@ -12,8 +12,8 @@ pixels, in one compiled pass (numba):
 The result equals ``F.interpolate(logits, size, mode="bilinear", align_corners=False).argmax`` (ties go to the lower
 class id, as there), bit for bit against torch's x86-64 CPU kernel, whose fused multiply-adds the pass repeats; a
 torch built otherwise (another compiler or CPU) can round a pixel whose two best classes are within one float32
-rounding of each other the other way. Tensors on an accelerator take that reference directly (the accelerator has the bandwidth),
-and so does the CPU when numba is missing (several times slower: one warning says so).
+rounding of each other the other way. Tensors on an accelerator take that reference directly (the accelerator has
+the bandwidth), and so does the CPU when numba is missing (several times slower: one warning says so).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - numba is a declared dependency; see up
     njit = None
 
 LOG = logging.getLogger(__name__)
-# Bounds the float32 rounding of one interpolated value (three products and two sums of values up to the
+# Bounds the float32 rounding of one interpolated value (three roundings of products and sums of values up to the
 # largest |logit|: a few 1e-7 of it), with a wide margin: what it rules out cannot win anywhere.
 _ROUNDING = 1e-4
 _warned_without_numba = False
@@ -166,7 +166,7 @@ def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     dtype = np.uint8 if num_classes <= 256 else np.uint16
     if logits.device.type != "cpu" or _cell_argmax is None:
         if logits.device.type == "cpu":
-            warn_without_numba()
+            _warn_without_numba()
         upsampled = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)
         return upsampled.argmax(dim=1)[0].cpu().numpy().astype(dtype)
     rows, cols = _axis(height, size[0]), _axis(width, size[1])
@@ -175,13 +175,12 @@ def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def warn_without_numba() -> None:
-    """One warning per process that the per-frame kernels run as slower numpy/torch code."""
+def _warn_without_numba() -> None:
     global _warned_without_numba
     if not _warned_without_numba:
         _warned_without_numba = True
-        LOG.warning("numba is not installed: the per-frame pixel work runs uncompiled (the class map's arg-max "
-                    "upsamples every class: several times slower at camera resolution); pip install numba")
+        LOG.warning("numba is not installed: the class map's arg-max upsamples every class (several times slower at "
+                    "camera resolution); pip install numba")
 
 
 def warm_upsampled_argmax() -> None:

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..merging.segformerpp import (
-    EXPERIMENTS, MAX_MERGE_RATE, NONE, PRESETS, MergeConfig, config_for_rate, ladder_for_backend, preset,
-    rung_for_rate,
+    EXPERIMENTS, MAX_MERGE_RATE, NONE, PRESETS, MergeConfig, config_for_rate, ladder_for_backend, rung_for_rate,
 )
 from ..models.checkpoints import load_segformer
 from ..runtime.backends import BACKEND_NAMES, PRECISIONS, make_backend
@@ -180,13 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     images = find_images(args.image)
     if not images and size is None:
         size = (1024, 2048)
+    known_presets = {**PRESETS, **EXPERIMENTS}
+    presets = [(name, known_presets[name])  # checked before the models load
+               for name in (_names(args.presets, list(known_presets)) if args.presets.strip() else [])]
     ours, hf, labels = build_models(args, device)
 
-    unknown = [name for name in filter(None, args.presets.split(",")) if name not in EXPERIMENTS and name not in PRESETS]
-    if unknown:
-        raise SystemExit(f"segmerge-bench: unknown preset {', '.join(unknown)}; choose from "
-                         f"{', '.join(sorted(PRESETS) + sorted(EXPERIMENTS))}")
-    presets = [(name, EXPERIMENTS.get(name) or preset(name)) for name in filter(None, args.presets.split(","))]
     attention = [(f"attn={rate:g}/{args.matching}", config_for_rate(rate, args.matching))
                  for rate in _floats(args.attention_rates)]
 
