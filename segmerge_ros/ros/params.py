@@ -104,8 +104,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "merge 60 % of keys/values on 2x2 cells, stages 3-4 80 % of queries on 4x4), fast (90 % and 90 % on "
               "4x4), 2x2 (queries average-pooled 2x2); none = use merge_rate. The merge_rate ladder "
               "(merging/segformerpp.py LADDER) builds on them: rate 0.15 = head2, 0.3 = head2+hq, "
-              "0.45 = head2+fast, 0.6-0.9 hq with the input scaled to 0.875-0.625 as well. Setting merge_rate or enabling budget mode resets "
-              "it to none.", choices=tuple(PRESETS)),
+              "0.45 = head2+fast, 0.6-0.9 hq with the input scaled to 0.875-0.625 as well (backend openvino: "
+              "OPENVINO_LADDER, 0.3 = head2+2x2, 0.6-0.9 = the same on the scaled input). Setting merge_rate or "
+              "enabling budget mode resets it to none.", choices=tuple(PRESETS)),
     ParamSpec("budget.mode", "off",
               "off: merge_rate is fixed. latency: the node picks merge_rate so that per-frame processing time "
               "(decode + inference + publishing) meets budget.target_latency_ms. fps: the same with a target of "
