@@ -50,3 +50,22 @@ def test_the_users_malloc_environment_wins():
     result = probe("keep", MALLOC_TRIM_THRESHOLD_="131072")
     assert result["outcome"] == "left to the environment (MALLOC_TRIM_THRESHOLD_)"
     assert result["faults_per_frame"] > 1000  # trimmed after every frame, as the user asked
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the thresholds are glibc's")
+def test_segmerge_malloc_default_leaves_glibc_as_it_is():
+    result = probe("keep", SEGMERGE_MALLOC="default")
+    assert result["outcome"] == "left as it is (SEGMERGE_MALLOC=default)"
+    assert result["faults_per_frame"] > 1000
+
+
+def test_bench_memory_compares_both_settings_in_fresh_processes(shared_data, capsys):
+    from segmerge_ros.tools import bench_memory
+
+    video = str(shared_data / "opencv_samples" / "vtest.avi")
+    assert bench_memory.main(["--size", "64x96", "--rounds", "1", "--frames", "6", "--rates", "0",
+                              "--source", video]) == 0
+    out = capsys.readouterr().out
+    assert "(malloc: keeping freed memory" in out and "(malloc: left as it is (SEGMERGE_MALLOC=default))" in out
+    summary = [line.split()[1] for line in out.splitlines() if line.startswith("0 ")]
+    assert summary == ["kept", "glibc"]

@@ -7,7 +7,8 @@ eager at 576x768. Raising both thresholds keeps the memory mapped; the process s
 it reached at every frame anyway.
 
 The settings are process-wide and taken once. A user who set ``MALLOC_MMAP_THRESHOLD_`` or
-``MALLOC_TRIM_THRESHOLD_`` (glibc's own environment variables) keeps those; other C libraries are left alone.
+``MALLOC_TRIM_THRESHOLD_`` (glibc's own environment variables) keeps those, and ``SEGMERGE_MALLOC=default`` leaves
+glibc's adaptive defaults as they are (``tools/bench_memory.py`` compares the two); other C libraries are left alone.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 TRIM_THRESHOLD_BYTES = 2**31 - 1  # mallopt takes an int: about 2 GiB, "never" for a frame's working set
 USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+OPT_OUT = "SEGMERGE_MALLOC"  # "default": leave glibc's own (adaptive) thresholds
 
 _lock = threading.Lock()
 _outcome: str | None = None
@@ -45,6 +47,8 @@ def keep_freed_memory() -> str:
 def _apply() -> str:
     if not sys.platform.startswith("linux"):
         return f"left as it is on {sys.platform}"
+    if os.environ.get(OPT_OUT) == "default":
+        return f"left as it is ({OPT_OUT}=default)"
     chosen = [name for name in USER_VARIABLES if os.environ.get(name)]
     if chosen:
         return f"left to the environment ({', '.join(chosen)})"

@@ -10,9 +10,10 @@ pixels, in one compiled pass (numba):
   as a rule, are interpolated at the cell's pixels, in F.interpolate's order of operations, so that every
   comparison is the one F.interpolate's values would give.
 The result equals ``F.interpolate(logits, size, mode="bilinear", align_corners=False).argmax`` (ties go to the lower
-class id, as there), bit for bit against torch's x86-64 CPU kernel, whose fused multiply-adds the pass repeats; a
-torch built otherwise (another compiler or CPU) can round a pixel whose two best classes are within one float32
-rounding of each other the other way. Tensors on an accelerator take that reference directly (the accelerator has
+class id, as there), bit for bit against torch's x86-64 CPU kernel for contiguous (NCHW) tensors, whose fused
+multiply-adds the pass repeats. Torch's channels-last kernel, and a torch built otherwise (another compiler or CPU),
+round differently: there a pixel whose two best classes are within one float32 rounding of each other can go the
+other way. Tensors on an accelerator take that reference directly (the accelerator has
 the bandwidth), and so does the CPU when numba is missing (several times slower: one warning says so).
 """
 

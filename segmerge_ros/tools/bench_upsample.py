@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, config in configs.items():
         reference_ms, ours_ms, identical, shape = [], [], True, None
         for frame in frames:
-            logits = engine.logits(frame, config).float()
+            # contiguous: torch's channels-last kernel (the head's output layout) rounds differently from its NCHW
+            # one, which upsampled_argmax repeats, and so breaks some exact ties the other way
+            logits = engine.logits(frame, config).float().contiguous()
             shape = tuple(logits.shape[2:])
             with torch.inference_mode():
                 reference = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(dim=1)[0]
