@@ -42,15 +42,15 @@ test: setup
 # DEMO_ARGS) the video comes from Debian's opencv-doc, installed here when missing and possible.
 demo: export ROS_AUTOMATIC_DISCOVERY_RANGE = LOCALHOST
 demo: setup
-	@$(VPY) -c "from segmerge_ros.runtime.sources import default_video as v; raise SystemExit(v() is None)" \
+	@$(VPY) -c "from segmerge_ros.inference.sources import default_video as v; raise SystemExit(v() is None)" \
 		|| echo "$(DEMO_ARGS)" | grep -q -- "--source" \
 		|| (echo "no demo video found: installing Debian's opencv-doc (vtest.avi)"; \
 		    ($$(command -v sudo) apt-get update -qq && $$(command -v sudo) apt-get install -y -qq opencv-doc) \
 		    || echo "could not install opencv-doc: pass DEMO_ARGS='--source VIDEO_OR_FOLDER'")
-	$(VPY) -m segmerge_ros.ros.demo $(DEMO_ARGS)
+	$(VPY) -m segmerge_ros.apps.demo $(DEMO_ARGS)
 
 bench: setup
-	$(VPY) -m segmerge_ros.tools.bench $(BENCH_ARGS)  # not bin/: a re-run of setup installs scripts the ament way (lib/segmerge_ros)
+	$(VPY) -m segmerge_ros.bench.bench $(BENCH_ARGS)  # not bin/: a re-run of setup installs scripts the ament way (lib/segmerge_ros)
 
 # Build outputs and caches; keeps .venv (see distclean).
 clean:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from segmerge_ros.merging.algm import (
+from segmerge_ros.models.vit.algm import (
     ALGMSegmenter,
     global_representatives,
     local_representatives,
@@ -13,7 +13,7 @@ from segmerge_ros.merging.algm import (
     window_scores,
 )
 from segmerge_ros.merging.token_groups import compact_groups, merge_groups
-from segmerge_ros.models.vit import Block, SegmenterViT, ViTConfig, key_bias_from_sizes
+from segmerge_ros.models.vit.segmenter import Block, SegmenterViT, ViTConfig, key_bias_from_sizes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""Inference backends (runtime/backends.py): exactness, per-rung preparation, fallbacks and the engine cache.
+"""Inference backends (inference/backends/base.py): exactness, per-rung preparation, fallbacks and the engine cache.
 
 CPU tests stay cheap: torch.compile runs B0 through ``aot_eager`` (dynamo's tracing and AOT autograd, the paths
 that can break, without inductor's C++ code generation, which alone takes over a minute for B0 on a 2-core CPU);
@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from segmerge_ros.merging.segformerpp import LADDER, NONE, MergeConfig
-from segmerge_ros.models.segformer import SegFormer, mit_config
-from segmerge_ros.runtime import backends
-from segmerge_ros.runtime import tensorrt_backend
-from segmerge_ros.runtime.backends import (
+from segmerge_ros.models.segformer.model import SegFormer, mit_config
+from segmerge_ros.inference.backends import base as backends
+from segmerge_ros.inference.backends import tensorrt as tensorrt_backend
+from segmerge_ros.inference.backends.base import (
     BackendUnavailable,
     CompileBackend,
     EagerBackend,
@@ -30,9 +30,9 @@ from segmerge_ros.runtime.backends import (
     build_engines,
     make_backend,
 )
-from segmerge_ros.runtime.engine_cache import EngineCache, EngineIO, engine_cache_key, engine_key_fields, weights_hash
-from segmerge_ros.runtime.tensorrt_backend import TensorRTBackend
-from segmerge_ros.runtime.engine import to_tensor
+from segmerge_ros.inference.backends.cache import EngineCache, EngineIO, engine_cache_key, engine_key_fields, weights_hash
+from segmerge_ros.inference.backends.tensorrt import TensorRTBackend
+from segmerge_ros.inference.engine import to_tensor
 
 SIZE = (64, 96)
 MERGED = LADDER[3].config  # head2+hq: the head on merged pixels and Segformer++ merging in every stage
@@ -242,7 +242,7 @@ def test_tensorrt_without_its_requirements_falls_back(monkeypatch, caplog):
 
 
 def test_build_tool_refuses_clearly_without_tensorrt(monkeypatch, capsys):
-    from segmerge_ros.tools import build_engines as tool
+    from segmerge_ros.apps import build_engines as tool
 
     monkeypatch.setattr(tensorrt_backend, "import_torch_tensorrt", lambda: None)
     assert tool.main(["--size", "64x96", "--backend", "tensorrt", "--device", "cpu"]) == 2

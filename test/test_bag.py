@@ -27,11 +27,11 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Float32, Header, String
 from visualization_msgs.msg import MarkerArray
 
-from segmerge_ros.ros import bag
+from segmerge_ros.apps import bag
 from segmerge_ros.ros.conversions import jpeg_image, message_to_rgb, mono8_image, rgb8_image
 from segmerge_ros.ros.pose_msgs import read_keypoints_cloud
-from segmerge_ros.runtime.engine import SegmentationEngine
-from segmerge_ros.runtime.sources import iter_frames
+from segmerge_ros.inference.engine import SegmentationEngine
+from segmerge_ros.inference.sources import iter_frames
 
 TYPESTORE = get_typestore(Stores.ROS2_JAZZY)
 RAW, INFO, JPEG, NOTES = "/cam_raw/image", "/cam_raw/camera_info", "/cam_jpeg/image/compressed", "/notes"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from segmerge_ros.tools import bench
+from segmerge_ros.bench import bench
 
 pytest.importorskip("transformers", reason="transformers is a test dependency: run `make setup`")
 
@@ -41,8 +41,8 @@ def test_bench_rejects_out_of_range_rates():
 
 
 def test_pose_bench_has_a_row_per_backend_precision_and_crop_with_time_per_person(tmp_path, shared_data, one_thread):
-    from segmerge_ros.runtime.backends import cpu_bf16_support
-    from segmerge_ros.tools import bench_pose
+    from segmerge_ros.inference.backends.base import cpu_bf16_support
+    from segmerge_ros.bench import bench_pose
 
     out = tmp_path / "pose.md"
     assert bench_pose.main(["--configs", "none", "--persons", "2", "--repeats", "1", "--warmup", "0",

@@ -9,9 +9,10 @@ import pytest
 
 pytest.importorskip("transformers", reason="transformers is a test dependency: run `make setup`")
 
-from segmerge_ros.models.deformable_attention import coarse_layers_for_rate
-from segmerge_ros.tools import bench, bench_mask2former
+from segmerge_ros.models.mask2former.deformable_attention import coarse_layers_for_rate
+from segmerge_ros.bench import bench
 
+from segmerge_ros.bench import bench_mask2former
 TINY = {"num_queries": 6, "feature_size": 32, "mask_feature_size": 32, "hidden_dim": 32, "num_attention_heads": 4,
         "encoder_feedforward_dim": 64, "decoder_feedforward_dim": 64, "num_decoder_layers": 3, "num_classes": 5}
 TINY_SWIN = {**TINY, "swin.embed_dim": 32, "swin.depths": [1, 1, 2, 1], "swin.num_heads": [1, 2, 2, 4],
@@ -80,7 +81,7 @@ def test_requested_only_for_mask2former_models():
 
 
 def test_random_weights_are_seeded_and_scaled():
-    from segmerge_ros.models.mask2former import Mask2Former
+    from segmerge_ros.models.mask2former.model import Mask2Former
 
     config = bench_mask2former.config_with_overrides("mask2former-swin-t", TINY_SWIN)
     a = bench_mask2former.randomise_weights(Mask2Former(config), seed=3).state_dict()
@@ -91,8 +92,8 @@ def test_random_weights_are_seeded_and_scaled():
 
 
 def test_weights_of_a_distilled_checkpoint_are_benchmarked(tmp_path):
-    from segmerge_ros.models.mask2former import Mask2Former
-    from segmerge_ros.tools.train_mask2former import save_checkpoint
+    from segmerge_ros.models.mask2former.model import Mask2Former
+    from segmerge_ros.training.train_mask2former import save_checkpoint
 
     config = bench_mask2former.config_with_overrides("mask2former-mit-b0-proscale", TINY_MIT)
     model = bench_mask2former.randomise_weights(Mask2Former(config), seed=5)

@@ -1,9 +1,9 @@
-"""tools/bench_upsample.py runs every rung of both ladders and reports identical class maps."""
+"""bench/bench_upsample.py runs every rung of both ladders and reports identical class maps."""
 
 from __future__ import annotations
 
 from segmerge_ros.merging.segformerpp import ladder_for_backend
-from segmerge_ros.tools import bench_upsample
+from segmerge_ros.bench import bench_upsample
 
 
 def test_every_rung_is_timed_and_identical_to_interpolate(shared_data, capsys):

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from segmerge_ros.runtime.budget import (ArrivalRate, BudgetController, BudgetMode, LatencyModel, fps_demand,
+from segmerge_ros.inference.budget import (ArrivalRate, BudgetController, BudgetMode, LatencyModel, fps_demand,
                                          isotonic_non_increasing)
 
 SETTLE_FRAMES = 30

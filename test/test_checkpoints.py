@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from segmerge_ros.models.checkpoint_errors import CheckpointError
-from segmerge_ros.models.checkpoints import load_segformer
+from segmerge_ros.models.segformer.checkpoints import load_segformer
 from segmerge_ros.models.labels import CITYSCAPES
-from segmerge_ros.models.segformer import SegFormer, mit_config
-from segmerge_ros.runtime.engine import SegmentationEngine
+from segmerge_ros.models.segformer.model import SegFormer, mit_config
+from segmerge_ros.inference.engine import SegmentationEngine
 
 
 def test_trained_student_loads_and_segments_like_its_scores(student_dir):

@@ -1,10 +1,10 @@
-"""Process helpers of ros/client.py that need no running node."""
+"""Process helpers of apps/client.py that need no running node."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from segmerge_ros.ros.client import FASTDDS_PROFILE_VARIABLE, package_fastdds_profile, ros_args, with_fastdds_profile
+from segmerge_ros.apps.client import FASTDDS_PROFILE_VARIABLE, package_fastdds_profile, ros_args, with_fastdds_profile
 
 
 def test_the_package_profile_is_used_unless_the_user_set_one():

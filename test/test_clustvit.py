@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from segmerge_ros.merging.clustvit import CLUSTER_IGNORE, ClustViTSegmenter, cluster_layout, pseudo_cluster_labels
-from segmerge_ros.models.vit import SegmenterViT, ViTConfig
+from segmerge_ros.models.vit.clustvit import CLUSTER_IGNORE, ClustViTSegmenter, cluster_layout, pseudo_cluster_labels
+from segmerge_ros.models.vit.segmenter import SegmenterViT, ViTConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -21,7 +21,7 @@ from segmerge_ros.ros.conversions import (
     mono8_image,
     rgb8_image,
 )
-from segmerge_ros.runtime.sources import read_rgb
+from segmerge_ros.inference.sources import read_rgb
 
 HEIGHT, WIDTH = 48, 64
 

@@ -1,5 +1,5 @@
 """Multi-scale deformable attention, the encoder layer and encoder, and the coarse-layer knob
-(segmerge_ros/models/deformable_attention.py).
+(segmerge_ros/models/mask2former/deformable_attention.py).
 
 The attention is checked against a direct per-sample reference that computes every bilinear tap explicitly (pixel
 coordinate loc * size - 0.5, four neighbours, taps outside the map read 0) in float64, a different method from
@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from segmerge_ros.models.deformable_attention import (
+from segmerge_ros.models.mask2former.deformable_attention import (
     KNOB_SETTINGS,
     DeformableEncoder,
     DeformableEncoderLayer,

@@ -7,7 +7,7 @@ import math
 from diagnostic_msgs.msg import DiagnosticStatus
 
 from segmerge_ros.ros.diagnostics import BudgetSnapshot, CameraSnapshot, FailureLog, FrameTiming, camera_status
-from segmerge_ros.runtime.budget import BudgetMode
+from segmerge_ros.inference.budget import BudgetMode
 
 OFF = BudgetSnapshot(BudgetMode.OFF, None, 0.9)
 

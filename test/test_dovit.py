@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from segmerge_ros.merging.dovit import DoViTSegmenter, anneal_exit_confidence, confidence_for_rate
-from segmerge_ros.models.vit import SegmenterViT, ViTConfig, tokens_to_grid
+from segmerge_ros.models.vit.dovit import DoViTSegmenter, anneal_exit_confidence, confidence_for_rate
+from segmerge_ros.models.vit.segmenter import SegmenterViT, ViTConfig, tokens_to_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segmerge_ros.runtime.engine import SegmentationEngine, logits_to_maps, parse_size
+from segmerge_ros.inference.engine import SegmentationEngine, logits_to_maps, parse_size
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_scaled_rungs_resize_the_frame_once_before_the_network(engine):
     import torch
 
     from segmerge_ros.merging.segformerpp import rung_for_rate
-    from segmerge_ros.runtime.engine import network_config, to_tensor
+    from segmerge_ros.inference.engine import network_config, to_tensor
 
     rgb = np.random.default_rng(3).integers(0, 255, (128, 160, 3), dtype=np.uint8)
     config = rung_for_rate(0.9).config
@@ -149,7 +149,7 @@ def test_boundary_only_upsampling_equals_full_bilinear_argmax(size, logits_size)
     import torch
     import torch.nn.functional as F
 
-    from segmerge_ros.runtime.engine import upsampled_argmax
+    from segmerge_ros.inference.engine import upsampled_argmax
 
     generator = torch.Generator().manual_seed(size[0] + logits_size[0])
     # Smooth logits with real class regions: random low-resolution fields, upsampled.
@@ -169,7 +169,7 @@ def test_upsampled_argmax_breaks_exact_ties_and_many_class_corners_like_interpol
     import torch
     import torch.nn.functional as F
 
-    from segmerge_ros.runtime.engine import upsampled_argmax
+    from segmerge_ros.inference.engine import upsampled_argmax
 
     generator = torch.Generator().manual_seed(7)
     noisy = torch.randn(1, 6, 12, 16, generator=generator)
@@ -186,7 +186,7 @@ def test_upsampled_argmax_past_256_classes_gives_uint16_ids_equal_to_interpolate
     import torch
     import torch.nn.functional as F
 
-    from segmerge_ros.runtime.upsample import upsampled_argmax
+    from segmerge_ros.inference.postprocess.upsample import upsampled_argmax
 
     generator = torch.Generator().manual_seed(3)
     logits = F.interpolate(torch.randn(1, 300, 5, 6, generator=generator), size=(20, 24), mode="bicubic")
@@ -201,7 +201,7 @@ def test_upsampled_argmax_runs_compiled_on_the_cpu_and_without_numba_warns_and_s
     import torch
     import torch.nn.functional as F
 
-    from segmerge_ros.runtime import upsample
+    from segmerge_ros.inference.postprocess import upsample
 
     assert upsample._cell_argmax is not None, "numba is a dependency (requirements.txt): the compiled pass must load"
     generator = torch.Generator().manual_seed(11)

@@ -11,8 +11,8 @@ import torch
 
 from mask2former_fixtures import hf_mask2former, write_hub_folder
 from segmerge_ros.models.checkpoint_errors import CheckpointError
-from segmerge_ros.runtime.engine import SegmentationEngine
-from segmerge_ros.runtime.mask2former_post import (instance_id_map, instance_segmentation, semantic_maps,
+from segmerge_ros.inference.engine import SegmentationEngine
+from segmerge_ros.inference.postprocess.mask2former import (instance_id_map, instance_segmentation, semantic_maps,
                                                    panoptic_segmentation, semantic_scores, thing_classes)
 
 

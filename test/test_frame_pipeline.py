@@ -15,10 +15,10 @@ from segmerge_ros.ros.conversions import BadFrame, jpeg_image, rgb8_image
 from segmerge_ros.ros.frame_pipeline import (FramePipeline, FrameSettings, PoseSettings, budget_step,
                                              minimum_network_side)
 from segmerge_ros.ros.pose_msgs import read_keypoints_cloud
-from segmerge_ros.runtime.budget import BudgetController
-from segmerge_ros.runtime.engine import SegmentationEngine
-from segmerge_ros.runtime.pose import PoseEstimator
-from segmerge_ros.runtime.sources import iter_frames
+from segmerge_ros.inference.budget import BudgetController
+from segmerge_ros.inference.engine import SegmentationEngine
+from segmerge_ros.inference.pose import PoseEstimator
+from segmerge_ros.inference.sources import iter_frames
 
 SIZE = (72, 96)  # (height, width): small, so each frame takes milliseconds
 

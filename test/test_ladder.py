@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from segmerge_ros.merging.segformerpp import BACKEND_LADDERS, LADDER, MAX_MERGE_RATE, NONE, rung_for_rate
-from segmerge_ros.models.segformer import SegFormer, mit_config
+from segmerge_ros.models.segformer.model import SegFormer, mit_config
 
 
 @pytest.fixture(scope="module")

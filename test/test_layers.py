@@ -1,12 +1,18 @@
-"""Layering lint (docs/architecture.md): merging primitives -> models -> merging methods -> runtime -> ros / tools,
-ROS only in ros/, and no import cycle among the modules of models/ and merging/.
+"""Layering lint (docs/architecture.md): one layer per folder, every import pointing down, no import cycle.
 
-models/ and merging/ are not two stacked layers: the token-merging primitives of merging/ (bipartite matching,
-token groups, the Segformer++ merge configurations) import no model, the models build on them, and the plain-ViT
-merging methods of merging/ (ALGM, ClustViT, DoViT and their registry) are models built on models/vit.py.
+| folder | may import (inside the package) |
+|---|---|
+| merging/ | nothing (torch only) |
+| models/ | merging |
+| inference/ | models, merging |
+| ros/ | inference, models, merging |
+| apps/ | ros, inference, models, merging |
+| training/ | inference, models, merging |
+| bench/ | apps, ros, training, inference, models, merging |
 
-Every .py under segmerge_ros/ is parsed with ast; imports anywhere in a file count (also lazy ones inside
-functions, and importlib.import_module / __import__ with a literal name), relative imports are resolved.
+rclpy and the ROS message packages only in ros/, apps/ and bench/. Every .py under segmerge_ros/ is parsed with
+ast; imports anywhere in a file count (also lazy ones inside functions, and importlib.import_module / __import__
+with a literal name), relative imports are resolved.
 """
 
 from __future__ import annotations
@@ -19,20 +25,24 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = REPO_ROOT / "segmerge_ros"
 
-# rclpy and the ROS message/interface packages (plus ROS-only helpers) that only segmerge_ros/ros/ may use.
+# rclpy, the ROS message/interface packages and the bag libraries: only the ROS-facing layers use them.
 ROS_MODULES = (
     "rclpy", "sensor_msgs", "std_msgs", "rcl_interfaces", "diagnostic_msgs", "visualization_msgs", "vision_msgs",
-    "builtin_interfaces", "geometry_msgs", "cv_bridge", "launch", "launch_ros", "rosidl_runtime_py",
+    "hri_msgs", "builtin_interfaces", "geometry_msgs", "lifecycle_msgs", "cv_bridge", "launch", "launch_ros",
+    "rosidl_runtime_py", "rosbags", "mcap",
 )
-# The part of merging/ that models/ may use: it imports nothing from models/.
-MERGING_PRIMITIVES = ("segmerge_ros.merging.bipartite", "segmerge_ros.merging.token_groups",
-                      "segmerge_ros.merging.segformerpp")
-# Layer -> internal layers it must not import.
-FORBIDDEN_LAYERS = {
-    "models": ("runtime", "ros", "tools"),
-    "merging": ("runtime", "ros", "tools"),
-    "runtime": ("ros", "tools"),
+ROS_LAYERS = ("ros", "apps", "bench")
+# Layer -> the layers it may import besides itself (the table above).
+ALLOWED_LAYERS = {
+    "merging": (),
+    "models": ("merging",),
+    "inference": ("models", "merging"),
+    "ros": ("inference", "models", "merging"),
+    "apps": ("ros", "inference", "models", "merging"),
+    "training": ("inference", "models", "merging"),
+    "bench": ("apps", "ros", "training", "inference", "models", "merging"),
 }
+MAX_LINES = 600
 
 
 def module_name(path: Path) -> str:
@@ -85,52 +95,66 @@ def _sources() -> list[tuple[Path, str, set[str]]]:
 SOURCES = _sources()
 
 
-def test_lint_sees_the_package():
-    names = {name for _, name, _ in SOURCES}
-    assert {"segmerge_ros", "segmerge_ros.models", "segmerge_ros.runtime", "segmerge_ros.ros"} <= names
+def layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "segmerge_ros" else None
+
+
+def test_lint_sees_every_layer_and_no_stray_folder():
+    layers = {layer_of(name) for _, name, _ in SOURCES} - {None}
+    assert layers == set(ALLOWED_LAYERS), f"folders {sorted(layers)} vs the table {sorted(ALLOWED_LAYERS)}"
 
 
 def test_import_resolution():
     source = (
-        "import rclpy.node\nfrom ..runtime import engine\nfrom . import labels\nfrom segmerge_ros import tools\n"
+        "import rclpy.node\nfrom ..inference import engine\nfrom . import labels\nfrom segmerge_ros import bench\n"
         "def f():\n    import importlib\n    importlib.import_module('sensor_msgs.msg')\n"
     )
-    found = imported_modules(source, "segmerge_ros.models.segformer", is_package=False)
-    assert {"rclpy.node", "segmerge_ros.runtime.engine", "segmerge_ros.models.labels", "segmerge_ros.tools",
+    found = imported_modules(source, "segmerge_ros.models.labels", is_package=False)
+    assert {"rclpy.node", "segmerge_ros.inference.engine", "segmerge_ros.models.labels", "segmerge_ros.bench",
             "sensor_msgs.msg", "importlib"} <= found
-    assert "segmerge_ros.runtime" in imported_modules("from .. import runtime", "segmerge_ros.models", True)
+    assert "segmerge_ros.inference" in imported_modules("from .. import inference", "segmerge_ros.models", True)
 
 
 @pytest.mark.parametrize("path,name,imports", SOURCES, ids=[name for _, name, _ in SOURCES])
-def test_ros_only_in_ros_layer(path, name, imports):
-    if _under(name, "segmerge_ros.ros"):
+def test_ros_only_in_ros_facing_layers(path, name, imports):
+    if layer_of(name) in ROS_LAYERS:
         return
     bad = sorted(i for i in imports if any(_under(i, ros) for ros in ROS_MODULES))
-    assert not bad, f"{path.relative_to(REPO_ROOT)} imports {bad}; only segmerge_ros/ros/ may use ROS"
+    assert not bad, f"{path.relative_to(REPO_ROOT)} imports {bad}; only {ROS_LAYERS} may use ROS"
+
+
+def layer_violations(name: str, imports: set[str]) -> list[str]:
+    """The package imports of module ``name`` that its layer may not make."""
+    layer = layer_of(name)
+    if layer is None:  # segmerge_ros/__init__.py
+        return sorted(i for i in imports if layer_of(i) is not None)
+    allowed = (layer,) + ALLOWED_LAYERS[layer]
+    return sorted(i for i in imports if _under(i, "segmerge_ros") and i != "segmerge_ros" and layer_of(i) not in allowed)
+
+
+def test_layer_rule_catches_an_upward_import():
+    assert layer_violations("segmerge_ros.models.labels", {"segmerge_ros.inference.engine"}) == \
+        ["segmerge_ros.inference.engine"]
+    assert layer_violations("segmerge_ros.inference.engine", {"segmerge_ros.ros.node"}) == ["segmerge_ros.ros.node"]
+    assert layer_violations("segmerge_ros.training.train", {"segmerge_ros.bench.bench"}) == ["segmerge_ros.bench.bench"]
+    assert layer_violations("segmerge_ros.merging.bipartite", {"segmerge_ros.models.vit.segmenter"})
+    assert not layer_violations("segmerge_ros.bench.bench", {"segmerge_ros.training.train", "segmerge_ros.apps.bag"})
 
 
 @pytest.mark.parametrize("path,name,imports", SOURCES, ids=[name for _, name, _ in SOURCES])
-def test_layers_import_only_lower_layers(path, name, imports):
-    for layer, forbidden in FORBIDDEN_LAYERS.items():
-        if _under(name, f"segmerge_ros.{layer}"):
-            bad = sorted(i for i in imports for f in forbidden if _under(i, f"segmerge_ros.{f}"))
-            assert not bad, f"{path.relative_to(REPO_ROOT)} ({layer}) imports {bad}"
-
-
-def _is_primitive(name: str) -> bool:
-    return any(_under(name, primitive) for primitive in MERGING_PRIMITIVES)
+def test_every_import_points_down(path, name, imports):
+    bad = layer_violations(name, imports)
+    assert not bad, f"{path.relative_to(REPO_ROOT)} ({layer_of(name)}) imports {bad}"
 
 
 @pytest.mark.parametrize("path,name,imports", SOURCES, ids=[name for _, name, _ in SOURCES])
-def test_merging_primitives_import_no_model_and_models_only_primitives(path, name, imports):
-    if _is_primitive(name):
-        bad = sorted(i for i in imports if _under(i, "segmerge_ros.models"))
-        assert not bad, f"{path.relative_to(REPO_ROOT)} is a merging primitive but imports models: {bad}"
-    if _under(name, "segmerge_ros.models"):
-        bad = sorted(i for i in imports if _under(i, "segmerge_ros.merging") and not _is_primitive(i)
-                     and i != "segmerge_ros.merging")
-        assert not bad, f"{path.relative_to(REPO_ROOT)} imports merging methods {bad}; models may use only " \
-                        f"{MERGING_PRIMITIVES}"
+def test_module_is_small_and_says_its_job(path, name, imports):
+    text = path.read_text(encoding="utf-8")
+    lines = text.count("\n")
+    assert lines <= MAX_LINES, f"{path.relative_to(REPO_ROOT)} has {lines} lines (at most {MAX_LINES})"
+    doc = ast.get_docstring(ast.parse(text))
+    assert doc and doc.strip(), f"{path.relative_to(REPO_ROOT)} has no docstring saying its job"
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -173,11 +197,8 @@ def test_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
-def test_no_import_cycle_between_models_and_merging_modules():
-    inner = ("segmerge_ros.models", "segmerge_ros.merging")
-    graph = {name: {i for i in imports if i.startswith(inner)}
-             for name, imports in import_graph().items() if name.startswith(inner)}
-    assert "segmerge_ros.merging.segformerpp" in graph["segmerge_ros.models.segformer"]  # the graph sees imports
-    assert "segmerge_ros.models.vit" in graph["segmerge_ros.merging.algm"]
+def test_no_import_cycle_anywhere_in_the_package():
+    graph = import_graph()
+    assert "segmerge_ros.merging.segformerpp" in graph["segmerge_ros.models.segformer.model"]  # the graph sees imports
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)

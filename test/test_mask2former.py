@@ -12,16 +12,16 @@ pytest.importorskip("scipy", reason="transformers' Mask2FormerForUniversalSegmen
 from transformers import Mask2FormerConfig as HFMask2FormerConfig  # noqa: E402
 from transformers import Mask2FormerForUniversalSegmentation, ResNetConfig, SwinConfig  # noqa: E402
 
-from segmerge_ros.models.mask2former import (  # noqa: E402
+from segmerge_ros.models.mask2former.model import (  # noqa: E402
     Mask2Former,
     Mask2FormerConfig,
     attention_mask_for,
     mask2former_config,
 )
-from segmerge_ros.models.deformable_attention import MultiScaleDeformableAttention  # noqa: E402
-from segmerge_ros.models.resnet import ResNetConfig as ResNetBackboneConfig  # noqa: E402
-from segmerge_ros.models.segformer import mit_config  # noqa: E402
-from segmerge_ros.models.swin import SwinConfig as SwinBackboneConfig  # noqa: E402
+from segmerge_ros.models.mask2former.deformable_attention import MultiScaleDeformableAttention  # noqa: E402
+from segmerge_ros.models.backbones.resnet import ResNetConfig as ResNetBackboneConfig  # noqa: E402
+from segmerge_ros.models.segformer.model import mit_config  # noqa: E402
+from segmerge_ros.models.backbones.swin import SwinConfig as SwinBackboneConfig  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,11 +14,11 @@ import torch
 
 from mask2former_fixtures import hf_mask2former, randomise
 from segmerge_ros.models.checkpoint_errors import CheckpointError
-from segmerge_ros.models.mask2former import Mask2Former, Mask2FormerConfig
-from segmerge_ros.models.mask2former_checkpoints import (config_from_detectron2, detect_format, is_mask2former_name,
+from segmerge_ros.models.mask2former.model import Mask2Former, Mask2FormerConfig
+from segmerge_ros.models.mask2former.checkpoints import (config_from_detectron2, detect_format, is_mask2former_name,
                                                          load_mask2former)
-from segmerge_ros.models.resnet import ResNetConfig
-from segmerge_ros.models.swin import SwinConfig
+from segmerge_ros.models.backbones.resnet import ResNetConfig
+from segmerge_ros.models.backbones.swin import SwinConfig
 
 
 SMALL = dict(num_classes=5, num_queries=6, feature_size=32, mask_feature_size=32, hidden_dim=32,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from segmerge_ros.models.labels import LabelSet, generic, label_set
-from segmerge_ros.runtime.mask2former_post import (
+from segmerge_ros.inference.postprocess.mask2former import (
     first_argmax,
     InstanceInfo,
     Instances,

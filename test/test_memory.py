@@ -1,4 +1,4 @@
-"""runtime/memory.py: after keep_freed_memory() a frame's large temporaries no longer fault their pages in again."""
+"""inference/memory.py: after keep_freed_memory() a frame's large temporaries no longer fault their pages in again."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 PROBE = r"""
 import json, resource, sys
 import numpy as np
-from segmerge_ros.runtime.memory import keep_freed_memory
+from segmerge_ros.inference.memory import keep_freed_memory
 outcome = keep_freed_memory() if sys.argv[1] == "keep" else "not called"
 def frame():
     # a frame's temporaries, 64 MiB together, freed at its end: more than glibc's default trim threshold
@@ -60,7 +60,7 @@ def test_segmerge_malloc_default_leaves_glibc_as_it_is():
 
 
 def test_bench_memory_compares_both_settings_in_fresh_processes(shared_data, capsys):
-    from segmerge_ros.tools import bench_memory
+    from segmerge_ros.bench import bench_memory
 
     video = str(shared_data / "opencv_samples" / "vtest.avi")
     assert bench_memory.main(["--size", "64x96", "--rounds", "1", "--frames", "6", "--rates", "0",

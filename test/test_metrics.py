@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from segmerge_ros.runtime.metrics import ConfusionMatrix, confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
+from segmerge_ros.inference.metrics import ConfusionMatrix, confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 
 
 def test_hand_computed_case():

@@ -27,11 +27,11 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Float32, Header
 
 from conftest import ros_domain_id
-from segmerge_ros.models.checkpoints import ours_to_mmseg
-from segmerge_ros.models.segformer import SegFormer, mit_config
+from segmerge_ros.models.segformer.checkpoints import ours_to_mmseg
+from segmerge_ros.models.segformer.model import SegFormer, mit_config
 from segmerge_ros.ros.conversions import jpeg_image, rgb8_image
-from segmerge_ros.ros.client import SegmergeClient, camera_command, node_command, ros_env, stop_process
-from segmerge_ros.runtime.sources import iter_frames
+from segmerge_ros.apps.client import SegmergeClient, camera_command, node_command, ros_env, stop_process
+from segmerge_ros.inference.sources import iter_frames
 
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 

@@ -26,9 +26,9 @@ from std_msgs.msg import Header, String
 
 from conftest import ros_domain_id
 from mask2former_fixtures import hf_mask2former, write_hub_folder
-from segmerge_ros.ros.client import SegmergeClient, node_command, ros_env, stop_process
+from segmerge_ros.apps.client import SegmergeClient, node_command, ros_env, stop_process
 from segmerge_ros.ros.conversions import rgb8_image
-from segmerge_ros.runtime.sources import iter_frames
+from segmerge_ros.inference.sources import iter_frames
 
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 

@@ -26,11 +26,11 @@ from std_msgs.msg import Header
 from visualization_msgs.msg import Marker, MarkerArray
 
 from conftest import ros_domain_id
-from segmerge_ros.models.pose import COCO_SKELETON
+from segmerge_ros.models.pose.model import COCO_SKELETON
 from segmerge_ros.ros.conversions import rgb8_image
-from segmerge_ros.ros.client import DiagnosticsWindow, SegmergeClient, node_command, ros_env, stop_process
+from segmerge_ros.apps.client import DiagnosticsWindow, SegmergeClient, node_command, ros_env, stop_process
 from segmerge_ros.ros.pose_msgs import read_keypoints_cloud
-from segmerge_ros.runtime.sources import iter_frames
+from segmerge_ros.inference.sources import iter_frames
 
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 

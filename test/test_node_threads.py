@@ -14,7 +14,7 @@ from rclpy.parameter import Parameter
 from conftest import ros_domain_id
 from segmerge_ros.ros import node as node_module
 from segmerge_ros.ros.startup import StartupError
-from segmerge_ros.runtime.engine import SegmentationEngine
+from segmerge_ros.inference.engine import SegmentationEngine
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The OpenVINO backend (runtime/openvino_backend.py): every rung exports and equals eager, bf16 agrees, the model
+"""The OpenVINO backend (inference/backends/openvino.py): every rung exports and equals eager, bf16 agrees, the model
 cache rebuilds what is stale or corrupt, and everything that cannot run falls back with a warning.
 
 Real frames and the trained SegFormer-B0 at a small network size (conversion time grows with the graph, not with
@@ -18,11 +18,11 @@ import torch
 
 from conftest import ros_domain_id
 from segmerge_ros.merging.segformerpp import LADDER, NONE, ladder_for_backend
-from segmerge_ros.runtime import openvino_backend
-from segmerge_ros.runtime.backends import EagerBackend, cpu_bf16_support, make_backend
-from segmerge_ros.runtime.engine import SegmentationEngine, network_config
-from segmerge_ros.runtime.engine_cache import EngineIO
-from segmerge_ros.runtime.openvino_backend import OpenVINOBackend, openvino_environment
+from segmerge_ros.inference.backends import openvino as openvino_backend
+from segmerge_ros.inference.backends.base import EagerBackend, cpu_bf16_support, make_backend
+from segmerge_ros.inference.engine import SegmentationEngine, network_config
+from segmerge_ros.inference.backends.cache import EngineIO
+from segmerge_ros.inference.backends.openvino import OpenVINOBackend, openvino_environment
 
 SIZE = (144, 192)  # the network input: HxW
 needs_bf16 = pytest.mark.skipif(bool(cpu_bf16_support()), reason=f"this CPU: {cpu_bf16_support()}")
@@ -92,7 +92,7 @@ def test_auto_precision_keeps_bf16_where_a_real_frame_agrees_and_refuses_it_wher
 
 
 def test_auto_precision_without_native_bf16_is_fp32(monkeypatch, caplog):
-    from segmerge_ros.runtime import ladder
+    from segmerge_ros.inference import ladder
 
     monkeypatch.setattr(ladder, "cpu_bf16_support", lambda: "no native bf16 instructions")
     with caplog.at_level(logging.INFO):
@@ -193,7 +193,7 @@ def test_node_runs_on_openvino_over_rclpy(student_dir, cache, frame, tmp_path):
     from sensor_msgs.msg import Image
     from std_msgs.msg import Header
 
-    from segmerge_ros.ros.client import SegmergeClient, node_command, ros_env, stop_process
+    from segmerge_ros.apps.client import SegmergeClient, node_command, ros_env, stop_process
     from segmerge_ros.ros.conversions import rgb8_image
 
     domain = ros_domain_id(__name__)
@@ -232,7 +232,7 @@ def test_node_runs_on_openvino_over_rclpy(student_dir, cache, frame, tmp_path):
 
 
 def test_build_engines_fills_the_cache_the_node_reads(tmp_path, capsys):
-    from segmerge_ros.tools import build_engines
+    from segmerge_ros.apps import build_engines
 
     argv = ["--backend", "openvino", "--size", "64x96", "--rates", "0,0.15", "--cache-dir", str(tmp_path)]
     assert build_engines.main(argv) == 0
@@ -246,7 +246,7 @@ def test_build_engines_fills_the_cache_the_node_reads(tmp_path, capsys):
 
 def test_pose_runs_through_the_same_backend_and_equals_eager(tmp_path):
     from segmerge_ros.merging.segformerpp import OPENVINO_LADDER
-    from segmerge_ros.runtime.pose import PoseEstimator
+    from segmerge_ros.inference.pose import PoseEstimator
 
     rgb = np.random.default_rng(5).integers(0, 255, (240, 320, 3), dtype=np.uint8)
     boxes = np.array([[40, 20, 140, 220], [180, 30, 300, 230]], dtype=np.float32)  # two people: batch of two crops
@@ -259,7 +259,7 @@ def test_pose_runs_through_the_same_backend_and_equals_eager(tmp_path):
     assert [name for name, (_, status) in compiled._backend.engines.items()] == ["none", "2x2"]
     assert compiled.estimate_boxes(rgb, boxes).keypoints.shape == (2, 17, 2)
     # Heatmaps, not keypoints: a random model's heatmaps are flat, so their maxima move with any rounding.
-    from segmerge_ros.runtime.pose import box_to_center_scale, crop_people
+    from segmerge_ros.inference.pose import box_to_center_scale, crop_people
 
     center, scale = box_to_center_scale(boxes, small)
     pixels = eager.preprocess(crop_people(rgb, center, scale, small))

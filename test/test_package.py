@@ -21,12 +21,12 @@ PACKAGE = "segmerge_ros"
 
 CONSOLE_SCRIPTS = {
     "segmerge_node": "segmerge_ros.ros.node:main",
-    "segmerge_camera": "segmerge_ros.ros.camera_node:main",
-    "segmerge-bench": "segmerge_ros.tools.bench:main",
-    "segmerge-demo": "segmerge_ros.tools.demo:main",
-    "segmerge-train": "segmerge_ros.tools.train:main",
-    "segmerge-build-engines": "segmerge_ros.tools.build_engines:main",
-    "segmerge-bag": "segmerge_ros.ros.bag:main",
+    "segmerge_camera": "segmerge_ros.apps.camera_node:main",
+    "segmerge-bench": "segmerge_ros.bench.bench:main",
+    "segmerge-demo": "segmerge_ros.apps.offline_demo:main",
+    "segmerge-train": "segmerge_ros.training.train:main",
+    "segmerge-build-engines": "segmerge_ros.apps.build_engines:main",
+    "segmerge-bag": "segmerge_ros.apps.bag:main",
 }
 
 

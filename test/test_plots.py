@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from segmerge_ros.tools.plots import TimelinePoint, classify_row, plot_bag_timeline, plot_tradeoff
+from segmerge_ros.apps.plots import TimelinePoint, classify_row, plot_bag_timeline, plot_tradeoff
 
 
 def bench_row(name: str, speedup: float, agreement: float) -> dict:

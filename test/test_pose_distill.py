@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from segmerge_ros.merging.segformerpp import LADDER
-from segmerge_ros.models.pose import COCO_FLIP_INDICES, SegformerPose, build_pose_model
-from segmerge_ros.runtime.movenet import MoveNetTeacher
-from segmerge_ros.runtime.pose import box_to_center_scale, crop_people, crop_to_image, decode_heatmaps
-from segmerge_ros.runtime.sources import iter_frames, read_rgb
-from segmerge_ros.tools import train
-from segmerge_ros.tools.train_pose import (
+from segmerge_ros.models.pose.model import COCO_FLIP_INDICES, SegformerPose, build_pose_model
+from segmerge_ros.training.movenet import MoveNetTeacher
+from segmerge_ros.inference.pose import box_to_center_scale, crop_people, crop_to_image, decode_heatmaps
+from segmerge_ros.inference.sources import iter_frames, read_rgb
+from segmerge_ros.training import train
+from segmerge_ros.training.train_pose import (
     People,
     PersonFinder,
     PoseTrainSettings,
@@ -261,8 +261,8 @@ def test_rank_in_frame_counts_people_within_each_frame():
 
 
 def test_a_checkpoint_runs_at_a_smaller_pose_input_size(street_people, tmp_path):
-    from segmerge_ros.models.pose import save_pose_checkpoint
-    from segmerge_ros.runtime.pose import PoseEstimator
+    from segmerge_ros.models.pose.model import save_pose_checkpoint
+    from segmerge_ros.inference.pose import PoseEstimator
 
     frame, people = street_people
     torch.manual_seed(0)
@@ -277,7 +277,7 @@ def test_a_checkpoint_runs_at_a_smaller_pose_input_size(street_people, tmp_path)
 
 
 def test_score_calibration_is_folded_into_the_head_and_moves_only_scores(street_people, one_thread):
-    from segmerge_ros.tools.train_pose import calibrate_scores, student_scores
+    from segmerge_ros.training.train_pose import calibrate_scores, student_scores
 
     frame, people = street_people
     frames = {(0, 0): frame}
@@ -290,7 +290,7 @@ def test_score_calibration_is_folded_into_the_head_and_moves_only_scores(street_
                     (before * wanted).astype(np.float32))
     pixels = torch.from_numpy(np.stack([make_sample(frame, b, k, s, PoseTrainSettings(), input_size=(96, 128))[0]
                                         for b, k, s in zip(people.boxes, people.keypoints, people.scores)]))
-    from segmerge_ros.tools.train_pose import to_pixels
+    from segmerge_ros.training.train_pose import to_pixels
 
     with torch.no_grad():
         heat_before = model(to_pixels(pixels.numpy())).numpy()
@@ -310,7 +310,7 @@ def test_the_shared_pose_student_follows_the_teacher_on_held_out_people(shared_d
     """The distilled checkpoint the node and the demo use (../shared/data/segformer_pose_b0_vtest_student): on
     people of a held-out vtest frame its keypoints follow MoveNet's (its README: PCK@0.2 0.78 over frames
     660-795), far above a random model's."""
-    from segmerge_ros.runtime.pose import PoseEstimator
+    from segmerge_ros.inference.pose import PoseEstimator
 
     weights = shared_data / "segformer_pose_b0_vtest_student" / "pose.pth"
     if not weights.is_file():

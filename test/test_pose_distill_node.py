@@ -21,14 +21,14 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image, PointCloud2
 from std_msgs.msg import Header
 
-from segmerge_ros.models.pose import SegformerPose
-from segmerge_ros.ros.client import SegmergeClient, node_command, ros_env, stop_process
+from segmerge_ros.models.pose.model import SegformerPose
+from segmerge_ros.apps.client import SegmergeClient, node_command, ros_env, stop_process
 from segmerge_ros.ros.conversions import rgb8_image
 from segmerge_ros.ros.pose_msgs import read_keypoints_cloud
-from segmerge_ros.runtime.movenet import MoveNetTeacher
-from segmerge_ros.runtime.pose import PoseEstimator
-from segmerge_ros.runtime.sources import iter_frames, read_rgb
-from segmerge_ros.tools.train_pose import People, PersonFinder, PoseTrainSettings, teacher_keypoints, train_pose
+from segmerge_ros.training.movenet import MoveNetTeacher
+from segmerge_ros.inference.pose import PoseEstimator
+from segmerge_ros.inference.sources import iter_frames, read_rgb
+from segmerge_ros.training.train_pose import People, PersonFinder, PoseTrainSettings, teacher_keypoints, train_pose
 
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from segmerge_ros.models.labels import ADE20K, CITYSCAPES
-from segmerge_ros.runtime.pose import (
+from segmerge_ros.inference.pose import (
     box_to_center_scale,
     crop_matrices,
     crop_people,

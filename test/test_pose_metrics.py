@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from segmerge_ros.runtime.pose_metrics import COCO_SIGMAS, oks, oks_matrix, pck
+from segmerge_ros.training.pose_metrics import COCO_SIGMAS, oks, oks_matrix, pck
 
 
 def test_oks_hand_computed_unit_sigmas():

@@ -13,7 +13,7 @@ import torch
 from segmerge_ros.merging.segformerpp import preset, rung_for_rate
 from segmerge_ros.models.checkpoint_errors import CheckpointError
 from segmerge_ros.models.labels import CITYSCAPES
-from segmerge_ros.models.pose import (
+from segmerge_ros.models.pose.model import (
     POSE_MEAN,
     POSE_STD,
     SegformerPose,
@@ -21,7 +21,7 @@ from segmerge_ros.models.pose import (
     load_pose_checkpoint,
     save_pose_checkpoint,
 )
-from segmerge_ros.runtime.pose import PoseEstimator
+from segmerge_ros.inference.pose import PoseEstimator
 
 # The head keys of an mmpose Segformer++ checkpoint (SegformerHead: ConvModules with BN and a plain final conv).
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

@@ -10,8 +10,8 @@ from sensor_msgs.msg import CameraInfo, PointCloud2, PointField
 from std_msgs.msg import Header
 from visualization_msgs.msg import Marker, MarkerArray
 
-from segmerge_ros.models.pose import COCO_SKELETON
-from segmerge_ros.runtime.pose import PoseResult
+from segmerge_ros.models.pose.model import COCO_SKELETON
+from segmerge_ros.inference.pose import PoseResult
 from segmerge_ros.ros.pose_msgs import (
     camera_matrix,
     keypoints_cloud,

@@ -1,4 +1,4 @@
-"""PRO-SCALE (segmerge_ros/models/proscale.py): the token re-calibration's memory-view semantics, the stages, the
+"""PRO-SCALE (segmerge_ros/models/mask2former/proscale.py): the token re-calibration's memory-view semantics, the stages, the
 released (3, 3, 3) shapes, the light pixel embedding, the knob on a PRO-SCALE encoder, and the FLOP counts."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from segmerge_ros.models.deformable_attention import (
+from segmerge_ros.models.mask2former.deformable_attention import (
     DeformableEncoder,
     coarse_layers_for_rate,
     encoder_reference_points,
 )
-from segmerge_ros.models.proscale import (
+from segmerge_ros.models.mask2former.proscale import (
     EncoderShape,
     ProScaleEncoder,
     TokenRecalibration,
@@ -226,7 +226,7 @@ def test_light_pixel_embedding_is_max_pool_group_norm_relu_with_norm_keys_only()
 def test_per_token_layer_count_is_the_sum_of_the_layers_linear_weights_and_the_notes_formula():
     """Per token a linear layer costs its weight's element count in MACs (the value projection runs over the same
     tokens as the queries here); at d 256, FFN 1024, 8 heads, 4 points the note gives 655,360 + 24,576 * levels."""
-    from segmerge_ros.models.deformable_attention import DeformableEncoderLayer
+    from segmerge_ros.models.mask2former.deformable_attention import DeformableEncoderLayer
 
     for levels in (1, 2, 3):
         layer = DeformableEncoderLayer(n_levels=levels)
@@ -266,8 +266,8 @@ def test_released_schedule_costs_about_64_percent_of_the_stock_encoder_at_16_4_1
 def test_whole_model_counts_split_by_part_and_the_pixel_decoder_matches_its_shape_count(name):
     """torch's count of the pixel decoder of our Mask2Former (meta device) equals the count from shapes alone,
     at every knob setting and a non-square size; the knob lowers the total, and only the pixel decoder changes."""
-    from segmerge_ros.models.mask2former import mask2former_config
-    from segmerge_ros.models.mask2former_flops import model_macs, pixel_decoder_macs_for
+    from segmerge_ros.models.mask2former.model import mask2former_config
+    from segmerge_ros.models.mask2former.flops import model_macs, pixel_decoder_macs_for
 
     config = mask2former_config(name)
     size = (192, 320)
@@ -284,8 +284,8 @@ def test_whole_model_counts_split_by_part_and_the_pixel_decoder_matches_its_shap
 def test_released_proscale_saves_about_half_the_pixel_decoder_at_coco_size():
     """At 800x1216 (R50 channels) the (3,3,3) pixel decoder with the LPE costs about half the stock one (the note's
     estimate, ~135 -> ~67 GMAC)."""
-    from segmerge_ros.models.mask2former import mask2former_config
-    from segmerge_ros.models.mask2former_flops import pixel_decoder_macs_for
+    from segmerge_ros.models.mask2former.model import mask2former_config
+    from segmerge_ros.models.mask2former.flops import pixel_decoder_macs_for
 
     stock = sum(pixel_decoder_macs_for(mask2former_config("mask2former-r50"), (800, 1216)).values())
     proscale = sum(pixel_decoder_macs_for(mask2former_config("mask2former-r50-proscale"), (800, 1216)).values())

@@ -7,7 +7,7 @@ import re
 from conftest import REPO_ROOT
 
 from segmerge_ros.ros.params import PARAMETERS
-from segmerge_ros.tools import bench
+from segmerge_ros.bench import bench
 
 README = (REPO_ROOT / "README.md").read_text()
 
@@ -18,7 +18,7 @@ def test_every_parameter_is_in_the_readme_table():
 
 
 def test_every_bench_option_is_documented():
-    parser_options = re.findall(r'add_argument\(\s*"(--[a-z-]+)"', (REPO_ROOT / "segmerge_ros/tools/bench.py").read_text())
+    parser_options = re.findall(r'add_argument\(\s*"(--[a-z-]+)"', (REPO_ROOT / "segmerge_ros/bench/bench.py").read_text())
     assert parser_options and bench.main
     for option in parser_options:
         assert f"`{option}" in README, option

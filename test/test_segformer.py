@@ -9,8 +9,8 @@ transformers = pytest.importorskip("transformers", reason="transformers is a tes
 from transformers import SegformerConfig, SegformerForSemanticSegmentation  # noqa: E402
 
 from segmerge_ros.merging.segformerpp import NONE, PRESETS, config_for_rate  # noqa: E402
-from segmerge_ros.models.checkpoints import load_segformer  # noqa: E402
-from segmerge_ros.models.segformer import FoldedHead, SegFormer, mit_config  # noqa: E402
+from segmerge_ros.models.segformer.checkpoints import load_segformer  # noqa: E402
+from segmerge_ros.models.segformer.model import FoldedHead, SegFormer, mit_config  # noqa: E402
 
 HF_SIZES = {
     "b0": dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], decoder_hidden_size=256),

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from segmerge_ros.merging.vit_methods import FAMILIES, build_vit_model
-from segmerge_ros.models.vit import ViTConfig
-from segmerge_ros.models.vit_checkpoints import save_vit_checkpoint
-from segmerge_ros.tools import train as train_tool
-from segmerge_ros.tools.train import (
+from segmerge_ros.models.vit.methods import FAMILIES, build_vit_model
+from segmerge_ros.models.vit.segmenter import ViTConfig
+from segmerge_ros.models.vit.checkpoints import save_vit_checkpoint
+from segmerge_ros.training import train as train_tool
+from segmerge_ros.training.train import (
     MemoryDataset,
     PairDataset,
     SegFormerTeacher,

@@ -10,18 +10,18 @@ import pytest
 import torch
 
 from segmerge_ros.models.checkpoint_errors import CheckpointError
-from segmerge_ros.models.mask2former import Mask2Former, Mask2FormerOutput, mask2former_config
-from segmerge_ros.models.mask2former_checkpoints import load_mask2former
-from segmerge_ros.models.vit import IMAGENET_MEAN, IMAGENET_STD
-from segmerge_ros.tools import train as base
-from segmerge_ros.tools import train_mask2former as m2f
+from segmerge_ros.models.mask2former.model import Mask2Former, Mask2FormerOutput, mask2former_config
+from segmerge_ros.models.mask2former.checkpoints import load_mask2former
+from segmerge_ros.models.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from segmerge_ros.training import train as base
+from segmerge_ros.training import train_mask2former as m2f
 
 TINY = dict(num_queries=6, feature_size=32, mask_feature_size=32, hidden_dim=32, num_attention_heads=4,
             encoder_feedforward_dim=64, decoder_feedforward_dim=64, num_decoder_layers=3, num_classes=3)
 
 
 def tiny_model(proscale: bool = False) -> Mask2Former:
-    from segmerge_ros.models.segformer import mit_config
+    from segmerge_ros.models.segformer.model import mit_config
 
     torch.manual_seed(0)
     mit = mit_config("b0", hidden_sizes=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
@@ -112,7 +112,7 @@ def test_load_distilled_refuses_other_folders(tmp_path):
 
 
 def test_student_starts_from_the_segformer_encoder(student_dir):
-    from segmerge_ros.models.checkpoints import load_segformer
+    from segmerge_ros.models.segformer.checkpoints import load_segformer
 
     student = m2f.build_student("mask2former-mit-b0", str(student_dir), proscale=True)
     assert student.config.encoder == "proscale" and student.config.num_classes == 19
@@ -129,7 +129,7 @@ def test_deeplab_teacher_reproduces_its_reference_mask(shared_data):
     pytest.importorskip("ai_edge_litert", reason="the DeepLab teacher needs ai-edge-litert (requirements-test.txt)")
     folder = shared_data / "coral_cityscapes_deeplab"
     teacher = m2f.DeepLabTeacher(folder / "deeplab_mobilenet_edgetpu_slim_cityscapes_quant.tflite")
-    from segmerge_ros.runtime.sources import read_rgb
+    from segmerge_ros.inference.sources import read_rgb
 
     rgb = read_rgb(folder / "cityscapes_segmentation.bmp")
     reference = base.read_label(folder / "cityscapes_segmentation_mask.bmp")

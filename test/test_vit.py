@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from segmerge_ros.merging.vit_methods import build_vit_model, load_vit_model, parse_vit_name
+from segmerge_ros.models.vit.methods import build_vit_model, load_vit_model, parse_vit_name
 from segmerge_ros.models.checkpoint_errors import CheckpointError
-from segmerge_ros.models.vit import SegmenterViT, ViTConfig, check_merge_rate, resize_pos_embed
-from segmerge_ros.models.vit_checkpoints import load_vit_weights, save_vit_checkpoint
+from segmerge_ros.models.vit.segmenter import SegmenterViT, ViTConfig, check_merge_rate, resize_pos_embed
+from segmerge_ros.models.vit.checkpoints import load_vit_weights, save_vit_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -53,7 +53,7 @@ class Delivery:
 
 
 def probe_env(domain_id: int, profile: Path | None) -> dict[str, str]:
-    from segmerge_ros.ros.client import ros_env
+    from segmerge_ros.apps.client import ros_env
 
     env = ros_env(domain_id)
     env.pop(PROFILE_VARIABLE, None)

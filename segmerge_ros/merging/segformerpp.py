@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from .bipartite import MergeFn, bipartite_soft_matching_2d
+from segmerge_ros.merging.bipartite import MergeFn, bipartite_soft_matching_2d
 
 MAX_MERGE_RATE = 0.95
 

@@ -21,13 +21,13 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import String
 from visualization_msgs.msg import MarkerArray
 
-from ..runtime.budget import ArrivalRate
-from .diagnostics import CameraSnapshot, FrameTiming
-from ..models.mask2former_checkpoints import is_mask2former_name
-from .frame_pipeline import (CONFIDENCE, INSTANCES, INSTANCES_INFO, KEYPOINTS, MARKERS, MASK, OVERLAY, PANOPTIC,
+from segmerge_ros.inference.budget import ArrivalRate
+from segmerge_ros.ros.diagnostics import CameraSnapshot, FrameTiming
+from segmerge_ros.models.mask2former.checkpoints import is_mask2former_name
+from segmerge_ros.ros.frame_pipeline import (CONFIDENCE, INSTANCES, INSTANCES_INFO, KEYPOINTS, MARKERS, MASK, OVERLAY, PANOPTIC,
                              PANOPTIC_INFO)
-from .startup import labels_message
-from .topics import COMPRESSED_SUFFIX, output_topic
+from segmerge_ros.ros.startup import labels_message
+from segmerge_ros.ros.topics import COMPRESSED_SUFFIX, output_topic
 
 try:  # not installable everywhere (e.g. the pip-only ROS used for tests); String labels always exist
     from vision_msgs.msg import LabelInfo, VisionClass

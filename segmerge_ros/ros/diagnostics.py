@@ -15,7 +15,7 @@ from typing import Callable
 
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
-from ..runtime.budget import BudgetMode
+from segmerge_ros.inference.budget import BudgetMode
 
 MISSED_BUDGET_MARGIN = 1.15  # a window's mean processing time this far over the target counts as a miss
 FAILURE_REPEAT_PERIOD_S = 5.0  # a known cause is logged again (one line, with its count) at most this often

@@ -13,7 +13,7 @@ device running out of memory) propagates as it is.
 
 The node (``node.py``) runs every frame through this object; ``segmerge-bag`` runs recorded frames through it.
 Budget control stays with the caller: after each frame, :func:`budget_step` feeds the frame's processing time and
-the rate it ran at to a :class:`~segmerge_ros.runtime.budget.BudgetController` and sets the rate it chooses on the
+the rate it ran at to a :class:`~segmerge_ros.inference.budget.BudgetController` and sets the rate it chooses on the
 engine for the next frame.
 """
 
@@ -30,14 +30,14 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Header, String
 from visualization_msgs.msg import MarkerArray
 
-from ..models.labels import overlay
-from ..runtime.budget import BudgetController
-from ..runtime.engine import SegmentationEngine, SegmentationResult
-from ..runtime.mask2former_post import person_boxes_from_instances
-from ..runtime.pose import PoseEstimator, PoseResult, draw_skeletons
-from .conversions import BadFrame, message_to_rgb, mono8_image, mono16_image, rgb8_image
-from .params import POSE_FOLLOW_SEGMENTATION
-from .pose_msgs import camera_matrix, keypoints_cloud, pose_markers
+from segmerge_ros.models.labels import overlay
+from segmerge_ros.inference.budget import BudgetController
+from segmerge_ros.inference.engine import SegmentationEngine, SegmentationResult
+from segmerge_ros.inference.postprocess.mask2former import person_boxes_from_instances
+from segmerge_ros.inference.pose import PoseEstimator, PoseResult, draw_skeletons
+from segmerge_ros.ros.conversions import BadFrame, message_to_rgb, mono8_image, mono16_image, rgb8_image
+from segmerge_ros.ros.params import POSE_FOLLOW_SEGMENTATION
+from segmerge_ros.ros.pose_msgs import camera_matrix, keypoints_cloud, pose_markers
 
 __all__ = ["BadFrame", "FrameOutputs", "FramePipeline", "FrameSettings", "FrameTimes", "PoseSettings",
            "budget_step", "ids_info_message", "minimum_network_side"]

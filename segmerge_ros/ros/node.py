@@ -42,15 +42,15 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from std_msgs.msg import Float32
 
-from ..runtime.budget import BudgetController, BudgetMode, fps_demand
-from ..runtime.pose import PoseEstimator
-from .camera import Camera
-from .conversions import BadFrame
-from .diagnostics import BudgetSnapshot, FailureLog, FrameTiming, camera_status
-from .frame_pipeline import FramePipeline, FrameSettings, budget_step
-from .parameter_policy import complete_parameter_set, refusal_reason, startup_refusal, topics_refusal
-from .params import PARAMETERS, SPECS
-from .startup import StartupError, apply_merge_settings, build_engine, build_pose, model_info, pose_settings
+from segmerge_ros.inference.budget import BudgetController, BudgetMode, fps_demand
+from segmerge_ros.inference.pose import PoseEstimator
+from segmerge_ros.ros.camera import Camera
+from segmerge_ros.ros.conversions import BadFrame
+from segmerge_ros.ros.diagnostics import BudgetSnapshot, FailureLog, FrameTiming, camera_status
+from segmerge_ros.ros.frame_pipeline import FramePipeline, FrameSettings, budget_step
+from segmerge_ros.ros.parameter_policy import complete_parameter_set, refusal_reason, startup_refusal, topics_refusal
+from segmerge_ros.ros.params import PARAMETERS, SPECS
+from segmerge_ros.ros.startup import StartupError, apply_merge_settings, build_engine, build_pose, model_info, pose_settings
 
 NODE_NAME = "segmerge"
 

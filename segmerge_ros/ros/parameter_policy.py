@@ -11,9 +11,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 from rclpy.parameter import Parameter
 
-from ..runtime.budget import BudgetMode
-from .topics import output_topic
-from .params import PARAMETERS, SPECS, check_choice, check_preset
+from segmerge_ros.inference.budget import BudgetMode
+from segmerge_ros.ros.topics import output_topic
+from segmerge_ros.ros.params import PARAMETERS, SPECS, check_choice, check_preset
 
 MAX_MASK_CLASSES = 256  # the mask is mono8: class ids 0..255
 

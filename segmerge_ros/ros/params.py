@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..merging.segformerpp import MAX_MERGE_RATE, PRESETS
-from ..merging.vit_methods import is_vit_model_name
-from ..models.mask2former_checkpoints import is_mask2former_name
-from ..runtime.backends import BACKEND_NAMES, PRECISION_CHOICES
-from ..runtime.pose import POSE_MODES
+from segmerge_ros.merging.segformerpp import MAX_MERGE_RATE, PRESETS
+from segmerge_ros.models.vit.methods import is_vit_model_name
+from segmerge_ros.models.mask2former.checkpoints import is_mask2former_name
+from segmerge_ros.inference.backends.base import BACKEND_NAMES, PRECISION_CHOICES
+from segmerge_ros.inference.pose import POSE_MODES
 
 MODELS = tuple(f"segformer-b{i}" for i in range(6))  # SegFormer sizes (also the pose model's choices)
 VIT_MODEL_PATTERN = "<segmenter|algm|clustvit|dovit>-vit-<t|s|b|l>[-linear|-mask]"

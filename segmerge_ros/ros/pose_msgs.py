@@ -24,8 +24,8 @@ from sensor_msgs.msg import CameraInfo, PointCloud2, PointField
 from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
-from segmerge_ros.models.pose import COCO_KEYPOINT_SIDES, COCO_SKELETON
-from segmerge_ros.runtime.pose import SIDE_COLORS, limb_sides
+from segmerge_ros.models.pose.model import COCO_KEYPOINT_SIDES, COCO_SKELETON
+from segmerge_ros.inference.pose import SIDE_COLORS, limb_sides
 
 KEYPOINT_FIELDS = ("x", "y", "z", "u", "v", "score")
 KEYPOINT_DTYPE = np.dtype([(name, np.float32) for name in KEYPOINT_FIELDS])

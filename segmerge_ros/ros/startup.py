@@ -13,13 +13,13 @@ from typing import Any, Callable
 import numpy as np
 from std_msgs.msg import String
 
-from ..models.checkpoint_errors import CheckpointError
-from ..models.labels import LabelSet
-from ..runtime.engine import SegmentationEngine, parse_size
-from ..runtime.ladder import merge_rungs
-from ..runtime.pose import POSE_INPUT_SIZE, PoseEstimator
-from .frame_pipeline import PoseSettings
-from .parameter_policy import label_count_refusal
+from segmerge_ros.models.checkpoint_errors import CheckpointError
+from segmerge_ros.models.labels import LabelSet
+from segmerge_ros.inference.engine import SegmentationEngine, parse_size
+from segmerge_ros.inference.ladder import merge_rungs
+from segmerge_ros.inference.pose import POSE_INPUT_SIZE, PoseEstimator
+from segmerge_ros.ros.frame_pipeline import PoseSettings
+from segmerge_ros.ros.parameter_policy import label_count_refusal
 
 Param = Callable[[str], Any]
 Warn = Callable[[str], None]

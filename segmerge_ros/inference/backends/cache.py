@@ -1,0 +1,221 @@
+"""The on-disk cache of compiled engines (TensorRT engines, OpenVINO models), shared by the compiled backends.
+
+An entry's file name says what was asked for (model, input shape, rung, precision); a JSON sidecar records
+everything the engine depends on (weights hash, the rung's exact configuration, runtime versions, the device). When
+any of these differ from the running system (after an upgrade, on another GPU or CPU, with retrained weights) the
+entry is rebuilt in place with a log line, so stale engines never load and never pile up. Pure: testable without
+any of the runtimes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from segmerge_ros.merging.segformerpp import MergeConfig
+
+LOG = logging.getLogger(__name__)
+
+def pixel_shape(input_shape: Sequence[int]) -> tuple[int, int, int, int]:
+    """(H, W) or (N, 3, H, W) -> (N, 3, H, W): the network input the engine feeds."""
+    shape = tuple(int(v) for v in input_shape)
+    if len(shape) == 2:
+        return (1, 3) + shape
+    if len(shape) == 4 and shape[1] == 3:
+        return shape  # type: ignore[return-value]
+    raise ValueError(f"input shape must be (H, W) or (N, 3, H, W), got {input_shape}")
+
+
+def config_fingerprint(config: MergeConfig) -> str:
+    """A short digest of a merge configuration's exact settings (a rung renamed or retuned gets a new one)."""
+    return hashlib.sha256(repr(config).encode()).hexdigest()[:16]
+
+
+
+IDENTITY_FIELDS = ("model", "input_shape", "rung", "precision")
+
+
+def default_cache_dir() -> Path:
+    """$SEGMERGE_ENGINE_CACHE, else $XDG_CACHE_HOME/segmerge_ros/engines (~/.cache/segmerge_ros/engines)."""
+    if os.environ.get("SEGMERGE_ENGINE_CACHE"):
+        return Path(os.environ["SEGMERGE_ENGINE_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "segmerge_ros" / "engines"
+
+
+def weights_hash(weights: str | Path | Mapping[str, torch.Tensor]) -> str:
+    """sha256 of the weights: a file's bytes, a hub folder's weight and config files, or a state dict's tensors
+    (names, dtypes, shapes and bytes, in sorted order: the same weights always give the same hash)."""
+    digest = hashlib.sha256()
+    if isinstance(weights, Mapping):
+        for name in sorted(weights):
+            tensor = weights[name].detach().cpu().contiguous()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+    path = Path(weights)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and _is_weight_file(p))
+    if not files:
+        raise FileNotFoundError(f"no weight files at {path}")
+    for file in files:
+        if len(files) > 1:
+            digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_weight_file(path: Path) -> bool:
+    return path.suffix in (".safetensors", ".bin", ".pth", ".pt") or path.name == "config.json"
+
+
+
+def engine_key_fields(
+    model_name: str,
+    weights_digest: str,
+    input_shape: Sequence[int],
+    config: MergeConfig,
+    precision: str,
+    environment: Mapping[str, str],
+) -> dict[str, str]:
+    """Everything one engine depends on, as strings (JSON round-trips them unchanged)."""
+    fields = {
+        "model": model_name,
+        "weights": weights_digest,
+        "input_shape": "x".join(str(v) for v in pixel_shape(input_shape)),
+        "rung": config.name,
+        "rung_config": config_fingerprint(config),
+        "precision": precision,
+    }
+    fields.update({name: str(value) for name, value in environment.items()})
+    return fields
+
+
+def engine_cache_key(fields: Mapping[str, object]) -> str:
+    """A digest of every key field: any change in any field gives another key."""
+    canonical = json.dumps({name: str(value) for name, value in fields.items()}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+@dataclass
+class EngineIO:
+    """How engines are built and loaded (each compiled backend has its default; tests pass fakes)."""
+
+    build: Callable[[nn.Module, torch.Tensor, torch.dtype, Path], None]
+    load: Callable[[Path], Callable[[torch.Tensor], torch.Tensor]]
+
+
+class EngineCache:
+    """Engines on disk: ``<slot><suffix>`` (with companion files of the same stem, e.g. OpenVINO's ``.bin`` beside its
+    ``.xml``) plus ``<slot><suffix>.json`` holding the key fields it was built for."""
+
+    def __init__(
+        self, cache_dir: str | Path, log: logging.Logger = LOG, suffix: str = ".ep", companions: Sequence[str] = ()
+    ):
+        self.cache_dir = Path(cache_dir)
+        self.log = log
+        self.suffix = suffix
+        self.companions = tuple(companions)
+
+    def companions_of(self, path: Path) -> list[Path]:
+        return [path.with_suffix(companion) for companion in self.companions]
+
+    def path_for(self, fields: Mapping[str, object]) -> Path:
+        identity = {name: str(fields.get(name, "")) for name in IDENTITY_FIELDS}
+        readable = "_".join(re.sub(r"[^A-Za-z0-9.=+-]+", "-", identity[name]) for name in IDENTITY_FIELDS)
+        return self.cache_dir / f"{readable}_{engine_cache_key(identity)[:8]}{self.suffix}"
+
+    @staticmethod
+    def sidecar_for(path: Path) -> Path:
+        return path.with_name(path.name + ".json")
+
+    def lookup(self, fields: Mapping[str, object]) -> Path | None:
+        """The cached engine for ``fields``, or None when there is none or it was built for something else."""
+        path = self.path_for(fields)
+        if not path.is_file():
+            return None
+        missing = [companion.name for companion in self.companions_of(path) if not companion.is_file()]
+        if missing:
+            self.log.warning("cached engine %s lacks %s; rebuilding it", path.name, ", ".join(missing))
+            return None
+        try:
+            recorded = json.loads(self.sidecar_for(path).read_text())
+            recorded_fields = {name: str(value) for name, value in recorded["fields"].items()}
+        except (OSError, ValueError, KeyError, AttributeError) as error:
+            self.log.warning("cached engine %s has no readable metadata (%s); rebuilding it", path.name, error)
+            return None
+        wanted = {name: str(value) for name, value in fields.items()}
+        if recorded_fields != wanted or recorded.get("key") != engine_cache_key(wanted):
+            changes = describe_mismatch(recorded_fields, wanted)
+            self.log.warning("cached engine %s is stale (%s); rebuilding it", path.name, changes)
+            return None
+        return path
+
+    def store(self, fields: Mapping[str, object], builder: Callable[[Path], None]) -> Path:
+        """Build with ``builder(path)`` into a temporary file, then move engine and metadata into place."""
+        path = self.path_for(fields)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sidecar = self.sidecar_for(path)
+        sidecar.unlink(missing_ok=True)  # an engine without matching metadata is never trusted, even half-written
+        temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{self.suffix}")  # keeps the suffix for savers
+        try:
+            builder(temporary)
+            if not temporary.is_file():
+                raise RuntimeError(f"the engine builder wrote nothing to {temporary}")
+            for written, final in zip(self.companions_of(temporary), self.companions_of(path)):
+                if not written.is_file():
+                    raise RuntimeError(f"the engine builder wrote no {written.suffix} file beside {temporary.name}")
+                os.replace(written, final)
+            os.replace(temporary, path)
+        finally:
+            for leftover in [temporary, *self.companions_of(temporary)]:
+                leftover.unlink(missing_ok=True)
+        wanted = {name: str(value) for name, value in fields.items()}
+        record = {"key": engine_cache_key(wanted), "fields": wanted, "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        sidecar_temporary = sidecar.with_name(sidecar.name + f".{os.getpid()}.tmp")
+        sidecar_temporary.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        os.replace(sidecar_temporary, sidecar)
+        return path
+
+    def get_or_build(self, fields: Mapping[str, object], builder: Callable[[Path], None]) -> tuple[Path, str]:
+        """(path, "reused") for a matching entry, else build it: (path, "built")."""
+        path = self.lookup(fields)
+        if path is not None:
+            return path, "reused"
+        return self.store(fields, builder), "built"
+
+    def load_or_build(
+        self, fields: Mapping[str, object], builder: Callable[[Path], None], load: Callable[[Path], object]
+    ) -> tuple[object, Path, str]:
+        """``(load(path), path, "reused" | "built")``; a cached file that fails to load (truncated, corrupt, foreign)
+        is rebuilt once with a log line rather than given up on."""
+        path, status = self.get_or_build(fields, builder)
+        try:
+            return load(path), path, status
+        except Exception as error:
+            self.log.warning("cannot load cached engine %s (%s: %s); rebuilding it", path.name, type(error).__name__, error)
+            path = self.store(fields, builder)
+            return load(path), path, "built"
+
+
+def describe_mismatch(recorded: Mapping[str, str], wanted: Mapping[str, str]) -> str:
+    """"tensorrt 10.3.0 -> 10.7.0, gpu Orin -> Thor": the fields that differ, old value first."""
+    names = sorted(set(recorded) | set(wanted))
+    changes = [
+        f"{name} {recorded.get(name, '(none)')} -> {wanted.get(name, '(none)')}"
+        for name in names
+        if recorded.get(name) != wanted.get(name)
+    ]
+    return ", ".join(changes) or "key digest differs"
+

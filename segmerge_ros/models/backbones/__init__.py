@@ -1,0 +1,1 @@
+"""Backbones that Mask2Former takes besides MiT: Swin and ResNet."""

@@ -1,0 +1,1 @@
+"""Mask2Former: pixel decoder (deformable attention, PRO-SCALE), transformer decoder, checkpoints, FLOPs."""

@@ -1,0 +1,1 @@
+"""Segformer++ pose: the SegFormer encoder with a keypoint-heatmap head."""

@@ -1,0 +1,1 @@
+"""segmerge-train and its subcommands, teachers (MoveNet) and pose metrics (no ROS)."""
