@@ -32,7 +32,7 @@ setup(
             "segmerge_camera = segmerge_ros.apps.camera_node:main",
             "segmerge-bench = segmerge_ros.bench.bench:main",
             "segmerge-demo = segmerge_ros.apps.offline_demo:main",
-            "segmerge-train = segmerge_ros.training.train:main",
+            "segmerge-train = segmerge_ros.training.cli:main",
             "segmerge-build-engines = segmerge_ros.apps.build_engines:main",
             "segmerge-bag = segmerge_ros.apps.bag:main",
         ],

@@ -20,16 +20,12 @@ from torch import nn
 
 from segmerge_ros.merging.segformerpp import LADDER, NONE, MergeConfig
 from segmerge_ros.models.segformer.model import SegFormer, mit_config
-from segmerge_ros.inference.backends import base as backends
+from segmerge_ros.inference.backends import base as backend_base
+from segmerge_ros.inference.backends import registry
 from segmerge_ros.inference.backends import tensorrt as tensorrt_backend
-from segmerge_ros.inference.backends.base import (
-    BackendUnavailable,
-    CompileBackend,
-    EagerBackend,
-    available_backends,
-    build_engines,
-    make_backend,
-)
+from segmerge_ros.inference.backends.base import BackendUnavailable, EagerBackend
+from segmerge_ros.inference.backends.compile import CompileBackend
+from segmerge_ros.inference.backends.registry import available_backends, build_engines, make_backend
 from segmerge_ros.inference.backends.cache import EngineCache, EngineIO, engine_cache_key, engine_key_fields, weights_hash
 from segmerge_ros.inference.backends.tensorrt import TensorRTBackend
 from segmerge_ros.inference.engine import to_tensor
@@ -107,14 +103,14 @@ def test_fp16_on_cpu_runs_fp32_with_a_warning(b0, caplog):
 
 
 def test_bf16_on_a_cpu_without_native_bf16_runs_fp32_with_a_warning(b0, caplog, monkeypatch):
-    monkeypatch.setattr(backends, "cpu_bf16_support", lambda: "no native bf16 instructions")
+    monkeypatch.setattr(backend_base, "cpu_bf16_support", lambda: "no native bf16 instructions")
     backend = make_backend("eager", b0, "cpu", precision="bf16")
     assert backend.dtype == torch.float32 and backend.precision == "fp32"
     assert any("bf16" in r.getMessage() and "fp32" in r.getMessage() for r in caplog.records)
 
 
 def test_bf16_on_a_cpu_with_native_bf16_computes_in_bf16(b0, pixels, monkeypatch):
-    monkeypatch.setattr(backends, "cpu_bf16_support", lambda: "")
+    monkeypatch.setattr(backend_base, "cpu_bf16_support", lambda: "")
     backend = make_backend("eager", b0, "cpu", precision="bf16")
     assert backend.dtype == torch.bfloat16 and backend.precision == "bf16"
     exact, half = reference(b0, pixels, NONE), backend.run(pixels, NONE)
@@ -145,7 +141,7 @@ def test_compile_matches_eager_on_b0(b0, pixels, caplog):
         "compile", b0, "cpu", input_size=SIZE, ladder_configs=[NONE, MERGED], compile_backend="aot_eager"
     )
     assert backend.warm() == 2
-    if backends.missing_requirements("compile", "cpu", "aot_eager"):  # dynamo cannot run on this platform at all
+    if registry.missing_requirements("compile", "cpu", "aot_eager"):  # dynamo cannot run on this platform at all
         assert backend.name == "eager" and len(fallback_warnings(caplog)) == 1, "torch.compile failed silently"
     else:  # it can: a fallback would only compare eager with eager, so it fails the test
         assert backend.name == "compile", f"torch.compile fell back: {fallback_warnings(caplog)}"
@@ -207,7 +203,7 @@ def test_failed_compilation_falls_back_to_eager_with_one_warning(b0, pixels, cap
 
 
 def test_compile_without_a_cxx_compiler_falls_back(monkeypatch, caplog):
-    monkeypatch.setattr(backends, "_find_cxx", lambda: None)
+    monkeypatch.setattr(registry, "_find_cxx", lambda: None)
     backend = make_backend("compile", ScalingModel().eval(), "cpu")
     assert isinstance(backend, EagerBackend) and backend.name == "eager"
     (warning,) = fallback_warnings(caplog)

@@ -170,7 +170,7 @@ def test_one_mask_per_good_frame_with_its_header_and_log_time(runs, bags, storag
         table = json.loads(labels.data)
         assert table["mask_topic"] == f"/{namespace}/segmentation/mask" and len(table["classes"]) == 19
         assert table["randomly_initialised"] is True and label_time == good[0][0]
-    assert f"/cam_raw/segmentation/overlay" not in ran.topics  # only with --overlay
+    assert "/cam_raw/segmentation/overlay" not in ran.topics  # only with --overlay
     assert not any(topic.startswith("/cam_raw/pose") for topic in ran.topics)  # only with --pose
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -40,17 +41,52 @@ def test_bench_rejects_out_of_range_rates():
         bench.main(["--size", "64x128", "--repeat", "1", "--rates", "0.97", "--no-hf"])
 
 
-def test_pose_bench_has_a_row_per_backend_precision_and_crop_with_time_per_person(tmp_path, shared_data, one_thread):
-    from segmerge_ros.inference.backends.base import cpu_bf16_support
+def _bf16_probe_modules() -> tuple[object, list]:
+    """The bf16 probe (``cpu_bf16_support``, wherever the backends keep it) and every loaded module holding it by
+    name, after importing those the pose bench goes through."""
+    import importlib
+
+    for name in ("segmerge_ros.inference.backends.base", "segmerge_ros.inference.backends.registry",
+                 "segmerge_ros.inference.ladder", "segmerge_ros.inference.pose", "segmerge_ros.bench.bench_pose"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    probe = next(getattr(sys.modules[name], "cpu_bf16_support") for name in (
+        "segmerge_ros.inference.backends.base", "segmerge_ros.inference.backends.registry")
+        if hasattr(sys.modules.get(name), "cpu_bf16_support"))
+    holders = [module for name, module in list(sys.modules.items())
+               if name.startswith("segmerge_ros") and getattr(module, "cpu_bf16_support", None) is probe]
+    return probe, holders
+
+
+@pytest.mark.parametrize("cpu", ["this CPU", "native bf16", "no bf16"])
+def test_pose_bench_has_a_row_per_backend_precision_and_crop_with_time_per_person(tmp_path, shared_data, one_thread,
+                                                                                   monkeypatch, cpu):
+    """bf16 rows where the CPU has native bf16; where it has not, the estimator runs fp32, the bf16 rows fold into
+    the fp32 ones and a note says so. Both answers of the probe are forced, so both branches run on any CPU."""
     from segmerge_ros.bench import bench_pose
 
+    probe, holders = _bf16_probe_modules()
+    if cpu != "this CPU":
+        answer = "" if cpu == "native bf16" else "no native bf16 instructions (forced by the test)"
+        for module in holders:
+            monkeypatch.setattr(module, "cpu_bf16_support", lambda: answer)
+    missing = probe() if cpu == "this CPU" else answer  # "" where bf16 is native, else why not
     out = tmp_path / "pose.md"
-    assert bench_pose.main(["--configs", "none", "--persons", "2", "--repeats", "1", "--warmup", "0",
+    assert bench_pose.main(["--configs", "none", "--persons", "2", "--repeat", "1", "--warmup", "0",
                             "--precision", "fp32,bf16", "--input-size", "128x96,64x64", "--markdown", str(out)]) == 0
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| eager-")]
-    half = "fp32" if cpu_bf16_support() else "bf16"  # it says why not, or "": without bf16 the estimator runs fp32
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| eager-")]
+    ran = ("fp32",) if missing else ("fp32", "bf16")
     assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == [
-        f"eager-{p} {crop}" for p in ("fp32", half) for crop in ("96x128", "64x64")]
+        f"eager-{p} {crop}" for p in ran for crop in ("96x128", "64x64")]
+    notes = [line for line in text.splitlines() if line.startswith("note: ")]
+    if missing:  # folded, and said so, once per crop
+        assert notes == [f"note: eager-bf16 {crop} asked, ran as eager-fp32 {crop} ({missing}): folded into its rows"
+                         for crop in ("96x128", "64x64")]
+    else:
+        assert notes == []
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         frame_min, per_person = float(cells[4]), float(cells[5])

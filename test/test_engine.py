@@ -120,7 +120,7 @@ def test_vit_families_run_in_the_engine_with_their_own_merge_control(name):
     engine = SegmentationEngine(model=name, input_size="96x128")
     rgb = np.random.default_rng(2).integers(0, 255, (90, 120, 3), dtype=np.uint8)
     plain = engine.infer(rgb)
-    assert plain.class_map.shape == (90, 120) and engine.family == name.split("-")[0]
+    assert plain.class_map.shape == (90, 120) and engine.family.name == name.split("-")[0]
     engine.set_merge_rate(0.9)
     merged = engine.infer(rgb)
     assert merged.merge_rate == 0.9 and engine.model.merge_rate == 0.9
@@ -149,7 +149,7 @@ def test_boundary_only_upsampling_equals_full_bilinear_argmax(size, logits_size)
     import torch
     import torch.nn.functional as F
 
-    from segmerge_ros.inference.engine import upsampled_argmax
+    from segmerge_ros.inference.postprocess.upsample import upsampled_argmax
 
     generator = torch.Generator().manual_seed(size[0] + logits_size[0])
     # Smooth logits with real class regions: random low-resolution fields, upsampled.
@@ -169,7 +169,7 @@ def test_upsampled_argmax_breaks_exact_ties_and_many_class_corners_like_interpol
     import torch
     import torch.nn.functional as F
 
-    from segmerge_ros.inference.engine import upsampled_argmax
+    from segmerge_ros.inference.postprocess.upsample import upsampled_argmax
 
     generator = torch.Generator().manual_seed(7)
     noisy = torch.randn(1, 6, 12, 16, generator=generator)
@@ -213,3 +213,98 @@ def test_upsampled_argmax_runs_compiled_on_the_cpu_and_without_numba_warns_and_s
         fallback = upsample.upsampled_argmax(logits, (576, 768))
     assert np.array_equal(compiled, fallback)
     assert any("numba is not installed" in record.getMessage() for record in caplog.records)
+
+
+def tiny_family():
+    """A family the engine has never heard of: a 1x1 convolution at 1/4 of the input, two ladder levels, instances."""
+    from dataclasses import replace
+
+    import torch
+
+    from segmerge_ros.merging.segformerpp import NONE
+    from segmerge_ros.models.labels import label_set
+    from segmerge_ros.inference.families.base import ModelFamily
+    from segmerge_ros.inference.ladder import Step
+
+    class Tiny(ModelFamily):
+        has_instances = True
+        INSTANCES = object()
+
+        @classmethod
+        def claims(cls, model_name):
+            return model_name.startswith("tiny-")
+
+        @classmethod
+        def load(cls, model_name, weights, *, num_classes, device, options):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Conv2d(3, num_classes, 1)).eval()
+            family = cls(model_name, model, label_set(num_classes), device)
+            family.options, family.seen = options, []
+            return family
+
+        def ladder_rates(self, ladder):
+            return [0.0, 0.5]
+
+        def merge_step(self, rate, step):
+            return Step(rate, replace(NONE, name=f"tiny level={int(rate >= 0.5)}"), step.precision)
+
+        def forward(self, pixels, merge, precision, rate, backend):
+            self.seen.append((precision, rate, tuple(pixels.shape)))
+            return self.model(pixels)
+
+        def outputs(self, raw, size, upsample, confidence):
+            return super().outputs(raw, size, upsample, confidence)._replace(instances=self.INSTANCES)
+
+    return Tiny
+
+
+def test_a_family_the_engine_does_not_know_runs_through_it(monkeypatch, caplog):
+    """The engine asks its family object for everything model-specific: a new family needs no engine change."""
+    from segmerge_ros.inference.families import registry
+
+    monkeypatch.setattr(registry, "FAMILIES", list(registry.FAMILIES))
+    tiny = registry.register_family(tiny_family())
+    assert registry.family_for("tiny-net") is tiny and registry.family_for("segformer-b0") is not tiny
+    with caplog.at_level("WARNING"):
+        engine = SegmentationEngine("tiny-net", backend="compile", input_size=(64, 96), num_classes=5, max_instances=7)
+    assert isinstance(engine.family, tiny) and engine.family.name == "tiny-net" and engine.model is engine.family.model
+    assert engine.backend == "eager" and "running tiny-net eagerly" in caplog.text  # not compilable
+    assert engine.family.options.max_instances == 7 and engine.labels.num_classes == 5
+    assert engine.ladder_rates == [0.0, 0.5]
+    rgb = np.random.default_rng(4).integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    engine.set_merge_rate(0.6)
+    result = engine.infer(rgb)
+    assert result.merge_name == "tiny level=1" and result.merge_rate == 0.6 and engine.family.seen == [("fp32", 0.6, (1, 3, 64, 96))]
+    assert result.class_map.shape == (48, 80) and result.class_map.max() < 5 and result.confidence.shape == (48, 80)
+    assert result.instances is tiny.INSTANCES and result.panoptic is None
+    assert tuple(engine.logits(rgb).shape) == (1, 5, 16, 24)
+    with pytest.raises(ValueError, match="SegFormer merge preset; tiny-net models take merge_rate"):
+        engine.set_preset("hq")
+
+
+def test_family_for_picks_each_family_from_the_model_name():
+    from segmerge_ros.inference.families.mask2former import Mask2FormerFamily
+    from segmerge_ros.inference.families.registry import family_for
+    from segmerge_ros.inference.families.segformer import SegFormerFamily
+    from segmerge_ros.inference.families.vit import ViTFamily
+
+    assert family_for("segformer-b2") is SegFormerFamily and SegFormerFamily.merge_configs and SegFormerFamily.compilable
+    assert family_for("algm-vit-s-linear") is ViTFamily and family_for("vit-t") is ViTFamily
+    assert family_for("mask2former-swin-t-proscale") is Mask2FormerFamily and Mask2FormerFamily.has_instances
+    assert not ViTFamily.has_instances and not ViTFamily.compilable and not Mask2FormerFamily.merge_configs
+
+
+def test_the_engine_imports_no_model_and_names_no_family():
+    """Model-specific code lives in inference/families/, not in the engine."""
+    import ast
+    from pathlib import Path
+
+    import segmerge_ros.inference.engine as engine_module
+
+    tree = ast.parse(Path(engine_module.__file__).read_text(encoding="utf-8"))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not [name for name in imported if name.startswith("segmerge_ros.models")]
+    assert not [name for name in imported if name.startswith("segmerge_ros.inference.families.")
+                and name.rsplit(".", 1)[1] not in ("base", "frames", "registry")]
+    compared = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Compare)]
+    assert not [text for text in compared if "family" in text], compared

@@ -32,7 +32,7 @@ def hub_folder(tmp_path_factory):
 def test_result_holds_the_semantic_maps_and_instances_of_one_forward(hub_folder, frame):
     engine = SegmentationEngine("mask2former-swin-t", weights=str(hub_folder), input_size=(64, 96),
                                 instance_score_threshold=0.3, panoptic=True)
-    assert engine.family == "mask2former" and not engine.randomly_initialised
+    assert engine.family.name == "mask2former" and not engine.randomly_initialised
     assert engine.labels.classes == ("person", "car", "road") and engine.labels.person_ids == (0,)
     result = engine.infer(frame)
     # The same post-processing applied to the model's own output on the engine's input.
@@ -52,13 +52,13 @@ def test_result_holds_the_semantic_maps_and_instances_of_one_forward(hub_folder,
     np.testing.assert_array_equal(result.panoptic.segment_map, panoptic.segment_map)
     assert result.panoptic.segments == panoptic.segments
     assert engine.infer(frame).panoptic is not None
-    engine.panoptic = False
+    engine.family.panoptic = False  # switched between frames
     assert engine.infer(frame).panoptic is None
 
 
 def test_merge_rate_drives_the_knob_and_ladder_rates_are_its_settings(frame):
     engine = SegmentationEngine("mask2former-mit-b0", input_size=(64, 96))  # random, 6 encoder layers
-    assert engine.labels.name == "cityscapes" and engine.thing_ids == thing_classes(engine.labels)
+    assert engine.labels.name == "cityscapes" and engine.family.thing_ids == thing_classes(engine.labels)
     assert engine.ladder_rates == [0.0, 0.15, 0.3, 0.45, 0.6, 0.75]
     seen = {}
     for rate in (0.0, 0.2, 0.75, 0.95):

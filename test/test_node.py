@@ -8,6 +8,7 @@ ROS_DOMAIN_ID derived from the test's name and the run (conftest.ros_domain_id),
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import statistics
@@ -512,3 +513,28 @@ def test_shutdown_waits_for_the_frame_in_progress(plain, frames):
     assert "waiting for the frame in progress on /plain_cam/image" in stderr, stderr
     assert "Traceback" not in stderr and "frame failed" not in stderr, stderr
     print(f"exit took {took:.2f} s")
+
+
+def test_diagnostics_time_each_stage_inside_the_node_and_show_the_threads(client, node, frames):
+    set_ok(client, {"budget.mode": "off", "merge_rate": 0.0})
+    stream(client, frames, 2, 0.15)
+    since = time.monotonic()
+    stream(client, frames, 6, 0.15)
+    client.spin_for(1.1)
+    windows = busy_windows(client, CAM_A, since)
+    assert windows
+    last = windows[-1]
+    stages = [last.number(f"{stage}_p50_ms") for stage in ("decode", "preprocess", "network", "postprocess", "publish")]
+    assert all(math.isfinite(v) and v >= 0 for v in stages), last.values
+    assert last.number("network_p50_ms") > 0
+    # the stages are the parts of processing: their medians add up to about the median whole (medians of parts
+    # need not add exactly)
+    assert 0.5 * last.number("processing_p50_ms") <= sum(stages) <= 1.5 * last.number("processing_p50_ms")
+    assert last.number("processing_p90_ms") >= last.number("processing_p50_ms")
+    assert int(last.values["threads"]) >= 1 and last.values["threads_adapt"] == "true"
+    assert "thread_pools" in last.values
+    set_ok(client, {"threads.adapt": False})
+    stream(client, frames, 2, 0.15)
+    client.spin_for(1.1)
+    assert client.latest(CAM_A).values["threads_adapt"] == "false"
+    set_ok(client, {"threads.adapt": True})

@@ -19,7 +19,8 @@ import torch
 from conftest import ros_domain_id
 from segmerge_ros.merging.segformerpp import LADDER, NONE, ladder_for_backend
 from segmerge_ros.inference.backends import openvino as openvino_backend
-from segmerge_ros.inference.backends.base import EagerBackend, cpu_bf16_support, make_backend
+from segmerge_ros.inference.backends.base import EagerBackend, cpu_bf16_support
+from segmerge_ros.inference.backends.registry import make_backend
 from segmerge_ros.inference.engine import SegmentationEngine, network_config
 from segmerge_ros.inference.backends.cache import EngineIO
 from segmerge_ros.inference.backends.openvino import OpenVINOBackend, openvino_environment

@@ -14,23 +14,23 @@ from segmerge_ros.models.pose.model import COCO_FLIP_INDICES, SegformerPose, bui
 from segmerge_ros.training.movenet import MoveNetTeacher
 from segmerge_ros.inference.pose import box_to_center_scale, crop_people, crop_to_image, decode_heatmaps
 from segmerge_ros.inference.sources import iter_frames, read_rgb
-from segmerge_ros.training import train
-from segmerge_ros.training.train_pose import (
-    People,
-    PersonFinder,
-    PoseTrainSettings,
+from segmerge_ros.training import cli
+from segmerge_ros.training.pose_eval import (
     coco_persons,
     coco_scores,
     distinct_rung_configs,
     evaluate_pose,
-    learning_rate_factor,
-    make_sample,
     pck_against_teacher,
     rank_in_frame,
+)
+from segmerge_ros.training.pose_people import People, PersonFinder, teacher_keypoints
+from segmerge_ros.training.train_pose import (
+    PoseTrainSettings,
+    learning_rate_factor,
+    make_sample,
     sample_geometry,
     schedule_progress,
     source_sampling_weights,
-    teacher_keypoints,
     train_pose,
 )
 
@@ -181,7 +181,7 @@ def test_pose_cli_caches_people_and_resumes(shared_data, student_dir, tmp_path, 
     out = tmp_path / "run"
     common = ["pose", "--teacher", str(shared_data / MOVENET), "--seg-weights", str(student_dir),
               "--source", str(shared_data / "opencv_samples" / "basketball1.png"), "--batch", "1", "--out", str(out)]
-    assert train.main(common + ["--steps", "1"]) == 0
+    assert cli.main(common + ["--steps", "1"]) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (out / "pose.pth").is_file() and (out / "pose_cache.npz").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
@@ -189,7 +189,7 @@ def test_pose_cli_caches_people_and_resumes(shared_data, student_dir, tmp_path, 
     assert metrics["data"]["teacher_crop"] == "tight"
     calibration = metrics["score_calibration"]  # folded into pose.pth at the end (default --calibrate 256)
     assert calibration["people"] == metrics["people"] and len(calibration["factors"]) == 17
-    assert train.main(common + ["--steps", "2", "--resume"]) == 0
+    assert cli.main(common + ["--steps", "2", "--resume"]) == 0
     captured = capsys.readouterr()
     assert '"from_cache": true' in captured.err
     assert json.loads((out / "train_state.json").read_text())["step"] == 2

@@ -28,7 +28,8 @@ from segmerge_ros.ros.pose_msgs import read_keypoints_cloud
 from segmerge_ros.training.movenet import MoveNetTeacher
 from segmerge_ros.inference.pose import PoseEstimator
 from segmerge_ros.inference.sources import iter_frames, read_rgb
-from segmerge_ros.training.train_pose import People, PersonFinder, PoseTrainSettings, teacher_keypoints, train_pose
+from segmerge_ros.training.pose_people import People, PersonFinder, teacher_keypoints
+from segmerge_ros.training.train_pose import PoseTrainSettings, train_pose
 
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 

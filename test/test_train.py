@@ -13,19 +13,18 @@ import torch
 from segmerge_ros.models.vit.methods import FAMILIES, build_vit_model
 from segmerge_ros.models.vit.segmenter import ViTConfig
 from segmerge_ros.models.vit.checkpoints import save_vit_checkpoint
-from segmerge_ros.training import train as train_tool
-from segmerge_ros.training.train import (
+from segmerge_ros.training import cli
+from segmerge_ros.training.segmentation_data import (
     MemoryDataset,
     PairDataset,
-    SegFormerTeacher,
-    TrainSettings,
     ade20k_label_transform,
     ade20k_pairs,
     distillation_samples,
     heldout_pairs,
-    learning_rate,
-    train,
 )
+from segmerge_ros.training.segmentation_models import load_trained_model
+from segmerge_ros.training.segmentation_teachers import SegFormerTeacher
+from segmerge_ros.training.train_segmentation import TrainSettings, learning_rate, train
 
 COLOURS = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]], dtype=np.uint8)
 
@@ -99,19 +98,19 @@ def test_cli_cityscapes_layout_with_resume(tmp_path, capsys):
         "--model", "segmenter-vit-t-linear", "--data", f"cityscapes:{tmp_path / 'cs'}", "--out", str(out),
         "--crop", "64x64", "--batch-size", "2", "--save-every", "2", "--warmup", "1",
     ]
-    assert train_tool.main(common + ["--steps", "2"]) == 0
+    assert cli.main(common + ["--steps", "2"]) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0.0 <= first["eval"]["pixel_accuracy"] <= 1.0
     written = {p.name for p in out.iterdir()}
     assert written >= {
         "model.safetensors", "config.json", "optimizer.safetensors", "train_state.json", "train_log.jsonl"
     }
-    assert train_tool.main(common + ["--steps", "4", "--resume"]) == 0
+    assert cli.main(common + ["--steps", "4", "--resume"]) == 0
     state = json.loads((out / "train_state.json").read_text())
     assert state["step"] == 4
     steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines() if "total" in line]
     assert steps == [1, 2, 3, 4]  # the resumed run continued at step 3
-    model = train_tool.load_trained_model(out)
+    model = load_trained_model(out)
     assert model.family == "segmenter" and model.config.num_classes == 19
 
 
@@ -142,7 +141,7 @@ def test_distillation_from_a_teacher_checkpoint(tmp_path, capsys):
         "--frames", "0:3", "--label-cache", str(cache), "--out", str(tmp_path / "student"), "--steps", "2",
         "--crop", "64x64", "--batch-size", "2",
     ]
-    assert train_tool.main(args) == 0
+    assert cli.main(args) == 0
     assert cache.is_file()
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["last_loss"] is not None

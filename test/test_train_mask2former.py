@@ -13,8 +13,10 @@ from segmerge_ros.models.checkpoint_errors import CheckpointError
 from segmerge_ros.models.mask2former.model import Mask2Former, Mask2FormerOutput, mask2former_config
 from segmerge_ros.models.mask2former.checkpoints import load_mask2former
 from segmerge_ros.models.imagenet import IMAGENET_MEAN, IMAGENET_STD
-from segmerge_ros.training import train as base
+from segmerge_ros.training import cli
 from segmerge_ros.training import train_mask2former as m2f
+from segmerge_ros.training.segmentation_data import MemoryDataset, read_label
+from segmerge_ros.training.train_segmentation import TrainSettings, sample_batch
 
 TINY = dict(num_queries=6, feature_size=32, mask_feature_size=32, hidden_dim=32, num_attention_heads=4,
             encoder_feedforward_dim=64, decoder_feedforward_dim=64, num_decoder_layers=3, num_classes=3)
@@ -30,7 +32,7 @@ def tiny_model(proscale: bool = False) -> Mask2Former:
     return Mask2Former(mask2former_config(name, mit=mit, **TINY, **extra))
 
 
-def striped_dataset() -> base.MemoryDataset:
+def striped_dataset() -> MemoryDataset:
     """Two 64x64 frames: class 0 on top, 1 in the middle band, 2 at the bottom (flip-invariant horizontally), the
     image's colour following the class."""
     samples = []
@@ -40,11 +42,11 @@ def striped_dataset() -> base.MemoryDataset:
         label[44 + shift:] = 2
         rgb = np.stack([label * 100, 255 - label * 100, np.full_like(label, 60)], -1).astype(np.uint8)
         samples.append((rgb, label))
-    return base.MemoryDataset(samples)
+    return MemoryDataset(samples)
 
 
-def fixed_batch_loss(model: Mask2Former, settings: base.TrainSettings) -> float:
-    images, labels = base.sample_batch(striped_dataset(), settings, 1000, IMAGENET_MEAN, IMAGENET_STD)
+def fixed_batch_loss(model: Mask2Former, settings: TrainSettings) -> float:
+    images, labels = sample_batch(striped_dataset(), settings, 1000, IMAGENET_MEAN, IMAGENET_STD)
     with torch.no_grad():
         return float(m2f.semantic_distillation_loss(model.forward_all_layers(images), labels)["total"])
 
@@ -52,7 +54,7 @@ def fixed_batch_loss(model: Mask2Former, settings: base.TrainSettings) -> float:
 @pytest.mark.parametrize("proscale", [False, True], ids=["stock", "proscale"])
 def test_loss_falls_and_the_checkpoint_loads_back(tmp_path, proscale):
     model = tiny_model(proscale)
-    settings = base.TrainSettings(steps=3, batch_size=2, crop=(64, 64), scale_range=(1.0, 1.0), lr=2e-3, warmup=1,
+    settings = TrainSettings(steps=3, batch_size=2, crop=(64, 64), scale_range=(1.0, 1.0), lr=2e-3, warmup=1,
                                   save_every=0, seed=0)
     before = fixed_batch_loss(model, settings)
     records = m2f.distil(model, striped_dataset(), settings, tmp_path)
@@ -71,7 +73,7 @@ def test_loss_falls_and_the_checkpoint_loads_back(tmp_path, proscale):
     with pytest.raises(CheckpointError):
         load_mask2former(tmp_path / "model", expect="mask2former-mit-b0" + ("" if proscale else "-proscale"))
     # --resume continues from the saved step (same optimiser state, schedule and batches)
-    more = base.TrainSettings(**{**settings.__dict__, "steps": 4})
+    more = TrainSettings(**{**settings.__dict__, "steps": 4})
     resumed = m2f.distil(m2f.load_distilled(tmp_path / "model").train(), striped_dataset(), more, tmp_path,
                          resume=True)
     assert [r["step"] for r in resumed] == [4]
@@ -132,7 +134,7 @@ def test_deeplab_teacher_reproduces_its_reference_mask(shared_data):
     from segmerge_ros.inference.sources import read_rgb
 
     rgb = read_rgb(folder / "cityscapes_segmentation.bmp")
-    reference = base.read_label(folder / "cityscapes_segmentation_mask.bmp")
+    reference = read_label(folder / "cityscapes_segmentation_mask.bmp")
     labels = teacher(rgb[:, :400])  # not 513 wide: the labels come back at the frame's size
     assert labels.shape == (513, 400) and labels.dtype == np.uint8
     assert (labels == reference[:, :400]).mean() > 0.85  # MANIFEST: the model agrees with it on 92.1 % (full image)
@@ -141,7 +143,7 @@ def test_deeplab_teacher_reproduces_its_reference_mask(shared_data):
 def test_cli_distils_from_the_deeplab_teacher_and_writes_metrics(tmp_path, student_dir, shared_data):
     pytest.importorskip("ai_edge_litert", reason="the DeepLab teacher needs ai-edge-litert (requirements-test.txt)")
     out = tmp_path / "run"
-    code = base.main(["mask2former", "--frames", "0:2", "--steps", "2", "--batch", "1", "--crop", "64x96",
+    code = cli.main(["mask2former", "--frames", "0:2", "--steps", "2", "--batch", "1", "--crop", "64x96",
                       "--frame-scale", "0.25", "--max-eval", "1", "--threads", "1", "--out", str(out)])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())

@@ -40,7 +40,7 @@ from std_msgs.msg import Float32
 
 from segmerge_ros.inference.budget import BudgetController, BudgetMode
 from segmerge_ros.apps.plots import TimelinePoint, plot_bag_timeline
-from segmerge_ros.ros.camera import output_topic
+from segmerge_ros.ros.topics import output_topic
 from segmerge_ros.apps.demo import percentile
 from segmerge_ros.ros.diagnostics import FailureLog, failure_cause
 from segmerge_ros.ros.frame_pipeline import (CONFIDENCE, INSTANCES, INSTANCES_INFO, KEYPOINTS, MARKERS, MASK, OVERLAY, PANOPTIC,

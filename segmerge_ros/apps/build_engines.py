@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from segmerge_ros.inference.backends.base import BACKEND_NAMES, PRECISION_CHOICES, missing_requirements
+from segmerge_ros.inference.backends.base import PRECISION_CHOICES
+from segmerge_ros.inference.backends.registry import BACKEND_NAMES, missing_requirements
 from segmerge_ros.inference.backends.cache import default_cache_dir
 from segmerge_ros.inference.engine import SegmentationEngine, parse_size
 

@@ -6,6 +6,9 @@ logits at 1/4 out); pre- and post-processing are the same for every row and left
 
 Agreement is the share of pixels whose arg-max class equals the unmerged model's; mIoU is against ``--labels``.
 Both are computed on the logits upsampled to the image's resolution, as the node does.
+
+``--model mask2former-...`` takes the same command line (one parser, ``build_parser``) and hands it to
+``bench_mask2former``: rows per knob setting; what that family cannot do yet is refused in one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -25,15 +28,18 @@ import torch
 import torch.nn.functional as F
 
 from segmerge_ros.merging.segformerpp import (
-    EXPERIMENTS, MAX_MERGE_RATE, NONE, PRESETS, MergeConfig, config_for_rate, ladder_for_backend, rung_for_rate,
+    EXPERIMENTS, NONE, PRESETS, MergeConfig, config_for_rate, ladder_for_backend, rung_for_rate,
 )
 from segmerge_ros.models.segformer.checkpoints import load_segformer
-from segmerge_ros.inference.backends.base import BACKEND_NAMES, PRECISIONS, make_backend
+from segmerge_ros.inference.backends.base import PRECISIONS
+from segmerge_ros.inference.backends.registry import BACKEND_NAMES, make_backend
 from segmerge_ros.inference.engine import parse_size, to_tensor
 from segmerge_ros.inference.metrics import ConfusionMatrix
-from segmerge_ros.inference.sources import IMAGE_SUFFIXES, read_rgb, shared_data_dir
+from segmerge_ros.inference.sources import read_rgb
+from segmerge_ros.bench.common import (  # shared with bench_mask2former, which must not import this module
+    MASK2FORMER_DEFAULT_SIZES, find_images, is_mask2former, known_names, merge_rates, refuse,
+)
 
-DEFAULT_FRAME = "segformerpp_cityscapes_frame/berlin_000543_000019_leftImg8bit.png"
 
 
 @dataclass
@@ -47,25 +53,38 @@ class Row:
     confusion: ConfusionMatrix | None = None
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The one parser of ``segmerge-bench``, for every ``--model`` family (SegFormer and Mask2Former alike)."""
     parser = argparse.ArgumentParser(prog="segmerge-bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="segformer-b0", help="segformer-b0 .. segformer-b5 (default b0)")
-    parser.add_argument("--size", default=None, help="network input HxW, e.g. 1024x2048 (default: the image's size)")
+    parser.add_argument("--model", default="segformer-b0", help="segformer-b0 .. segformer-b5 (default b0), or "
+                        "mask2former-<backbone>[-proscale], e.g. mask2former-swin-t (docs/mask2former.md)")
+    parser.add_argument("--size", action="append", default=None,
+                        help="network input HxW, e.g. 1024x2048 (SegFormer: once, default the image's size; "
+                        "Mask2Former: repeatable, default 576x768 and 512x1024)")
     parser.add_argument(
-        "--presets", default="hq,fast,2x2", help="comma-separated presets or EXPERIMENTS names (default hq,fast,2x2)"
+        "--presets", default=None, help="comma-separated presets or EXPERIMENTS names (default hq,fast,2x2; "
+        "Mask2Former has none)"
     )
     parser.add_argument(
-        "--rates", default="ladder", help="merge rates to sweep: 'ladder' (every rung), a comma-separated list, or ''"
+        "--rates", default="ladder", help="merge rates to sweep: 'ladder' (every rung), a comma-separated list, or ''; "
+        "Mask2Former: the knob settings these rates select (coarse_layers_for_rate), k = 0 always"
     )
     parser.add_argument(
         "--attention-rates", default="", help="Segformer++ attention-only rates (the continuous mapping), e.g. 0.3,0.9"
     )
     parser.add_argument("--matching", default="global", choices=("global", "local"), help="for --attention-rates")
-    parser.add_argument("--repeat", type=int, default=5, help="timed calls per row (median reported)")
+    parser.add_argument("--repeat", "--repeats", dest="repeat", type=int, default=None,
+                        help="timed rounds, one call of every row each (median reported; default 5, Mask2Former 3); "
+                        "--repeats is an alias")
     parser.add_argument("--weights", default=None, help="checkpoint (hub folder or .pth); default random weights")
+    parser.add_argument("--config-overrides", default=None,
+                        help='Mask2Former: JSON of Mask2FormerConfig fields, "swin.depths" etc. for the backbone\'s, '
+                        'e.g. \'{"num_queries": 20, "swin.depths": [2, 2, 2, 2]}\'')
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     parser.add_argument("--image", default=None, help="an image or a folder of images (default: the Cityscapes frame)")
     parser.add_argument("--labels", default=None, help="label image or folder (<stem>_trainIds.png or <stem>.png)")
-    parser.add_argument("--max-images", type=int, default=9, help="images used for agreement/mIoU (default 9)")
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="images used for agreement/mIoU (default 9, Mask2Former 1)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers row even when installed")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
@@ -73,41 +92,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="eager, compile, openvino or tensorrt, or several comma-separated: every backend runs in every "
         "--precision, side by side; rows of eager fp32 keep their names, the others are named "
         "<row>@<backend>-<precision> (e.g. rate=0.9@openvino-bf16); each row is prepared during the quality pass, "
-        "before timing. --rates ladder sweeps each backend's own ladder",
+        "before timing. --rates ladder sweeps each backend's own ladder. Mask2Former: eager only (for now)",
     )
     parser.add_argument(
         "--precision", default="fp32",
-        help="fp32, bf16, fp16 or several comma-separated (bf16 on CUDA or a CPU with native bf16; fp16 on CUDA)",
+        help="fp32, bf16, fp16 or several comma-separated (bf16 on CUDA or a CPU with native bf16; fp16 on CUDA; "
+        "Mask2Former: fp32, bf16 by autocast)",
     )
     parser.add_argument("--engine-cache-dir", default=None, help="cache for OpenVINO/TensorRT models (default: "
                         "the node's, ~/.cache/segmerge_ros/engines)")
     parser.add_argument("--plot", default=None, help="draw speed-up against agreement of every row into this PNG")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
-    return parser.parse_args(argv)
+    return parser
 
 
-def _floats(text: str) -> list[float]:
-    values = [float(v) for v in text.split(",") if v.strip()]
-    for value in values:
-        if not 0.0 <= value <= MAX_MERGE_RATE:
-            raise SystemExit(f"segmerge-bench: rate {value} outside [0, {MAX_MERGE_RATE}]")
-    return values
-
-
-def find_images(image: str | None) -> list[Path]:
-    if image is None:
-        shared = shared_data_dir()
-        default = shared / DEFAULT_FRAME if shared else None
-        if default is None or not default.is_file():
-            return []
-        return [default]
-    path = Path(image)
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not path.is_file():
-        raise SystemExit(f"segmerge-bench: image {path} does not exist")
-    return [path]
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line with the family's defaults filled in: ``sizes`` (every ``--size``) and ``size`` (SegFormer's
+    one, or None), ``repeat``, ``max_images`` and ``presets``."""
+    args = build_parser().parse_args(argv)
+    mask2former = is_mask2former(args.model)
+    args.sizes = args.size or (list(MASK2FORMER_DEFAULT_SIZES) if mask2former else [])
+    if not mask2former and len(args.sizes) > 1:
+        refuse(f"{args.model} takes one --size (several are for Mask2Former)")
+    args.size = args.sizes[-1] if args.size else None
+    args.repeat = args.repeat if args.repeat is not None else (3 if mask2former else 5)
+    args.max_images = args.max_images if args.max_images is not None else (1 if mask2former else 9)
+    if args.presets is None:
+        args.presets = "" if mask2former else "hq,fast,2x2"
+    if args.config_overrides is not None and not mask2former:
+        refuse(f"--config-overrides is for Mask2Former models, not {args.model}")
+    return args
 
 
 def find_label(labels: str | None, image: Path) -> np.ndarray | None:
@@ -143,7 +158,7 @@ def build_models(args: argparse.Namespace, device: torch.device):
         from segmerge_ros.models.segformer.model import mit_config
 
         size = mit_config(args.model)
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         hf = SegformerForSemanticSegmentation(
             SegformerConfig(
                 num_labels=19,
@@ -160,7 +175,7 @@ def build_models(args: argparse.Namespace, device: torch.device):
         from segmerge_ros.models.labels import CITYSCAPES
         from segmerge_ros.models.segformer.model import SegFormer, mit_config
 
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         ours, labels = SegFormer(mit_config(args.model)).eval().fold_head(), CITYSCAPES
     if hf is not None:
         hf = hf.eval().to(device)
@@ -168,10 +183,11 @@ def build_models(args: argparse.Namespace, device: torch.device):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from segmerge_ros.bench import bench_mask2former  # --model mask2former-...: its own rows (knob settings); imports bench itself
-    if bench_mask2former.requested(argv):
-        return bench_mask2former.main(argv)
     args = parse_args(argv)
+    if is_mask2former(args.model):  # its own rows (knob settings), from the same command line
+        from segmerge_ros.bench import bench_mask2former
+
+        return bench_mask2former.run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -181,20 +197,20 @@ def main(argv: list[str] | None = None) -> int:
         size = (1024, 2048)
     known_presets = {**PRESETS, **EXPERIMENTS}
     presets = [(name, known_presets[name])  # checked before the models load
-               for name in (_names(args.presets, list(known_presets)) if args.presets.strip() else [])]
+               for name in (known_names(args.presets, list(known_presets)) if args.presets.strip() else [])]
     ours, hf, labels = build_models(args, device)
 
     attention = [(f"attn={rate:g}/{args.matching}", config_for_rate(rate, args.matching))
-                 for rate in _floats(args.attention_rates)]
+                 for rate in merge_rates(args.attention_rates)]
 
     def merges_for(backend_name: str) -> list[tuple[str, MergeConfig]]:
         ladder = ladder_for_backend(backend_name)
-        rates = [rung.rate for rung in ladder[1:]] if args.rates == "ladder" else _floats(args.rates)
+        rates = [rung.rate for rung in ladder[1:]] if args.rates == "ladder" else merge_rates(args.rates)
         rated = [(f"rate={rate:g}", rung_for_rate(rate, ladder).config) for rate in rates]
         return [("unmerged", NONE)] + presets + rated + attention
 
     rows = []
-    combinations = [(b, p) for b in _names(args.backend, BACKEND_NAMES) for p in _names(args.precision, PRECISIONS)]
+    combinations = [(b, p) for b in known_names(args.backend, BACKEND_NAMES) for p in known_names(args.precision, PRECISIONS)]
     if ("eager", "fp32") not in combinations:  # the reference of speedup_vs_unmerged and agreement_vs_unmerged
         rows.append(Row("unmerged", (lambda x: ours(x, NONE)), NONE.name))
     for backend_name, precision in combinations:
@@ -262,14 +278,6 @@ def main(argv: list[str] | None = None) -> int:
         plot_tradeoff(result["rows"], args.plot, title=f"{args.model} at {shape[0]}x{shape[1]}, {result['device']}")
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
-
-
-def _names(text: str, known) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in known]
-    if unknown or not names:
-        raise SystemExit(f"segmerge-bench: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(known)}")
-    return names
 
 
 def _upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -7,11 +7,18 @@ and equality: max |difference| of the class and mask logits), then our model at 
 stage 2 into stage 3 of the schedule). For each: median ms over interleaved rounds (one call of every row per round,
 so machine load drifts hit all rows alike), speed-up against k = 0, the analytic MACs of the whole model and of the
 pixel decoder (``models/mask2former/flops.py``) and the share of pixels whose semantic arg-max (detectron2's
-semantic inference, ``runtime/mask2former_post.semantic_maps``) equals k = 0's.
+semantic inference, ``inference/postprocess/mask2former.py``'s ``semantic_maps``) equals k = 0's.
 
 Weights: random (seeded, fan-in scaled) unless ``--weights`` names a checkpoint (``load_mask2former``: a hub folder,
 a detectron2 file or a ``segmerge-train mask2former`` output). Random weights show speed and equality only: their
 arg-max agreement says nothing about what the knob costs a trained model.
+
+The command line is ``segmerge-bench``'s own (``bench.build_parser``, the same flags for every model), parsed there
+and handed to ``run``: ``--repeat`` (alias ``--repeats``) rounds; ``--rates`` picks the knob settings those merge
+rates select (``ladder``: all); ``--precision fp32`` and ``bf16`` (autocast, on a CPU with native bf16) side by
+side, rows of bf16 named ``ours k=<k>@eager-bf16``. Until Mask2Former has an OpenVINO/compiled path, another
+``--backend``, fp16, bf16 on a CPU without it, ``--presets``, ``--attention-rates``, ``--labels``, ``--plot`` and a
+non-CPU ``--device`` are refused in one line on stderr with exit status 2.
 
 transformers is a test-only dependency: it is imported here when installed and its column is skipped (with a line
 saying why) when it is not, or when it has no such model (MiT backbones, the PRO-SCALE encoder).
@@ -20,6 +27,7 @@ saying why) when it is not, or when it has no such model (MiT backbones, the PRO
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -32,12 +40,16 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from segmerge_ros.models.mask2former.deformable_attention import coarse_layers_for_rate
 from segmerge_ros.models.mask2former.model import Mask2Former, Mask2FormerConfig, knob_settings, mask2former_config
 from segmerge_ros.models.mask2former.flops import model_macs, pixel_decoder_macs_for
 from segmerge_ros.inference.engine import parse_size, to_tensor
 from segmerge_ros.inference.postprocess.mask2former import semantic_maps
+from segmerge_ros.inference.backends import base as backends_base  # cpu_bf16_support looked up at call time
+from segmerge_ros.inference.backends.base import PRECISIONS
+from segmerge_ros.inference.backends.registry import BACKEND_NAMES
 from segmerge_ros.inference.sources import read_rgb
-from segmerge_ros.bench.bench import find_images
+from segmerge_ros.bench.common import find_images, is_mask2former, known_names, merge_rates, refuse
 
 RANDOM_WEIGHTS_NOTE = ("random weights: the times and the equality with transformers are meaningful, the arg-max "
                        "agreement between knob settings is not (load trained weights with --weights)")
@@ -52,6 +64,7 @@ class Row:
     run: Callable[[torch.Tensor], Outputs]
     coarse_layers: int | None = None  # None: the transformers row (the stock model, k = 0)
     min_rate: float | None = None  # the smallest merge rate that selects this knob setting
+    precision: str = "fp32"  # ours in fp32, or bf16 under autocast; transformers' row is fp32
     times_ms: list[float] = field(default_factory=list)
     agreement: list[float] = field(default_factory=list)
     class_diff: float | None = None
@@ -59,32 +72,43 @@ class Row:
     largest_logits: tuple[float, float] = (0.0, 0.0)  # max |class|, |mask| logit of the row (scale of the diffs)
 
 
-def requested(argv: Sequence[str] | None) -> bool:
-    """Whether a ``segmerge-bench`` command line asks for a Mask2Former (``--model mask2former-...``)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    values = [b for a, b in zip(args, args[1:]) if a == "--model"]
-    values += [a.split("=", 1)[1] for a in args if a.startswith("--model=")]
-    return any(value.lower().startswith("mask2former") for value in values)
+def check_args(args: argparse.Namespace) -> list[str]:
+    """The precisions to run (fp32 first when asked); whatever Mask2Former cannot do yet is refused in one line,
+    exit status 2, before any model is built."""
+    if not is_mask2former(args.model):
+        refuse(f"--model {args.model} is not a Mask2Former (mask2former-<backbone>[-proscale])")
+    for backend in known_names(args.backend, BACKEND_NAMES):
+        if backend != "eager":
+            refuse(f"--backend {backend}: Mask2Former runs eager only (no OpenVINO, compiled or TensorRT "
+                         "path for it yet)")
+    precisions = known_names(args.precision, PRECISIONS)
+    for precision in precisions:
+        if precision == "fp16":
+            refuse("--precision fp16: Mask2Former runs on the CPU, in fp32 or bf16 (fp16 needs CUDA)")
+        if precision == "bf16" and backends_base.cpu_bf16_support():
+            refuse(f"--precision bf16: {backends_base.cpu_bf16_support()} on this CPU; use fp32")
+    unsupported = {"--presets": args.presets.strip() and "Mask2Former has no merge presets: pick knob settings "
+                   "with --rates", "--attention-rates": args.attention_rates.strip() and "SegFormer only",
+                   "--labels": args.labels and "no mIoU for Mask2Former yet (agreement with k=0 only)",
+                   "--plot": args.plot and "no plot for Mask2Former yet",
+                   "--device": args.device != "cpu" and "Mask2Former is benchmarked on the CPU only"}
+    for flag, reason in unsupported.items():
+        if reason:
+            refuse(f"{flag}: {reason}")
+    if args.rates.strip() not in ("", "ladder"):
+        merge_rates(args.rates)  # out of range: the SegFormer message
+    return sorted(set(precisions), key=lambda p: p != "fp32")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="segmerge-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="mask2former-<backbone>[-proscale], e.g. mask2former-swin-t, "
-                        "mask2former-r50, mask2former-mit-b0-proscale")
-    parser.add_argument("--size", action="append", default=None,
-                        help="network input HxW, repeatable (default: 576x768 and 512x1024)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported; default 3)")
-    parser.add_argument("--weights", default=None, help="a Mask2Former checkpoint (default: random weights)")
-    parser.add_argument("--config-overrides", default=None,
-                        help='JSON of Mask2FormerConfig fields, "swin.depths" etc. for the backbone\'s, e.g. '
-                        '\'{"num_queries": 20, "swin.depths": [2, 2, 2, 2]}\'')
-    parser.add_argument("--image", default=None, help="an image or a folder (default: the shared Cityscapes frame)")
-    parser.add_argument("--max-images", type=int, default=1, help="images for the agreement (default 1)")
-    parser.add_argument("--no-hf", action="store_true", help="skip the transformers row even when installed")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--json", default=None, help="write the results to this JSON file")
-    return parser.parse_args(argv)
+def settings_for_rates(model: Mask2Former, rates: str) -> list[tuple[int, float]]:
+    """(k, the smallest rate giving k) for the knob settings ``--rates`` selects: every one for ``ladder``, else
+    k = 0 (the reference) and ``coarse_layers_for_rate`` of each rate listed."""
+    settings = knob_settings(model)
+    if rates.strip() == "ladder":
+        return settings
+    full = model.pixel_level_module.decoder.encoder.full_scale_layers
+    chosen = {0} | {coarse_layers_for_rate(rate, full) for rate in merge_rates(rates)}
+    return [(k, rate) for k, rate in settings if k in chosen]
 
 
 def config_with_overrides(name: str, overrides: str | dict | None) -> Mask2FormerConfig:
@@ -166,9 +190,24 @@ def transformers_twin(model: Mask2Former) -> tuple[torch.nn.Module | None, str]:
     return hf, ""
 
 
-def build_rows(model: Mask2Former, hf: torch.nn.Module | None) -> list[Row]:
-    rows = [Row(f"ours k={k}", (lambda k: lambda x: tuple(model(x, coarse_layers=k)))(k), k, rate)
-            for k, rate in knob_settings(model)]
+def build_rows(model: Mask2Former, hf: torch.nn.Module | None, settings: list[tuple[int, float]] | None = None,
+               precisions: Sequence[str] = ("fp32",)) -> list[Row]:
+    """transformers' row (when given), then ours at every knob setting in every precision; fp32 k = 0, the reference
+    of speed-ups and agreement, always and first of ours."""
+    settings = knob_settings(model) if settings is None else settings
+
+    def runner(k: int, precision: str) -> Callable[[torch.Tensor], Outputs]:
+        def run(x: torch.Tensor) -> Outputs:
+            amp = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
+            with amp:
+                return tuple(out.float() for out in model(x, coarse_layers=k))
+        return run
+
+    combos = [(k, rate, p) for p in precisions for k, rate in settings]
+    if (0, "fp32") not in {(k, p) for k, _, p in combos}:
+        combos.insert(0, (0, 0.0, "fp32"))
+    rows = [Row(f"ours k={k}" + ("" if p == "fp32" else f"@eager-{p}"), runner(k, p), k, rate, p)
+            for k, rate, p in combos]
     if hf is not None:
         def run_hf(x: torch.Tensor) -> Outputs:
             out = hf(pixel_values=x)
@@ -184,7 +223,7 @@ def semantic_map(outputs: Outputs, size: tuple[int, int]) -> np.ndarray:
 
 def measure(rows: list[Row], images: list[np.ndarray], size: tuple[int, int], repeats: int) -> None:
     """Quality on every image (the pass also warms every row up), then ``repeats`` interleaved timed rounds."""
-    reference_row = next(row for row in rows if row.coarse_layers == 0)
+    reference_row = next(row for row in rows if row.coarse_layers == 0 and row.precision == "fp32")
     with torch.inference_mode():
         for rgb in images:
             pixels = to_tensor(rgb, size, torch.device("cpu"))
@@ -210,7 +249,7 @@ def measure(rows: list[Row], images: list[np.ndarray], size: tuple[int, int], re
 
 def size_result(config: Mask2FormerConfig, rows: list[Row], size: tuple[int, int]) -> dict:
     medians = {row.name: statistics.median(row.times_ms) for row in rows}
-    k0 = next(row.name for row in rows if row.coarse_layers == 0)
+    k0 = next(row.name for row in rows if row.coarse_layers == 0 and row.precision == "fp32")
     hf_ms = medians.get("transformers")
     macs = {}
     for row in rows:
@@ -225,6 +264,8 @@ def size_result(config: Mask2FormerConfig, rows: list[Row], size: tuple[int, int
             "coarse_layers": row.coarse_layers if row.coarse_layers is not None else 0,
             "min_rate": row.min_rate,
             "implementation": "transformers" if row.coarse_layers is None else "ours",
+            "backend": "eager",
+            "precision": row.precision,
             "median_ms": round(medians[row.name], 2),
             "best_ms": round(min(row.times_ms), 2),  # on a shared machine the least disturbed call
             "times_ms": [round(t, 2) for t in row.times_ms],
@@ -251,14 +292,14 @@ def print_table(result: dict) -> None:
     for entry in result["sizes"]:
         print(f"\n{result['model']} ({result['encoder']}) {entry['size'][0]}x{entry['size'][1]}  {result['device']}  "
               f"{result['weights']}")
-        header = (f"{'row':<14} {'rate>=':>6} {'median ms':>10} {'best ms':>9} {'x vs k=0':>8} {'x vs hf':>8} "
+        header = (f"{'row':<20} {'rate>=':>6} {'median ms':>10} {'best ms':>9} {'x vs k=0':>8} {'x vs hf':>8} "
                   f"{'GMAC':>7} "
                   f"{'pixdec GMAC':>11} {'MAC %':>6} {'agree k=0':>9} {'max|dcls|':>9} {'max|dmask|':>10} "
                   f"{'max|cls|':>8} {'max|mask|':>9}")
         print(header)
         print("-" * len(header))
         for row in entry["rows"]:
-            print(f"{row['name']:<14} {fmt(row['min_rate'], '>6.2f')} {row['median_ms']:>10.1f} "
+            print(f"{row['name']:<20} {fmt(row['min_rate'], '>6.2f')} {row['median_ms']:>10.1f} "
                   f"{row['best_ms']:>9.1f} {row['speedup_vs_k0']:>8.2f} {fmt(row['speedup_vs_transformers'], '>8.2f')} "
                   f"{row['gmac_total']:>7.2f} {row['gmac_pixel_decoder']:>11.2f} {100 * row['macs_share_vs_k0']:>6.1f} "
                   f"{row['agreement_vs_k0']:>9.4f} {fmt(row['max_abs_class_logit_diff_vs_ours'], '>9.2e')} "
@@ -288,11 +329,12 @@ def load_model(args: argparse.Namespace) -> tuple[Mask2Former, str]:
     return randomise_weights(model, args.seed).eval(), f"random weights (seed {args.seed})"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """The rows of ``args`` (``bench.parse_args``'s, for a Mask2Former), timed, printed and written."""
+    precisions = check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes = [parse_size(text) for text in (args.size or ["576x768", "512x1024"])]
+    sizes = [parse_size(text) for text in args.sizes]
     model, weights = load_model(args)
     config = model.config
     notes = [] if args.weights else [RANDOM_WEIGHTS_NOTE]
@@ -305,19 +347,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         np.random.default_rng(args.seed).integers(0, 256, (*sizes[0], 3), dtype=np.uint8)]
     if not paths:
         notes.append("input: random pixels (no image found)")
-    rows = build_rows(model, hf)
+    settings = settings_for_rates(model, args.rates)
+    rows = build_rows(model, hf, settings, precisions)
     result = {
         "model": args.model, "encoder": config.encoder if config.encoder == "stock" else
         f"proscale {tuple(config.proscale_schedule)}", "device": f"cpu ({torch.get_num_threads()} threads)",
-        "weights": weights, "images": [str(p) for p in paths], "repeats": args.repeats, "notes": notes, "sizes": [],
+        "weights": weights, "images": [str(p) for p in paths], "repeats": args.repeat, "notes": notes, "sizes": [],
     }
     for size in sizes:
-        print(f"segmerge-bench: {args.model} at {size[0]}x{size[1]}: {len(rows)} rows x {args.repeats} rounds",
+        print(f"segmerge-bench: {args.model} at {size[0]}x{size[1]}: {len(rows)} rows x {args.repeat} rounds",
               file=sys.stderr)
         for row in rows:
             row.times_ms, row.agreement, row.class_diff, row.mask_diff = [], [], None, None
             row.largest_logits = (0.0, 0.0)
-        measure(rows, images, size, args.repeats)
+        measure(rows, images, size, args.repeat)
         result["sizes"].append(size_result(config, rows, size))
     print_table(result)
     if args.json:
@@ -326,5 +369,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # segmerge-bench parses the command line (bench.py imports this module, not back)
+    refuse("run segmerge-bench --model mask2former-... (python -m segmerge_ros.bench.bench), not this module")

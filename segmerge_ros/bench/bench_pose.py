@@ -5,7 +5,9 @@ side by side), through ``PoseEstimator.estimate`` (crop, one batched forward of 
 Configurations are interleaved round by round so that load from other processes hits them alike. Reported per
 configuration: the median and the minimum wall time (``PoseResult.pose_ms``) and the median process CPU time (all
 threads); the speed-ups divide the unmerged figure by the configuration's at the same N. On a shared machine the
-minimum wall time and the CPU time are the robust figures; the median shows the contention.
+minimum wall time and the CPU time are the robust figures; the median shows the contention. A precision this machine
+lacks (bf16 on a CPU without native bf16) runs as the estimator falls back (fp32): its rows fold into those of the
+precision it ran in, and a note above the table says so.
 
     python -m segmerge_ros.bench.bench_pose --model segformer-b0 --persons 1 4 --repeats 10
     python -m segmerge_ros.bench.bench_pose --configs none --backend eager,openvino --precision fp32,bf16 \
@@ -61,9 +63,11 @@ def _apply(estimator, config: str) -> None:
 
 def run(model: str, persons: list[int], configs: list[str], repeats: int, warmup: int, threads: int | None,
         image: Path | None, variants: list[tuple[str, str, tuple[int, int]]] = (("eager", "fp32", (288, 384)),),
-        cache_dir: str | None = None) -> tuple[list[dict], str]:
+        cache_dir: str | None = None, notes: list[str] | None = None) -> tuple[list[dict], str]:
     """Rows per (variant, persons, merge configuration); a variant is (backend, precision, crop (w, h)), each its own
-    PoseEstimator. Speed-ups divide the first variant's unmerged figure at the same N by the row's."""
+    PoseEstimator. Speed-ups divide the first variant's unmerged figure at the same N by the row's. A variant whose
+    estimator falls back to a variant already there (bf16 without native bf16) adds no rows, and a line to ``notes``
+    saying so."""
     import torch
 
     from segmerge_ros.inference.pose import PoseEstimator
@@ -77,7 +81,10 @@ def run(model: str, persons: list[int], configs: list[str], repeats: int, warmup
         estimator = PoseEstimator(model, device="cpu", max_persons=max(persons), min_person_area=1,
                                   backend=backend, precision=precision, input_size=crop, cache_dir=cache_dir)
         label = f"{estimator.backend}-{estimator.precision} {crop[0]}x{crop[1]}"  # after any fallback to eager
-        estimators[label] = estimator
+        if (estimator.backend, estimator.precision) != (backend, precision) and notes is not None:
+            notes.append(f"{backend}-{precision} {crop[0]}x{crop[1]} asked, ran as {label}{_why(precision)}: "
+                         f"{'folded into its rows' if label in estimators else 'its rows are named so'}")
+        estimators.setdefault(label, estimator)
     person_id = 11
     segs = {n: _segmentation(rgb.shape[:2], n, person_id) for n in persons}
     keys = [(label, config, n) for label in estimators for config in configs for n in persons]
@@ -111,6 +118,16 @@ def run(model: str, persons: list[int], configs: list[str], repeats: int, warmup
     return rows, env
 
 
+def _why(precision: str) -> str:
+    """" (why)" when ``precision`` is bf16 and the bf16 probe says this CPU lacks it; else ""."""
+    if precision != "bf16":
+        return ""
+    from segmerge_ros.inference.backends import base  # looked up at call time: tests replace the probe
+
+    missing = base.cpu_bf16_support()
+    return f" ({missing})" if missing else ""
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| backend-precision crop (w x h) | persons | merge | wall ms / frame, median | wall ms / frame, min | "
              "wall ms / person, min | CPU ms / frame, median | speed-up (wall min) | speed-up (CPU) |",
@@ -138,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--persons", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                         help="comma-separated: none, rate=<r>, or a preset name (hq, fast, 2x2)")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", "--repeat", dest="repeats", type=int, default=10, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--image", type=Path, default=None, help="RGB frame (default: a shared COCO image)")
@@ -152,10 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     t0 = time.perf_counter()
+    notes: list[str] = []
     rows, env = run(args.model, args.persons, configs, args.repeats, args.warmup, args.threads, args.image,
-                    _variants(args.backend, args.precision, args.input_size), args.engine_cache_dir)
+                    _variants(args.backend, args.precision, args.input_size), args.engine_cache_dir, notes)
     text = (f"{args.model} pose, heatmaps at 1/4 of the crop, {args.repeats} timed rounds after {args.warmup} "
-            f"warm-up, rows interleaved; {env}; {time.perf_counter() - t0:.0f} s total\n\n" + table(rows))
+            f"warm-up, rows interleaved; {env}; {time.perf_counter() - t0:.0f} s total\n\n"
+            + "".join(f"note: {note}\n" for note in notes) + ("\n" if notes else "") + table(rows))
     print(text)
     if args.markdown:
         args.markdown.write_text(text + "\n")

@@ -4,7 +4,7 @@
 
 For every rung of the eager and OpenVINO ladders (the logits come from the eager model, so the rung's logit size and
 real class boundaries are what the node sees), on each frame: the reference (all K channels upsampled bilinearly to
-``--size``, then the arg-max) and ``upsampled_argmax``, on one torch thread as the engine runs them. Prints medians,
+``--size``, then the arg-max) and ``upsampled_argmax``, at torch's thread count as the engine runs them. Prints medians,
 their ratio and whether the two class maps are identical (they must be). Timing only: nothing is asserted.
 """
 
@@ -47,7 +47,6 @@ def _median_ms(call, repeat: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     size = parse_size(args.size)
-    torch.set_num_threads(1)  # as the engine's post-processing runs
     engine = SegmentationEngine(weights=args.weights or None, input_size=size)
     source = args.source or str(default_video())
     frames = [cv2.resize(frame, (size[1], size[0])) for frame, _ in zip(iter_frames(source), range(args.frames))]

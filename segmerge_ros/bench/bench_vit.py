@@ -25,17 +25,10 @@ import torch
 
 from segmerge_ros.models.vit.segmenter import count_parameters
 from segmerge_ros.inference.sources import read_rgb
-from segmerge_ros.training.train import (
-    MemoryDataset,
-    PairDataset,
-    evaluate,
-    heldout_pairs,
-    load_trained_model,
-    model_normalisation,
-    parse_size,
-    predict_logits,
-    to_tensor_batch,
-)
+from segmerge_ros.inference.engine import parse_size
+from segmerge_ros.training.segmentation_data import MemoryDataset, PairDataset, heldout_pairs, to_tensor_batch
+from segmerge_ros.training.segmentation_models import load_trained_model, model_normalisation, predict_logits
+from segmerge_ros.training.train_segmentation import evaluate
 
 
 def final_token_share(model, patches: int) -> float | None:

@@ -277,7 +277,7 @@ class PoseEstimator:
                  cache_dir: str | None = None) -> None:
         import torch
 
-        from segmerge_ros.inference.backends.base import make_backend, split_device
+        from segmerge_ros.inference.backends.registry import make_backend, split_device
         from segmerge_ros.inference.ladder import precision_plan
         from segmerge_ros.inference.memory import keep_freed_memory
 

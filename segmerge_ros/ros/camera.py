@@ -23,7 +23,7 @@ from visualization_msgs.msg import MarkerArray
 
 from segmerge_ros.inference.budget import ArrivalRate
 from segmerge_ros.ros.diagnostics import CameraSnapshot, FrameTiming
-from segmerge_ros.models.mask2former.checkpoints import is_mask2former_name
+from segmerge_ros.inference.families.registry import family_for
 from segmerge_ros.ros.frame_pipeline import (CONFIDENCE, INSTANCES, INSTANCES_INFO, KEYPOINTS, MARKERS, MASK, OVERLAY, PANOPTIC,
                              PANOPTIC_INFO)
 from segmerge_ros.ros.startup import labels_message
@@ -74,7 +74,7 @@ class Camera:
         self.markers_pub = publisher(MarkerArray, "pose/markers", OUTPUT_QOS)
         self.publishers = {MASK: self.mask_pub, CONFIDENCE: self.confidence_pub, OVERLAY: self.overlay_pub,
                            KEYPOINTS: self.keypoints_pub, MARKERS: self.markers_pub}
-        if is_mask2former_name(node.get_parameter("model").value):  # the models that give instances
+        if family_for(node.get_parameter("model").value).has_instances:  # the models that give instances
             self.publishers[INSTANCES] = publisher(Image, "segmentation/instances", OUTPUT_QOS)
             self.publishers[INSTANCES_INFO] = publisher(String, "segmentation/instances/info", OUTPUT_QOS)
             if node.get_parameter("panoptic.enable").value:

@@ -31,6 +31,12 @@ class FrameTiming:
     merge_rate: float
     persons: int = -1       # -1: pose was off for this frame
     pose_ms: float = math.nan
+    # the stages of processing_ms, timed inside the node (nan where a stage did not run)
+    decode_ms: float = math.nan
+    preprocess_ms: float = math.nan
+    network_ms: float = math.nan      # the backend call alone
+    postprocess_ms: float = math.nan
+    publish_ms: float = math.nan      # building and publishing the messages (overlay and markers included)
 
 
 @dataclass(frozen=True)
@@ -60,16 +66,27 @@ class BudgetSnapshot:
     calibrating: bool = False
 
 
+STAGES = ("decode_ms", "preprocess_ms", "network_ms", "postprocess_ms", "publish_ms")
+
+
 def _mean(values) -> float:
     values = [v for v in values if math.isfinite(v)]
     return sum(values) / len(values) if values else math.nan
 
 
+def _percentile(values, share: float) -> float:
+    """Nearest-rank percentile of the finite values (nan when none)."""
+    values = sorted(v for v in values if math.isfinite(v))
+    return values[min(len(values) - 1, max(0, math.ceil(share * len(values)) - 1))] if values else math.nan
+
+
 def camera_status(node_name: str, camera: CameraSnapshot, budget: BudgetSnapshot, current_rate: float,
-                  current_merge_name: str, pose_enabled: bool, pose_model: str = "") -> DiagnosticStatus:
+                  current_merge_name: str, pose_enabled: bool, pose_model: str = "",
+                  threads: dict[str, str] | None = None) -> DiagnosticStatus:
     """The DiagnosticStatus of one camera for one window. ``current_rate``/``current_merge_name``: the engine's
     setting, shown when the window processed no frame. ``pose_model``: "building", "ready" or "failed: <reason>"
-    ("" while no pose model was ever asked for)."""
+    ("" while no pose model was ever asked for). ``threads``: the thread governor's state (threads in use, the
+    other processes' load), shown as it is."""
     timings = camera.timings
     rate = timings[-1].merge_rate if timings else current_rate
     processing_ms = _mean(t.processing_ms for t in timings)
@@ -79,6 +96,9 @@ def camera_status(node_name: str, camera: CameraSnapshot, budget: BudgetSnapshot
         "latency_ms": f"{_mean(t.latency_ms for t in timings):.2f}",
         "inference_ms": f"{_mean(t.inference_ms for t in timings):.2f}",
         "processing_ms": f"{processing_ms:.2f}",
+        "processing_p50_ms": f"{_percentile((t.processing_ms for t in timings), 0.5):.2f}",
+        "processing_p90_ms": f"{_percentile((t.processing_ms for t in timings), 0.9):.2f}",
+        **{f"{stage[:-3]}_p50_ms": f"{_percentile((getattr(t, stage) for t in timings), 0.5):.2f}" for stage in STAGES},
         "fps": f"{len(timings) / camera.window_s:.2f}",
         "dropped_frames": str(camera.dropped),
         "bad_frames": str(camera.bad),
@@ -96,6 +116,7 @@ def camera_status(node_name: str, camera: CameraSnapshot, budget: BudgetSnapshot
         values["pose_ms"] = f"{_mean(t.pose_ms for t in posed):.2f}"
     if pose_model:
         values["pose_model"] = pose_model
+    values.update(threads or {})
 
     level, message = DiagnosticStatus.OK, f"{len(timings)} frames in {camera.window_s:.1f} s"
     if not timings:

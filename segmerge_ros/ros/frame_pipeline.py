@@ -81,6 +81,10 @@ class FrameTimes:
     merge_rate: float        # the rate this frame ran at (nan for a preset)
     merge_name: str          # the merge configuration's name (ladder rung or preset)
     persons: int = -1        # -1: pose did not run
+    preprocess_ms: float = math.nan   # the engine's stages (inference_ms is their sum)
+    network_ms: float = math.nan
+    postprocess_ms: float = math.nan
+    publish_ms: float = math.nan      # the rest: building and publishing messages, overlay and markers
 
 
 @dataclass
@@ -100,27 +104,11 @@ class FrameOutputs:
     panoptic_info: String | None = None  # JSON: each segment's class, thing or stuff, score
 
 
-def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
-
-
 def minimum_network_side(engine: SegmentationEngine) -> int:
-    """The smallest height/width the engine's network runs at: every MiT stage's spatial-reduction convolution needs
-    a grid at least as large as its kernel (29 px for SegFormer's strides and reductions). Plain ViTs pad any size."""
-    if not engine.is_segformer:
-        return 1
-    config = engine.model.config
-    side = 1
-    while True:
-        grid, fits = side, True
-        for patch, stride, reduction in zip(config.patch_sizes, config.strides, config.sr_ratios):
-            grid = _conv_out(grid, patch, stride, patch // 2)
-            if grid < max(reduction, 1):
-                fits = False
-                break
-        if fits:
-            return side
-        side += 1
+    """The smallest height/width the engine's network runs at (its family's ``minimum_input_side``: 29 px for
+    SegFormer's MiT, whose every stage's spatial-reduction convolution needs a grid at least its kernel; plain ViTs
+    pad any size)."""
+    return engine.family.minimum_input_side
 
 
 class FramePipeline:
@@ -189,12 +177,15 @@ class FramePipeline:
             overlay_msg = rgb8_image(blended, header)
             emit(OVERLAY, overlay_msg)
 
+        processing_ms = (time.perf_counter() - started) * 1e3  # pose included: the budget controller sees it
+        decode_ms = (decoded - started) * 1e3
+        pose_ms = pose.pose_ms if pose is not None else math.nan
         times = FrameTimes(
-            decode_ms=(decoded - started) * 1e3, inference_ms=result.inference_ms,
-            pose_ms=pose.pose_ms if pose is not None else math.nan,
-            processing_ms=(time.perf_counter() - started) * 1e3,  # pose included: the budget controller sees it
+            decode_ms=decode_ms, inference_ms=result.inference_ms, pose_ms=pose_ms, processing_ms=processing_ms,
             merge_rate=result.merge_rate, merge_name=result.merge_name,
-            persons=pose.num_persons if pose is not None else -1)
+            persons=pose.num_persons if pose is not None else -1,
+            preprocess_ms=result.preprocess_ms, network_ms=result.network_ms, postprocess_ms=result.postprocess_ms,
+            publish_ms=processing_ms - decode_ms - result.inference_ms - (pose_ms if pose is not None else 0.0))
         return FrameOutputs(header, mask, confidence, overlay_msg, keypoints, markers, times, result, pose,
                             instances, instances_info, panoptic, panoptic_info)
 
@@ -215,7 +206,7 @@ class FramePipeline:
         pose.keypoint_threshold = settings.keypoint_threshold
         if settings.merge_rate >= 0:
             pose.set_merge_rate(settings.merge_rate)
-        elif self.engine.is_segformer:
+        elif self.engine.family.merge_configs:
             # The encoder stages of the rung or preset this frame ran with (head and input scale are the
             # segmentation's own); the config is read after infer(), so a change in between shows a frame later.
             pose.set_merge_config(self.engine.merge_config, result.merge_rate)

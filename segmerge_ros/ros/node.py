@@ -34,6 +34,7 @@ import threading
 import time
 
 import rclpy
+import torch
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.exceptions import NameValidationException, ParameterException
@@ -44,6 +45,7 @@ from std_msgs.msg import Float32
 
 from segmerge_ros.inference.budget import BudgetController, BudgetMode, fps_demand
 from segmerge_ros.inference.pose import PoseEstimator
+from segmerge_ros.inference.threads import ThreadGovernor, thread_pool_policy
 from segmerge_ros.ros.camera import Camera
 from segmerge_ros.ros.conversions import BadFrame
 from segmerge_ros.ros.diagnostics import BudgetSnapshot, FailureLog, FrameTiming, camera_status
@@ -74,6 +76,7 @@ class SegmergeNode(Node):
         if reason:
             raise StartupError(reason)
         self._pose: PoseEstimator | None = None  # built on first enable: no cost while pose is off
+        self._threads: ThreadGovernor | None = None  # built with the models, on the worker thread
         self._pose_builder: threading.Thread | None = None  # builds the pose model on first live enable
         self._pose_state = ""  # "", "building", "ready" or "failed: <reason>" (diagnostics key pose_model)
         self._pose_settings = pose_settings(self.param)
@@ -111,6 +114,14 @@ class SegmergeNode(Node):
                 raise StartupError(reason)
         self.engine = build_engine(self.param, self.get_logger().warning)  # refuses what cannot run, warms up
         self.pipeline = FramePipeline(self.engine, self._pose, warn=self.get_logger().warning)
+        # torch's thread count is this thread's to change, between frames (inference/threads.py). OpenVINO's network
+        # runs on threads of its own, fixed when a rung is compiled: there the governor would act on pre- and
+        # post-processing only, so it stays off.
+        self._threads = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads,
+                                       enabled=bool(self.param("threads.adapt")) and self._governs_threads())
+
+    def _governs_threads(self) -> bool:
+        return self.engine.backend in ("eager", "compile")
 
     def _finish_setup(self, topics: list[str]) -> None:
         """Everything after the models, on the constructing thread: budget, cameras, parameter callbacks, timers."""
@@ -260,6 +271,8 @@ class SegmergeNode(Node):
             self._publish_overlay = bool(self.param("publish_overlay"))
         if "overlay_alpha" in names:
             self._overlay_alpha = float(self.param("overlay_alpha"))
+        if "threads.adapt" in names and self._threads is not None:
+            self._threads.enabled = bool(self.param("threads.adapt")) and self._governs_threads()
         if any(name.startswith("pose.") for name in names):
             was_enabled = self._pose_settings.enable
             self._pose_settings = pose_settings(self.param)  # the worker picks it up from the next frame
@@ -392,7 +405,10 @@ class SegmergeNode(Node):
             camera.published += 1
             camera.last_merge = times.merge_name
             camera.timings.append(FrameTiming(latency_ms, times.inference_ms, times.processing_ms, times.merge_rate,
-                                              times.persons, times.pose_ms))
+                                              times.persons, times.pose_ms, times.decode_ms, times.preprocess_ms,
+                                              times.network_ms, times.postprocess_ms, times.publish_ms))
+        # the network's time (at this frame's rung) is what the thread count acts on; pose runs at the same count
+        self._threads.observe(times.network_ms, times.merge_name)
         with self._budget_lock:
             next_rate = budget_step(self._budget, self.engine, times.processing_ms, times.merge_rate)
             changed = next_rate is not None and next_rate != self._budget_rate
@@ -442,8 +458,17 @@ class SegmergeNode(Node):
         for snapshot in snapshots:
             array.status.append(camera_status(self.get_name(), snapshot, budget, self.engine.merge_rate,
                                               self.engine.merge_config.name, self._pose_settings.enable,
-                                              self._pose_state))
+                                              self._pose_state, self._thread_values()))
         self._diagnostics_pub.publish(array)
+
+    def _thread_values(self) -> dict[str, str]:
+        state = self._threads.state if self._threads is not None else None
+        if state is None:
+            return {}
+        others = state.others_cores
+        return {"threads": str(state.threads), "threads_adapt": str(self._threads.enabled).lower(),
+                "cpu_others_cores": f"{others:.2f}" if others is not None else "nan",
+                "thread_choice": state.last_choice, "thread_pools": thread_pool_policy()}
 
     # -- shutdown -------------------------------------------------------------------------------------------------
     def stop(self, timeout_s: float = STOP_WAIT_S) -> None:

@@ -12,7 +12,8 @@ from typing import Any
 from segmerge_ros.merging.segformerpp import MAX_MERGE_RATE, PRESETS
 from segmerge_ros.models.vit.methods import is_vit_model_name
 from segmerge_ros.models.mask2former.checkpoints import is_mask2former_name
-from segmerge_ros.inference.backends.base import BACKEND_NAMES, PRECISION_CHOICES
+from segmerge_ros.inference.backends.base import PRECISION_CHOICES
+from segmerge_ros.inference.backends.registry import BACKEND_NAMES
 from segmerge_ros.inference.pose import POSE_MODES
 
 MODELS = tuple(f"segformer-b{i}" for i in range(6))  # SegFormer sizes (also the pose model's choices)
@@ -127,6 +128,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "std_msgs/Float32 topic carrying a compute budget in ms (e.g. from an onboard compute manager); each "
               "message sets budget.target_latency_ms and switches budget mode to latency. Empty = not subscribed.",
               read_only=True),
+    ParamSpec("threads.adapt", True,
+              "Re-choose torch's thread count when other processes load the CPU (and again when it calms): a few "
+              "frames at each count, the fastest kept; shown in /diagnostics as threads and cpu_others_cores. "
+              "False = the thread count torch started with. Eager and compile backends (OpenVINO sets its own)."),
     ParamSpec("instances.score_threshold", 0.5,
               "Mask2Former: instances scoring below this (class probability x mean mask probability) are not "
               "published on <ns>/segmentation/instances (mono16 ids) and <ns>/segmentation/instances/info (JSON).",

@@ -2,10 +2,11 @@
 encoder) from a semantic teacher on video frames, then score it per knob setting on held-out frames.
 
 No Mask2Former weights exist on these machines, so this is how the project gets one that has learned (issue 13
-item 5). The pieces are ``segmerge-train``'s (``training/train.py``): frames and the teacher's labels
-(``distillation_samples``, with its label cache), augmentation and batches (``sample_batch``), the learning-rate
-schedule, the optimiser-state files for ``--resume``, the held-out folder (``heldout_pairs``) and its mIoU / pixel
-accuracy (``evaluate``). What is Mask2Former's own:
+item 5). The pieces are ``segmerge-train``'s: frames and the teacher's labels (``segmentation_data``'s
+``distillation_samples``, with its label cache), augmentation and batches, the learning-rate schedule and the
+held-out mIoU / pixel accuracy (``train_segmentation``'s ``sample_batch``, ``learning_rate``, ``evaluate``), the
+optimiser-state files for ``--resume`` (``optimizer_state``) and the held-out folder (``heldout_pairs``). What is
+Mask2Former's own:
 
 * The student: ``mask2former-mit-b0`` (or ``-proscale``), its MiT encoder copied from a trained SegFormer
   (``--init``, default the shared vtest student: its ``encoder.*`` are ``pixel_level_module.encoder.*`` here), the
@@ -13,7 +14,7 @@ accuracy (``evaluate``). What is Mask2Former's own:
   (``initialise_for_training``).
 * The loss: semantic distillation through Mask2Former's own semantic inference, not the set-prediction loss. Each
   prediction's per-pixel class scores ``einsum(softmax(class)[:, :-1], sigmoid(mask))``
-  (``runtime/mask2former_post.semantic_scores``), normalised over the classes, upsampled to the crop, and the
+  (``inference/postprocess/mask2former.semantic_scores``), normalised over the classes, upsampled to the crop, and the
   negative log-likelihood of the teacher's label (255 ignored), averaged over every decoder layer's prediction
   (``forward_all_layers``: the initial queries' and each layer's, Mask2Former's deep supervision). It needs no
   Hungarian matching and trains exactly what the node's semantic output reads; the price is that queries are not
@@ -24,7 +25,7 @@ accuracy (``evaluate``). What is Mask2Former's own:
   ``segmerge-train``'s ``segformer:PATH`` / ``vit:PATH``.
 
 Output ``OUT/``: ``model/config.json`` + ``model/model.safetensors`` (our key names; ``load_distilled`` reads it
-back through ``models/mask2former_checkpoints.load_mask2former`` with the config from the JSON),
+back through ``models/mask2former/checkpoints.load_mask2former`` with the config from the JSON),
 ``optimizer.safetensors`` + ``train_state.json`` (``--resume``), ``train_log.jsonl`` and ``metrics.json``: per knob
 setting k, mIoU and pixel accuracy against the teacher's labels of the held-out frames, arg-max agreement with
 k = 0, ms per frame and MACs.
@@ -62,7 +63,20 @@ from segmerge_ros.models.vit.segmenter import IGNORE_INDEX
 from segmerge_ros.inference.postprocess.mask2former import semantic_scores
 from segmerge_ros.inference.metrics import ConfusionMatrix
 from segmerge_ros.inference.sources import shared_data_dir
-from segmerge_ros.training import train as base
+from segmerge_ros.training.arguments import parse_crop, parse_range
+from segmerge_ros.training.optimizer_state import optimizer_tensors, restore_optimizer
+from segmerge_ros.training.progress import Progress
+from segmerge_ros.training.segmentation_data import (
+    PairDataset,
+    Teacher,
+    distillation_samples,
+    heldout_pairs,
+    resize_frame,
+    resize_labels,
+    to_tensor_batch,
+)
+from segmerge_ros.training.segmentation_teachers import load_teacher as load_segmentation_teacher
+from segmerge_ros.training.train_segmentation import TrainSettings, evaluate, learning_rate, sample_batch
 
 CHECKPOINT_FORMAT = SEGMERGE_CHECKPOINT_FORMAT
 DEEPLAB_SIZE = 513  # the DeepLab .tflite's fixed input
@@ -101,15 +115,15 @@ class DeepLabTeacher:
         self.interpreter.set_tensor(self.input, square[None])
         self.interpreter.invoke()
         labels = self.interpreter.get_tensor(self.output)[0].astype(np.uint8)
-        return base.resize_labels(labels, rgb.shape[:2])
+        return resize_labels(labels, rgb.shape[:2])
 
 
-def load_teacher(spec: str) -> base.Teacher:
+def load_teacher(spec: str) -> Teacher:
     """``deeplab:PATH`` or any of ``segmerge-train``'s teachers (``segformer:PATH``, ``vit:PATH``)."""
     kind, _, path = spec.partition(":")
     if kind == "deeplab":
         return DeepLabTeacher(path)
-    return base.load_teacher(spec)
+    return load_segmentation_teacher(spec)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,7 +227,7 @@ def knob_report(model: Mask2Former, heldout, input_scale: float, max_samples: in
     size = None
     for index in range(count):
         rgb, label = heldout[index]
-        pixels = base.to_tensor_batch([base.resize_frame(rgb, input_scale)], IMAGENET_MEAN, IMAGENET_STD)
+        pixels = to_tensor_batch([resize_frame(rgb, input_scale)], IMAGENET_MEAN, IMAGENET_STD)
         size = tuple(pixels.shape[-2:])
         predictions = {}
         for k, view in views.items():  # interleaved per frame, so load drifts hit every setting alike
@@ -251,7 +265,7 @@ def model_class_names(model: Mask2Former) -> list[str]:
 # Training
 
 
-def distil(model: Mask2Former, dataset, settings: base.TrainSettings, out: Path, heldout=None,
+def distil(model: Mask2Former, dataset, settings: TrainSettings, out: Path, heldout=None,
            time_budget: float = 0.0, bf16: bool = False, resume: bool = False, extra: dict | None = None,
            backbone_lr_factor: float = 0.1) -> list[dict]:
     """Train on ``dataset`` ((rgb, label) samples) with ``semantic_distillation_loss``; save to ``out``.
@@ -273,7 +287,7 @@ def distil(model: Mask2Former, dataset, settings: base.TrainSettings, out: Path,
         from segmerge_ros.models.checkpoint_errors import load_state_dict_strict
 
         load_state_dict_strict(model, load_file(str(out / "model" / "model.safetensors")), str(out / "model"))
-        base.restore_optimizer(optimizer, load_file(str(out / "optimizer.safetensors")), state["optimizer"])
+        restore_optimizer(optimizer, load_file(str(out / "optimizer.safetensors")), state["optimizer"])
         start, elapsed_before = state["step"], state["seconds"]
     records: list[dict] = []
     log_file = (out / "train_log.jsonl").open("a")
@@ -286,21 +300,21 @@ def distil(model: Mask2Former, dataset, settings: base.TrainSettings, out: Path,
     def checkpoint(step: int, seconds: float) -> None:
         save_checkpoint(model, out / "model", {"training": dataclasses.asdict(settings), "step": step,
                                                "train_seconds": round(seconds, 1), **(extra or {})})
-        tensors, rest_state = base.optimizer_tensors(optimizer)
+        tensors, rest_state = optimizer_tensors(optimizer)
         save_file(tensors, str(out / "optimizer.safetensors"))
         (out / "train_state.json").write_text(json.dumps({"step": step, "seconds": seconds, "optimizer": rest_state}))
 
-    progress = base.Progress(settings.steps, "mask2former", start=start)
+    progress = Progress(settings.steps, "mask2former", start=start)
     model.train()
     began = time.perf_counter()
     step = start
     seconds = elapsed_before
     while step < settings.steps and not (time_budget and seconds >= time_budget):
         done_share = max(step / settings.steps, seconds / time_budget if time_budget else 0.0)
-        lr = base.learning_rate(max(step, int(done_share * settings.steps)), settings)
+        lr = learning_rate(max(step, int(done_share * settings.steps)), settings)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_factor"]
-        images, labels = base.sample_batch(dataset, settings, step, IMAGENET_MEAN, IMAGENET_STD)
+        images, labels = sample_batch(dataset, settings, step, IMAGENET_MEAN, IMAGENET_STD)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             predictions = model.forward_all_layers(images)
         losses = semantic_distillation_loss([Mask2FormerOutput(p.class_logits.float(), p.mask_logits.float())
@@ -316,7 +330,7 @@ def distil(model: Mask2Former, dataset, settings: base.TrainSettings, out: Path,
         emit({"step": step, "lr": lr, "seconds": round(seconds, 2), **values})
         progress.update(step, loss=values["total"])
         if heldout is not None and settings.eval_every and step % settings.eval_every == 0:
-            scores = base.evaluate(SemanticView(model), heldout, model.config.num_classes, settings.eval_scale,
+            scores = evaluate(SemanticView(model), heldout, model.config.num_classes, settings.eval_scale,
                                    settings.max_eval)
             emit({"step": step, "eval": scores})
             model.train()
@@ -347,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SegFormer whose MiT encoder starts the backbone ('none': random)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--crop", default="256x320", help="training crop HxW")
+    p.add_argument("--crop", type=parse_crop, default="256x320", help="training crop HxW")
     p.add_argument("--scale-range", default="0.75,1.25")
     p.add_argument("--lr", type=float, default=3e-4, help="decoders' learning rate; the backbone gets 0.1x")
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -371,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    heldout = base.PairDataset(base.heldout_pairs(args.heldout)) if args.heldout else None
+    heldout = PairDataset(heldout_pairs(args.heldout)) if args.heldout else None
     if args.evaluate_only:
         model = load_distilled(out / "model")
     else:
@@ -379,10 +393,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         init = None if args.init in (None, "", "none") else args.init
         model = build_student(args.model, init, args.proscale, proscale_schedule=schedule)
         teacher = load_teacher(args.teacher)
-        dataset = base.distillation_samples(args.source, teacher, base.parse_range(args.frames), args.frame_scale,
+        dataset = distillation_samples(args.source, teacher, parse_range(args.frames), args.frame_scale,
                                             args.label_cache)
-        settings = base.TrainSettings(
-            steps=args.steps, batch_size=args.batch, crop=base.parse_size(args.crop),
+        settings = TrainSettings(
+            steps=args.steps, batch_size=args.batch, crop=args.crop,
             scale_range=tuple(float(v) for v in args.scale_range.split(",")), lr=args.lr,
             weight_decay=args.weight_decay, warmup=args.warmup, eval_every=args.eval_every,
             save_every=args.save_every, eval_scale=args.frame_scale, max_eval=args.max_eval, seed=args.seed)

@@ -134,7 +134,7 @@ class OpenVINOBackend(PreparedBackend):
         self.environment = dict(environment) if environment is not None else openvino_environment(openvino_device)
         self._weights = weights_hash(self.model.state_dict())
         self.engines: dict[str, tuple[Path, str]] = {}  # rung name -> (IR file, "built" | "reused")
-        # Read now: the engine post-processes on one torch thread, and a rung compiled then must not get one.
+        # Read now: the thread governor may change torch's count later, and OpenVINO keeps its own pool.
         self.threads = torch.get_num_threads()
 
     def key_fields(self, shape: tuple[int, ...], config: MergeConfig) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """The TensorRT backend: one engine per (input shape, rung, precision), built through torch-tensorrt and cached on disk
-(``engine_cache.EngineCache``). The only module that touches torch-tensorrt; it is not runnable without CUDA and
+(``backends/cache.py``'s ``EngineCache``). The only module that touches torch-tensorrt; it is not runnable without CUDA and
 TensorRT, and its cache and rebuild logic is tested with a fake ``EngineIO``.
 """
 
@@ -12,6 +12,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from segmerge_ros.merging.segformerpp import MergeConfig
 from segmerge_ros.inference.backends.base import PreparedBackend, RungModule
 from segmerge_ros.inference.backends.cache import EngineCache, EngineIO, default_cache_dir, engine_key_fields, weights_hash
 

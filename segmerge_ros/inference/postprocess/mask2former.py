@@ -227,7 +227,7 @@ def instance_boxes(instance_map: InstanceMap) -> tuple[np.ndarray, np.ndarray]:
 
 def person_boxes_from_instances(instance_map: InstanceMap, person_ids: Sequence[int], min_area: int = 400,
                                 max_persons: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Person boxes from instances of the person classes, as ``runtime.pose.person_boxes_from_segmentation`` gives
+    """Person boxes from instances of the person classes, as ``inference.pose.person_boxes_from_segmentation`` gives
     them from a class map (xyxy, largest first, at least ``min_area`` pixels, at most ``max_persons``), but one box
     per person even where people touch."""
     boxes, areas = instance_boxes(instance_map)

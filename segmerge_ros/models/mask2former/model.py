@@ -23,7 +23,7 @@ weight, dropped when loading (H2's loaders).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, NamedTuple
 
 import torch

@@ -1,7 +1,7 @@
 """Plain ViT encoder (patch 16) with the two Segmenter decoders (linear and mask transformer).
 
 Parameter names follow the Segmenter layout (``encoder.*`` = timm's ViT names, ``decoder.*``) so that timm and
-Segmenter checkpoints map onto this module with renames only (see ``vit_checkpoints.py``).
+Segmenter checkpoints map onto this module with renames only (see ``models/vit/checkpoints.py``).
 
 Every block accepts an optional additive attention bias over the keys, ``(B, 1, 1, T)``: token-reduction methods
 (``segmerge_ros/models/vit/algm.py``, ``clustvit.py``, ``dovit.py``) pass ``log(size)`` there for proportional attention

@@ -1,0 +1,93 @@
+"""Mask2Former (``mask2former-<backbone>[-proscale]``, ``models/mask2former/model.py``): semantic maps, instances and
+panoptic segments from one forward pass.
+
+``merge_rate`` maps onto the pixel-decoder encoder's coarse-layer knob (``coarse_layers_for_rate``), whose settings
+are the ladder levels; the result also holds instances, thresholded at ``instance_score_threshold``, at most
+``max_instances``, and with ``panoptic`` detectron2's panoptic segmentation, stuff and things as
+``postprocess/mask2former.thing_classes`` knows them, every class a thing otherwise. Eager only (no compiled path).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+
+from segmerge_ros.merging.segformerpp import NONE, MergeConfig
+from segmerge_ros.models.labels import label_set
+from segmerge_ros.models.mask2former.checkpoints import is_mask2former_name, load_mask2former
+from segmerge_ros.models.mask2former.deformable_attention import KNOB_SETTINGS, coarse_layers_for_rate
+from segmerge_ros.models.mask2former.model import Mask2Former, mask2former_config
+from segmerge_ros.inference.backends.base import PRECISIONS, Backend, autocast
+from segmerge_ros.inference.families.base import FamilyOutputs, ModelFamily, OutputOptions
+from segmerge_ros.inference.ladder import Step
+from segmerge_ros.inference.postprocess.mask2former import (instance_id_map, instance_segmentation,
+                                                            panoptic_segmentation, semantic_maps, semantic_scores,
+                                                            thing_classes)
+
+Raw = tuple[torch.Tensor, torch.Tensor]  # class logits (1, Q, K+1), mask logits (1, Q, h/4, w/4)
+
+
+class Mask2FormerFamily(ModelFamily):
+    """Mask2Former with the encoder knob; ``panoptic`` may be switched between frames."""
+
+    has_instances = True
+
+    def __init__(self, *args, options: OutputOptions = OutputOptions(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.instance_score_threshold = float(options.instance_score_threshold)
+        self.max_instances = int(options.max_instances)
+        self.thing_ids = thing_classes(self.labels)
+        self.panoptic = bool(options.panoptic)
+
+    @classmethod
+    def claims(cls, model_name: str) -> bool:
+        return is_mask2former_name(model_name)
+
+    @classmethod
+    def load(cls, model_name: str, weights: str | None, *, num_classes: int, device: torch.device,
+             options: OutputOptions) -> Mask2FormerFamily:
+        if weights:
+            loaded = load_mask2former(weights, expect=model_name)
+            return cls("mask2former", loaded.model, loaded.labels, device, options=options)
+        torch.manual_seed(0)
+        model = Mask2Former(mask2former_config(model_name, num_classes=num_classes)).eval()
+        return cls("mask2former", model, label_set(num_classes), device, options=options)
+
+    @property
+    def full_scale_layers(self) -> int:
+        """The encoder layers on all three levels, which the knob may run on the coarse ones."""
+        return self.model.pixel_level_module.decoder.encoder.full_scale_layers
+
+    def coarse_layers(self, rate: float) -> int:
+        """The knob setting for a merge rate."""
+        return coarse_layers_for_rate(rate if math.isfinite(rate) else 0.0, self.full_scale_layers)
+
+    def ladder_rates(self, ladder: tuple[Step, ...]) -> list[float]:
+        return [rate for rate, layers in KNOB_SETTINGS if layers < self.full_scale_layers]
+
+    def merge_step(self, rate: float, step: Step) -> Step:
+        return Step(rate, replace(NONE, name=f"mask2former coarse_layers={self.coarse_layers(rate)}"), step.precision)
+
+    def forward(self, pixels: torch.Tensor, merge: MergeConfig, precision: str, rate: float, backend: Backend) -> Raw:
+        with autocast(self.device, PRECISIONS[precision]):
+            output = self.model(pixels, coarse_layers=self.coarse_layers(rate))
+        return output.class_logits.float(), output.mask_logits.float()
+
+    def scores(self, raw: Raw) -> torch.Tensor:
+        return semantic_scores(*raw)
+
+    def outputs(self, raw: Raw, size: tuple[int, int], upsample: str, confidence: bool) -> FamilyOutputs:
+        """Class map and confidence (``upsample`` does not apply: detectron2's semantic inference), instances and
+        (with ``panoptic``) the panoptic segmentation at ``size``."""
+        class_logits, mask_logits = raw
+        class_map, confidence_map = semantic_maps(class_logits, mask_logits, size)
+        instances = instance_id_map(instance_segmentation(class_logits, mask_logits, size, top_k=self.max_instances,
+                                                          score_threshold=self.instance_score_threshold,
+                                                          thing_ids=self.thing_ids))
+        panoptic = None
+        if self.panoptic:
+            things = range(self.labels.num_classes) if self.thing_ids is None else self.thing_ids
+            panoptic = panoptic_segmentation(class_logits, mask_logits, size, thing_ids=things)
+        return FamilyOutputs(class_map, confidence_map if confidence else None, instances, panoptic)

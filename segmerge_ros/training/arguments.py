@@ -1,0 +1,34 @@
+"""Command-line values shared by ``segmerge-train``'s subcommands: frame ranges and training crop sizes."""
+
+from __future__ import annotations
+
+import argparse
+
+from segmerge_ros.inference.engine import parse_size
+
+
+def parse_range(text: str) -> tuple[int, int | None, int]:
+    """``"0:640:2"`` -> (0, 640, 2); ``"100:"`` -> (100, None, 1)."""
+    parts = (text.split(":") + ["", ""])[:3]
+    start = int(parts[0] or 0)
+    stop = int(parts[1]) if parts[1] else None
+    step = int(parts[2] or 1)
+    return start, stop, step
+
+
+def parse_crop(text: str) -> tuple[int, int]:
+    """``--crop`` for argparse's ``type=``: ``"256x320"`` (height x width) or ``"256"`` (a square).
+
+    The size rules are the engine's ``parse_size`` (at least 32x32); a bad value becomes an argparse error that
+    names the option instead of a traceback.
+    """
+    text = text.strip()
+    if text.isdigit():  # the square shorthand segmerge-train has always taken; parse_size wants both sides
+        text = f"{text}x{text}"
+    try:
+        size = parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if size is None:  # parse_size reads "" as "the frame's own size", which a training crop cannot be
+        raise argparse.ArgumentTypeError("a crop size is required, e.g. 256x320 (HEIGHTxWIDTH)")
+    return size
