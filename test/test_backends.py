@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -107,6 +110,15 @@ def test_bf16_on_a_cpu_without_native_bf16_runs_fp32_with_a_warning(b0, caplog, 
     backend = make_backend("eager", b0, "cpu", precision="bf16")
     assert backend.dtype == torch.float32 and backend.precision == "fp32"
     assert any("bf16" in r.getMessage() and "fp32" in r.getMessage() for r in caplog.records)
+
+
+def test_segmerge_cpu_bf16_off_makes_this_cpu_answer_as_one_without_bf16():
+    probe = ("from segmerge_ros.inference.backends.base import cpu_bf16_support, resolve_precision\n"
+             "import torch; print(repr(cpu_bf16_support())); print(resolve_precision('bf16', torch.device('cpu')))")
+    env = {k: v for k, v in os.environ.items() if k != "SEGMERGE_CPU_BF16"}
+    off = subprocess.run([sys.executable, "-c", probe], env={**env, "SEGMERGE_CPU_BF16": "off"}, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.splitlines()
+    assert "SEGMERGE_CPU_BF16=off" in off[0] and off[1] == "torch.float32"
 
 
 def test_bf16_on_a_cpu_with_native_bf16_computes_in_bf16(b0, pixels, monkeypatch):

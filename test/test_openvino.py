@@ -268,3 +268,29 @@ def test_pose_runs_through_the_same_backend_and_equals_eager(tmp_path):
         ours, reference = compiled.forward(pixels), eager.forward(pixels)
     assert ours.shape == reference.shape == (2, 17, small[1] // 4, small[0] // 4)
     assert np.abs(ours - reference).max() <= 1e-4
+
+
+def test_set_threads_compiles_each_rung_once_per_thread_count_with_the_same_output(student_dir, cache, frame):
+    engine = SegmentationEngine(weights=str(student_dir), input_size=SIZE, backend="openvino", cache_dir=str(cache))
+    backend = engine._backends["fp32"]
+    compiled: list[int] = []
+    load = backend.engine_io.load
+
+    def counting_load(path):
+        compiled.append(backend.threads)  # the thread count this rung is compiled for
+        return load(path)
+
+    backend.engine_io = EngineIO(build=backend.engine_io.build, load=counting_load)
+    before = torch.get_num_threads()
+    reference = engine.infer(frame).class_map
+    try:
+        assert engine.runs_on_cpu_threads
+        engine.set_threads(1)
+        assert torch.get_num_threads() == 1 and backend.threads == 1
+        assert np.array_equal(engine.infer(frame).class_map, reference)
+        assert compiled == [1]  # the rung in use, compiled anew for one thread
+        engine.set_threads(before)
+        assert np.array_equal(engine.infer(frame).class_map, reference)
+        assert compiled == [1]  # back to the count it was warmed at: nothing compiled again
+    finally:
+        torch.set_num_threads(before)

@@ -151,3 +151,28 @@ def test_governor_at_the_most_threads_does_not_recheck_on_a_steady_cpu():
     governor = ThreadGovernor(2, applied.append, FakeLoad(), min_interval_s=1.0, recheck_s=1.0)
     drive(governor, {2: 40.0, 1: 70.0}.get, 200, 0.0)
     assert applied == [] and governor.state.phase == "steady"
+
+
+def test_governor_does_not_time_the_first_frame_after_a_switch():
+    """That frame pays for the switch (a pool starting, OpenVINO compiling the rung for the new count)."""
+    applied: list[int] = []
+    load = FakeLoad()
+    governor = ThreadGovernor(2, applied.append, load, min_interval_s=1.0, probe_frames=2)  # a median of 2
+    switched = {"pending": False}
+
+    def set_threads(n: int) -> None:
+        applied.append(n)
+        switched["pending"] = True
+
+    governor._set_threads = set_threads
+
+    def cost(threads: int) -> float:
+        if switched["pending"]:
+            switched["pending"] = False
+            return 5000.0  # a compile on the first frame at the new count
+        return {2: 300.0, 1: 90.0}[threads]
+
+    now = drive(governor, {2: 40.0, 1: 70.0}.get, 20, 0.0)
+    load.cores = 2.0
+    drive(governor, cost, 60, now)
+    assert governor.threads == 1 and governor.state.probe_ms == {2: 300.0, 1: 90.0}

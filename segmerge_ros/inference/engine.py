@@ -184,6 +184,18 @@ class SegmentationEngine:
         return steps
 
     @property
+    def runs_on_cpu_threads(self) -> bool:
+        """Whether the network's time depends on the CPU thread count (the thread governor's actuator)."""
+        return any(backend.runs_on_cpu_threads for backend in self._backends.values())
+
+    def set_threads(self, threads: int) -> None:
+        """Run the next frames on ``threads`` CPU threads, in torch and in every backend's own pool (OpenVINO).
+        Called between frames, on the thread that calls ``infer``."""
+        with self._lock:
+            for backend in self._backends.values():
+                backend.set_threads(threads)
+
+    @property
     def eager_fallbacks(self) -> str:
         """Empty when every backend is the one asked for and every prepared rung is compiled; else what is not."""
         problems = [f"{name}: {backend.name}" for name, backend in self._backends.items() if backend.name != self.backend]

@@ -158,6 +158,7 @@ class ThreadGovernor:
         self._probe: list[int] = []  # candidates still to try
         self._probe_rung: object = None
         self._samples: dict[int, list[float]] = {}
+        self._settling = False  # the next frame is the first after a switch: not timed
 
     @property
     def threads(self) -> int:
@@ -213,6 +214,7 @@ class ThreadGovernor:
         self._probe = [current] + [n for n in self.candidates if n != current]
         self._probe_rung = rung
         self._samples = {}
+        self._settling = False
         self.state.phase = "probing"
 
     def _continue_probe(self, network_ms: float, rung: object) -> None:
@@ -222,6 +224,9 @@ class ThreadGovernor:
         trying = self._probe[0]
         if trying != self.state.threads:
             return  # the frame ran before the switch took effect
+        if self._settling:
+            self._settling = False  # the first frame after a switch pays for it (pool start, OpenVINO compile)
+            return
         samples = self._samples.setdefault(trying, [])
         samples.append(network_ms)
         if len(samples) < self.probe_frames:
@@ -255,3 +260,4 @@ class ThreadGovernor:
         if threads != self.state.threads:
             self._set_threads(threads)
             self.state.threads = threads
+            self._settling = True

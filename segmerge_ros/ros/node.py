@@ -114,14 +114,13 @@ class SegmergeNode(Node):
                 raise StartupError(reason)
         self.engine = build_engine(self.param, self.get_logger().warning)  # refuses what cannot run, warms up
         self.pipeline = FramePipeline(self.engine, self._pose, warn=self.get_logger().warning)
-        # torch's thread count is this thread's to change, between frames (inference/threads.py). OpenVINO's network
-        # runs on threads of its own, fixed when a rung is compiled: there the governor would act on pre- and
-        # post-processing only, so it stays off.
-        self._threads = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads,
+        # The thread count is this thread's to change, between frames (inference/threads.py): torch's pool and
+        # OpenVINO's (one compiled model per count). A network on a GPU does not depend on it: no governor there.
+        self._threads = ThreadGovernor(torch.get_num_threads(), self.engine.set_threads,
                                        enabled=bool(self.param("threads.adapt")) and self._governs_threads())
 
     def _governs_threads(self) -> bool:
-        return self.engine.backend in ("eager", "compile")
+        return self.engine.runs_on_cpu_threads
 
     def _finish_setup(self, topics: list[str]) -> None:
         """Everything after the models, on the constructing thread: budget, cameras, parameter callbacks, timers."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from functools import lru_cache
@@ -99,7 +100,10 @@ CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf
 def cpu_bf16_support() -> str:
     """Empty when this CPU computes bf16 natively (AVX512-BF16 or AMX on x86, or oneDNN says so); otherwise why not.
 
-    Without native instructions bf16 is emulated and slower than fp32, so it is never worth choosing there."""
+    Without native instructions bf16 is emulated and slower than fp32, so it is never worth choosing there.
+    ``SEGMERGE_CPU_BF16=off`` makes this CPU answer as one without (to test an AVX2-only robot's behaviour here)."""
+    if os.environ.get("SEGMERGE_CPU_BF16", "").lower() == "off":
+        return "native bf16 turned off by SEGMERGE_CPU_BF16=off"
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
@@ -155,6 +159,16 @@ class Backend:
 
     def run(self, pixels: torch.Tensor, config: MergeConfig) -> torch.Tensor:
         raise NotImplementedError
+
+    @property
+    def runs_on_cpu_threads(self) -> bool:
+        """Whether the network's time depends on the CPU thread count (what the thread governor acts on)."""
+        return self.device.type == "cpu"
+
+    def set_threads(self, threads: int) -> None:
+        """Run the next frames on ``threads`` CPU threads: torch's intra-op pool, and a backend's own pool where it
+        has one. Called between frames, on the thread that runs the model (torch's count is per process)."""
+        torch.set_num_threads(threads)
 
     def warm(
         self, configs: Iterable[MergeConfig] | None = None, input_shape: Sequence[int] | None = None

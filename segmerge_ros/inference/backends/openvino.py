@@ -134,8 +134,25 @@ class OpenVINOBackend(PreparedBackend):
         self.environment = dict(environment) if environment is not None else openvino_environment(openvino_device)
         self._weights = weights_hash(self.model.state_dict())
         self.engines: dict[str, tuple[Path, str]] = {}  # rung name -> (IR file, "built" | "reused")
-        # Read now: the thread governor may change torch's count later, and OpenVINO keeps its own pool.
+        # OpenVINO keeps its own pool, fixed per compiled model: one set of compiled rungs per thread count
         self.threads = torch.get_num_threads()
+        self._by_threads: dict[int, dict] = {}
+
+    @property
+    def runs_on_cpu_threads(self) -> bool:  # type: ignore[override]
+        return self.openvino_device == "CPU"
+
+    def set_threads(self, threads: int) -> None:
+        """torch's pool (pre- and post-processing) and OpenVINO's: the rungs compiled for ``threads`` threads are
+        used from the next frame; one not yet compiled for that count is compiled from the cached IR when a frame
+        first needs it (that frame stalls, and the thread governor does not time it)."""
+        super().set_threads(threads)
+        if self.openvino_device != "CPU" or threads == self.threads:
+            return
+        with self._lock:
+            self._by_threads[self.threads] = self._prepared
+            self.threads = threads
+            self._prepared = self._by_threads.get(threads, {})
 
     def key_fields(self, shape: tuple[int, ...], config: MergeConfig) -> dict[str, str]:
         # The IR holds fp32 weights whatever the inference precision (applied when compiling), so one entry serves
@@ -146,8 +163,11 @@ class OpenVINOBackend(PreparedBackend):
     def _compile(self, path: Path) -> Callable[[np.ndarray], np.ndarray]:
         core = openvino_core()
         properties = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[self.precision], "PERFORMANCE_HINT": "LATENCY"}
-        if self.openvino_device == "CPU":  # torch's thread budget when the backend was made (OMP_NUM_THREADS, ...)
+        if self.openvino_device == "CPU":
+            # the thread governor's count (torch's when the backend was made); unpinned, so that on a CPU shared
+            # with navigation and SLAM a thread can move off a busy core (measured: docs/benchmarks.md, section 13)
             properties["INFERENCE_NUM_THREADS"] = self.threads
+            properties["ENABLE_CPU_PINNING"] = False
         if self.openvino_device.split(".")[0] in ("GPU", "NPU"):  # compiling for these takes long; the CPU is quick
             properties["CACHE_DIR"] = str(self.cache.cache_dir / "openvino_compiled")
         compiled = core.compile_model(core.read_model(str(path)), self.openvino_device, properties)
