@@ -214,6 +214,28 @@ def test_a_calibration_spoiled_by_a_load_burst_recovers(noise, seed):
         assert set(settled) == {0.6}, settled  # exactly the least merging rung that meets 70 ms (66.7 ms)
 
 
+# The opposite burst (issue 19): the first two calibration rates (0 and 0.45) run 3x slower under a load that then
+# goes away, so the less-merged rungs look far too slow and the controller parks at 0.9, 50 ms against 70.
+EARLY_BURST = {frame: 3.0 for frame in range(6)}
+
+
+@pytest.mark.parametrize("noise,seed", [(0.0, 0), (0.03, 0), (0.03, 1), (0.03, 3)])
+def test_a_calibration_under_load_that_then_calms_gives_merging_back(noise, seed):
+    """Before the downward probe this stayed at rate 0.9 (50 ms, 0.71x the 70 ms target) for good."""
+    rng = random.Random(seed)
+    controller = BudgetController("latency", target_latency_ms=70.0, levels=RUNGS)
+    rate, rates = 0.0, []
+    for frame in range(400):
+        rates.append(rate)
+        latency = rung_latency(rate) * EARLY_BURST.get(frame, 1.0) * (rng.gauss(1.0, noise) if noise else 1.0)
+        rate = controller.update(latency, rate_used=rate)
+    settled = rates[80:]
+    within = sum(1 for r in settled if abs(rung_latency(r) - 70.0) / 70.0 <= TOLERANCE)
+    assert within >= 0.95 * len(settled), settled
+    if noise == 0.0:
+        assert set(settled) == {0.6}, settled
+
+
 def test_merging_that_does_not_pay_is_probed_rarely():
     """The flip side of re-probing: where merging really saves nothing, probes find no gain and space out."""
     plant = Plant(seed=6)

@@ -277,6 +277,31 @@ def test_segmentation_mode_and_max_persons_set_live(client, node, street):
     set_ok(client, {"pose.max_persons": 4, "pose.mode": "full_frame"})
 
 
+def test_budget_mode_poses_fewer_people_when_pose_keeps_it_from_its_target(client, node, street):
+    """Issue 19: at its highest merge rate and still over the target, with pose a large share of the frame, budget
+    mode lowers the people posed per frame (never the user's pose.max_persons), and lifts that when switched off."""
+    set_ok(client, {"pose.mode": "segmentation", "pose.max_persons": 4})
+    before = send(client, street, 4, 0.2, answered_by=client.clouds)
+    assert client.spin_until(lambda: len(client.clouds.stamped(before)) >= 3, 20)
+    assert max(persons(client.clouds.stamped(before))) >= 2  # several people posed without budget mode
+    since = time.monotonic()
+    set_ok(client, {"budget.target_latency_ms": 1.0, "budget.mode": "latency"})  # out of reach: rate 0.9 and less
+    send(client, street, 30, 0.02, answered_by=client.clouds)
+    capped = send(client, street, 5, 0.02, answered_by=client.clouds)
+    assert client.spin_until(lambda: len(client.clouds.stamped(capped)) >= 4, 20)
+    assert max(persons(client.clouds.stamped(capped))) == 1, persons(client.clouds.stamped(capped))
+    client.spin_for(1.1)
+    windows = client.windows_after(CAM, since)
+    assert any(w.values.get("pose_people_cap") == "1" for w in windows), [w.values.get("pose_people_cap")
+                                                                             for w in windows]
+    assert client.get_parameters("pose.max_persons")["pose.max_persons"] == 4  # the user's value is untouched
+    set_ok(client, {"budget.mode": "off", "merge_rate": 0.0})
+    after = send(client, street, 4, 0.2, answered_by=client.clouds)
+    assert client.spin_until(lambda: len(client.clouds.stamped(after)) >= 3, 20)
+    assert max(persons(client.clouds.stamped(after))) >= 2  # the cap went with budget mode
+    set_ok(client, {"pose.mode": "full_frame", "budget.target_latency_ms": 100.0})
+
+
 @pytest.mark.parametrize("name,value", [
     ("pose.mode", "bottom_up"),
     ("pose.merge_rate", -0.5),       # -1 or [0, 0.95]

@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", default="all",
                         help="thread mechanisms, comma-separated: all (default: sleeping OpenMP threads and the thread "
                              "governor), spin (OpenMP's spinning), fixed (no governor), none (neither)")
+    parser.add_argument("--domain", type=int, default=None,
+                        help="ROS_DOMAIN_ID of the first node (default: 150-199 from the configuration); one per run")
     parser.add_argument("--json", default=None)
     return parser.parse_args(argv)
 
@@ -182,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         backend, precision = pair.split(":")
         for variant in variants:
             env_extra, params_extra = VARIANTS[variant]
-            domain = 150 + (zlib.crc32(f"{pair}/{variant}".encode()) + index) % 50
+            domain = (150 + (zlib.crc32(f"{pair}/{variant}".encode()) + index) % 50 if args.domain is None
+                      else args.domain + len(rows) // max(1, len(rates) * len(loads)))
             node = measure_node(args, backend, precision, rates, domain, loads, env_extra, params_extra)
             for (load, rate), stats in node.items():
                 calm = node.get((loads[0], rate), stats)

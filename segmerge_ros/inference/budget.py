@@ -18,7 +18,11 @@ How it works:
    the controller re-probes the neighbouring faster rung for a few frames. Faster than the model predicted (beyond
    the timing noise): the model is wrong, so it re-calibrates. As predicted: the point is learned and the wait
    before the next probe doubles, so a machine where merging really does not pay spends few frames merged.
-   Switching budget mode on again re-calibrates too.
+   Switching budget mode on again re-calibrates too. The same holds the other way: a calibration under load makes
+   the rungs with less merging look too slow once the CPU calms, so while the latency stays well under the target
+   (by more than ``underrun``, a rung or two) and the model offers nothing better, the controller probes the
+   neighbouring rung with less merging (measured
+   2026-12-07: without this, budget mode stayed at 0.64x its target after a load burst; docs/benchmarks.md §13).
 
 "fps" mode is latency mode with a target of 1000/fps ms: with one worker, the frame period is the processing time.
 With several cameras the worker's frame rate is shared: :func:`fps_demand` adds up what each camera needs, from
@@ -67,6 +71,7 @@ class BudgetTuning:
     probe_step: float = 0.15        # the neighbouring rate probed without discrete levels
     reprobe_frames: int = 30        # frames before a rate's measurement is old enough to probe it again
     max_reprobe_frames: int = 960   # cap of that wait, which doubles after each probe that found no gain
+    underrun: float = 0.25          # this far under the target with nothing better on offer, the model is suspect
 
 
 def isotonic_non_increasing(values: list[float]) -> list[float]:
@@ -295,10 +300,15 @@ class BudgetController:
         step = max(-tuning.max_step, min(tuning.max_step, wanted - current))
         new_rate = self._snap(current + step)
         if abs(new_rate - current) < tuning.min_step:
+            # missed (or well under), and the model offers nothing better: measure the neighbouring rung
+            probe = None
             if expected > (1.0 + self.deadband) * target:
-                probe = self._probe_candidate(current)
-                if probe is not None:  # missed, and the model offers nothing better: measure the next rung
-                    return self._start_probe(probe)
+                probe = self._probe_candidate(current, faster=True)
+            elif expected < (1.0 - max(self.deadband, tuning.underrun)) * target:
+                # more than a rung or two under: normal between two rungs, not this far
+                probe = self._probe_candidate(current, faster=False)
+            if probe is not None:
+                return self._start_probe(probe)
             return self._hold(current)
         self._frames_at_rate = 0
         self._rate = new_rate
@@ -309,15 +319,25 @@ class BudgetController:
     def _key(rate: float) -> float:
         return round(rate, 4)
 
-    def _probe_candidate(self, current: float) -> float | None:
-        """The next faster rung above ``current`` when its measurement is missing or old enough, else None."""
-        if current >= self.max_rate - 1e-9:
-            return None
-        if self.levels is not None:
-            above = [level for level in self.levels if current + 1e-9 < level <= self.max_rate + 1e-9]
-            neighbour = above[0] if above else self.max_rate
+    def _probe_candidate(self, current: float, faster: bool) -> float | None:
+        """The neighbouring rung (the next faster one above ``current``, or the next with less merging below it)
+        when its measurement is missing or old enough, else None."""
+        if faster:
+            if current >= self.max_rate - 1e-9:
+                return None
+            if self.levels is not None:
+                above = [level for level in self.levels if current + 1e-9 < level <= self.max_rate + 1e-9]
+                neighbour = above[0] if above else self.max_rate
+            else:
+                neighbour = min(current + self.tuning.probe_step, self.max_rate)
         else:
-            neighbour = min(current + self.tuning.probe_step, self.max_rate)
+            if current <= self.min_rate + 1e-9:
+                return None
+            if self.levels is not None:
+                below = [level for level in self.levels if self.min_rate - 1e-9 <= level < current - 1e-9]
+                neighbour = below[-1] if below else self.min_rate
+            else:
+                neighbour = max(current - self.tuning.probe_step, self.min_rate)
         measured = self._measured_at.get(self._key(neighbour))
         if measured is not None and self.frames_seen - measured < self._reprobe_frames:
             return None
@@ -386,6 +406,64 @@ class BudgetController:
         self._model = LatencyModel(rates + [rate], latencies + [latency_ms])
         # The model is now in today's units; keep whatever part of the measurement isotonic smoothing left out.
         self._scale = latency_ms / self._model.predict(rate)
+
+
+class PoseWork:
+    """How many people pose estimates per frame in budget mode, within the user's ``pose.max_persons``.
+
+    When several people are in view pose can take most of a frame, and the merge rate alone cannot bring the frame
+    back under the target (measured 2026-12-07: two cameras with pose at rate 0.9 still took 414 and 280 ms against
+    250). While budget mode misses its target at its highest merge rate and pose takes at least ``pose_share`` of
+    the frame, the cap drops to the people that fit (at what one person costs now, at least one); while a person
+    more would fit under the target with ``room`` to spare, it rises by one, up to the user's maximum. At most one
+    change per ``dwell`` frames. It never writes the user's parameters: ``cap`` is None while it does not limit."""
+
+    def __init__(self, dwell: int = 8, pose_share: float = 0.25, miss: float = 0.1, room: float = 0.1,
+                 give_back_room: float = 0.2, alpha: float = 0.3):
+        self.dwell, self.pose_share, self.miss, self.room, self.alpha = dwell, pose_share, miss, room, alpha
+        self.give_back_room = give_back_room
+        self.reset()
+
+    def reset(self) -> None:
+        self.cap: int | None = None
+        self._frames = 0
+        self._processing: float | None = None
+        self._per_person: float | None = None
+
+    def limit(self, user_max: int) -> int:
+        """The people to pose on the next frame."""
+        return user_max if self.cap is None else min(self.cap, user_max)
+
+    def update(self, processing_ms: float, pose_ms: float, persons: int, target_ms: float | None,
+               rate_room: float, user_max: int) -> int | None:
+        """After a frame (``persons`` posed in ``pose_ms`` of its ``processing_ms``); ``rate_room``: how much more the
+        merge rate may rise (max_merge_rate minus the rate chosen). Returns the new cap (None: the user's maximum);
+        ``target_ms`` None (budget mode off) lifts the cap. Merging comes first: people are given back once the
+        rate has ``give_back_room`` to rise again, or a person more fits under the target."""
+        if target_ms is None:
+            self.reset()
+            return None
+        self._frames += 1
+        smooth = lambda old, new: new if old is None else (1 - self.alpha) * old + self.alpha * new  # noqa: E731
+        self._processing = smooth(self._processing, processing_ms)
+        if persons > 0 and math.isfinite(pose_ms):
+            self._per_person = smooth(self._per_person, pose_ms / persons)
+        if self._frames < self.dwell or self._per_person is None:
+            return self.cap
+        limit = self.limit(user_max)
+        over = self._processing - target_ms
+        if (rate_room < 1e-6 and over > self.miss * target_ms and persons >= limit > 1
+                and persons * self._per_person >= self.pose_share * self._processing):
+            fewer = max(1, math.ceil(over / self._per_person))
+            self._change(max(1, limit - fewer), user_max)
+        elif self.cap is not None and (rate_room >= self.give_back_room - 1e-6
+                                       or self._processing + self._per_person <= (1 - self.room) * target_ms):
+            self._change(limit + 1, user_max)
+        return self.cap
+
+    def _change(self, cap: int, user_max: int) -> None:
+        self.cap = None if cap >= user_max else cap
+        self._frames = 0
 
 
 class ArrivalRate:

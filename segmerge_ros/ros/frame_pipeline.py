@@ -126,6 +126,8 @@ class FramePipeline:
         self._warn = warn or (lambda message: None)
         self._warned_no_person_classes = False
         self.min_side = minimum_network_side(engine)
+        # budget mode's cap on the people posed per frame (PoseWork); None: the user's pose.max_persons
+        self.pose_people_cap: int | None = None
 
     def process(self, msg: Image | CompressedImage, camera_info: CameraInfo | None = None,
                 settings: FrameSettings = FrameSettings(),
@@ -201,7 +203,9 @@ class FramePipeline:
         """Apply this frame's settings snapshot to the estimator, then estimate."""
         pose = self.pose
         pose.mode = settings.mode
-        pose.max_persons = settings.max_persons
+        max_persons = settings.max_persons if self.pose_people_cap is None else min(settings.max_persons,
+                                                                                    self.pose_people_cap)
+        pose.max_persons = max_persons
         pose.min_person_area = settings.min_person_area
         pose.keypoint_threshold = settings.keypoint_threshold
         if settings.merge_rate >= 0:
@@ -221,7 +225,7 @@ class FramePipeline:
         if settings.mode == "segmentation" and result.instances is not None:
             # One crop per person instance: people who touch in the class map still get a crop each.
             boxes, _ = person_boxes_from_instances(result.instances, person_ids, settings.min_person_area,
-                                                   settings.max_persons)
+                                                   max_persons)
             return pose.estimate_boxes(rgb, boxes)
         return pose.estimate(rgb, result.class_map, person_ids)
 

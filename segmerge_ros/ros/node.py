@@ -43,7 +43,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from std_msgs.msg import Float32
 
-from segmerge_ros.inference.budget import BudgetController, BudgetMode, fps_demand
+from segmerge_ros.inference.budget import BudgetController, BudgetMode, PoseWork, fps_demand
 from segmerge_ros.inference.pose import PoseEstimator
 from segmerge_ros.inference.threads import ThreadGovernor, thread_pool_policy
 from segmerge_ros.ros.camera import Camera
@@ -136,6 +136,7 @@ class SegmergeNode(Node):
             levels=getattr(self.engine, "ladder_rates", None),
         )
         self._budget_rate: float | None = None
+        self._pose_work = PoseWork()  # budget mode's cap on the people posed per frame (worker thread only)
         if self.param("budget.mode") != BudgetMode.OFF.value and self.param("preset") != "none":
             self.get_logger().warning(f"preset {self.param('preset')!r} ignored: budget mode chooses merge rates")
             self.set_parameters([Parameter("preset", value="none")])  # callbacks are not registered yet
@@ -413,6 +414,12 @@ class SegmergeNode(Node):
             changed = next_rate is not None and next_rate != self._budget_rate
             if next_rate is not None:
                 self._budget_rate = next_rate
+            if times.persons >= 0 or not self._budget.active:  # pose ran on this frame, or budget mode is off
+                rate = next_rate if next_rate is not None else times.merge_rate
+                self.pipeline.pose_people_cap = self._pose_work.update(
+                    times.processing_ms, times.pose_ms, times.persons,
+                    self._budget.target_ms if self._budget.active and self._budget.calibrated else None,
+                    self._budget.max_rate - rate, self._pose_settings.max_persons)
         if changed:
             self._reflect_rate.trigger()
 
@@ -465,7 +472,8 @@ class SegmergeNode(Node):
         if state is None:
             return {}
         others = state.others_cores
-        return {"threads": str(state.threads), "threads_adapt": str(self._threads.enabled).lower(),
+        cap = self._pose_work.cap
+        return {"pose_people_cap": "max_persons" if cap is None else str(cap), "threads": str(state.threads), "threads_adapt": str(self._threads.enabled).lower(),
                 "cpu_others_cores": f"{others:.2f}" if others is not None else "nan",
                 "thread_choice": state.last_choice, "thread_pools": thread_pool_policy()}
 

@@ -129,9 +129,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "message sets budget.target_latency_ms and switches budget mode to latency. Empty = not subscribed.",
               read_only=True),
     ParamSpec("threads.adapt", True,
-              "Re-choose torch's thread count when other processes load the CPU (and again when it calms): a few "
-              "frames at each count, the fastest kept; shown in /diagnostics as threads and cpu_others_cores. "
-              "False = the thread count torch started with. Eager and compile backends (OpenVINO sets its own)."),
+              "Re-choose the thread count (torch's, and OpenVINO's on the CPU) when other processes load the CPU (and "
+              "again when it calms): a few frames at each count, the fastest kept; shown in /diagnostics as threads "
+              "and cpu_others_cores. False = the thread count torch started with. No effect for a network on a GPU."),
     ParamSpec("instances.score_threshold", 0.5,
               "Mask2Former: instances scoring below this (class probability x mean mask probability) are not "
               "published on <ns>/segmentation/instances (mono16 ids) and <ns>/segmentation/instances/info (JSON).",
