@@ -15,7 +15,8 @@ from segmerge_ros.inference.threads import CpuLoad, ThreadGovernor
 PROBE = (
     "import json, os, segmerge_ros.ros, torch\n"
     "from segmerge_ros.inference.threads import thread_pool_policy\n"
-    "print(json.dumps({'policy': os.environ.get('OMP_WAIT_POLICY'), 'said': thread_pool_policy(),"
+    "print(json.dumps({'policy': os.environ.get('OMP_WAIT_POLICY'), 'spin': os.environ.get('GOMP_SPINCOUNT'),"
+    " 'said': thread_pool_policy(),"
     " 'info': torch.__config__.parallel_info()}))\n"
 )
 
@@ -28,18 +29,19 @@ def run_probe(**env: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_importing_the_node_layer_sets_a_passive_wait_policy_before_torch_loads():
+def test_importing_the_node_layer_bounds_openmps_spin_before_torch_loads():
     seen = run_probe()
-    assert seen["policy"] == "PASSIVE"
-    assert "sleep while waiting" in seen["said"]
+    assert seen["spin"] == "10000" and seen["policy"] is None  # a bounded spin, not PASSIVE (45 % slower calm)
+    assert "spin briefly" in seen["said"] and "too late" not in seen["said"]
 
 
 def test_the_users_wait_policy_wins_and_the_opt_out_leaves_the_defaults():
-    assert run_probe(OMP_WAIT_POLICY="ACTIVE")["policy"] == "ACTIVE"
+    active = run_probe(OMP_WAIT_POLICY="ACTIVE")
+    assert active["policy"] == "ACTIVE" and active["spin"] is None
     spin = run_probe(GOMP_SPINCOUNT="20000")
-    assert spin["policy"] is None and "GOMP_SPINCOUNT=20000" in spin["said"]
+    assert spin["spin"] == "20000" and "GOMP_SPINCOUNT=20000" in spin["said"]
     default = run_probe(SEGMERGE_THREADS="default")
-    assert default["policy"] is None and "defaults" in default["said"]
+    assert default["policy"] is None and default["spin"] is None and "defaults" in default["said"]
 
 
 def test_cpu_load_counts_other_processes_not_our_own(tmp_path):

@@ -1,13 +1,15 @@
-"""Threads on a shared CPU: OpenMP pools that sleep instead of spinning, and the thread count as an actuator.
+"""Threads on a shared CPU: OpenMP pools that spin only briefly, and the thread count as an actuator.
 
 A robot's CPU is shared with navigation, SLAM and drivers. Two things cost this node far more than its fair share
 there (docs/benchmarks.md, section 13):
 
 1. OpenMP's worker threads spin while they wait for a partner at the end of every parallel region. When the partner
    has been descheduled by a busy neighbour, the spinning burns the core the partner needs: measured 8-9x slower
-   with two busy processes on two cores. ``prepare_thread_pools()`` sets ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once)
-   before torch loads: libgomp reads it exactly once, when the library is loaded, so it must run before ``import
-   torch``. The ROS-facing packages (``ros``, ``apps``, ``bench``) call it from their ``__init__``, which Python runs
+   with two busy processes on two cores. ``prepare_thread_pools()`` bounds the spin (``GOMP_SPINCOUNT=10000``, then
+   sleep) before torch loads: libgomp reads it exactly once, when the library is loaded, so it must run before
+   ``import torch``. Not ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once): a merged model runs many short parallel
+   regions, and waking a sleeping pool for each cost 45 % at the top rung on a calm CPU, where a bounded spin costs
+   nothing measurable and is as fair under load (docs/benchmarks.md, section 13e). The ROS-facing packages (``ros``, ``apps``, ``bench``) call it from their ``__init__``, which Python runs
    before any of their modules imports torch. A user's own ``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT`` or
    ``KMP_BLOCKTIME`` wins; ``SEGMERGE_THREADS=default`` leaves the libraries' defaults. numba's arg-max is serial
    (no pool); OpenVINO's threads are set per compiled model (``INFERENCE_NUM_THREADS``).
@@ -33,7 +35,7 @@ from typing import Callable
 
 LOG = logging.getLogger(__name__)
 
-WAIT_POLICY = {"OMP_WAIT_POLICY": "PASSIVE"}
+WAIT_POLICY = {"GOMP_SPINCOUNT": "10000"}  # libgomp's default is 300000 (30x longer) when the cores are not oversubscribed
 USER_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 OPT_OUT = "SEGMERGE_THREADS"  # "default": leave OpenMP's own wait policy (spinning)
 
@@ -65,11 +67,11 @@ def _prepare() -> str:
     os.environ.update(WAIT_POLICY)  # children (the demo's node and camera) inherit it
     if "torch" in sys.modules:
         # libgomp has read its settings already: this process keeps spinning; say so rather than pretend.
-        LOG.warning("OMP_WAIT_POLICY set after torch was loaded: it applies to child processes only; start the "
-                    "process through segmerge_ros's entry points (or export OMP_WAIT_POLICY=PASSIVE) for a fair "
+        LOG.warning("GOMP_SPINCOUNT set after torch was loaded: it applies to child processes only; start the "
+                    "process through segmerge_ros's entry points (or export GOMP_SPINCOUNT=10000) for a fair "
                     "share of a busy CPU")
-        return "too late for this process (torch loaded first); children sleep while waiting"
-    return "OpenMP threads sleep while waiting (OMP_WAIT_POLICY=PASSIVE)"
+        return "too late for this process (torch loaded first); children spin briefly, then sleep"
+    return "OpenMP threads spin briefly, then sleep while waiting (GOMP_SPINCOUNT=10000)"
 
 
 class CpuLoad:
