@@ -12,14 +12,16 @@ Arguments:
 
 Fast DDS: unless FASTRTPS_DEFAULT_PROFILES_FILE is already set, the node (and RViz) get the installed
 config/fastdds.xml, whose large shared-memory segment lets raw frames of up to 1920x1080 arrive. The segment that
-carries a frame is the publisher's: start camera drivers with the same variable. The profile used is logged.
+carries a frame is the publisher's: start camera drivers with the same variable. The profile used is logged. It is
+given to these two processes only (their own environment), never to the launch context: a launch file that
+includes this one keeps its own processes' environment.
 """
 
 import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction, SetEnvironmentVariable
+from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
@@ -40,34 +42,46 @@ def fastdds_profile(environment, default_profile):
 
 
 def _fastdds_profile(context, default_profile):
+    """(log line, environment for our processes): the package's profile only where the user set none."""
     profile, chosen_by_user = fastdds_profile(context.environment, default_profile)
     rmw = context.environment.get("RMW_IMPLEMENTATION", "")
     if rmw and not rmw.startswith("rmw_fastrtps"):
-        return [LogInfo(msg=f"segmerge: RMW_IMPLEMENTATION={rmw}: the Fast DDS profile {profile} does not apply")]
+        return LogInfo(msg=f"segmerge: RMW_IMPLEMENTATION={rmw}: the Fast DDS profile {profile} does not apply"), {}
     if chosen_by_user:
-        return [LogInfo(msg=f"segmerge: Fast DDS profile {profile} ({PROFILE_VARIABLE} from the environment)")]
-    return [
-        SetEnvironmentVariable(PROFILE_VARIABLE, profile),
-        LogInfo(msg=f"segmerge: Fast DDS profile {profile} (the package's; start camera drivers with "
-                    f"{PROFILE_VARIABLE}={profile} too, raw frames travel in the publisher's shared memory)"),
-    ]
+        return LogInfo(msg=f"segmerge: Fast DDS profile {profile} ({PROFILE_VARIABLE} from the environment)"), {}
+    return (LogInfo(msg=f"segmerge: Fast DDS profile {profile} (the package's; start camera drivers with "
+                        f"{PROFILE_VARIABLE}={profile} too, raw frames travel in the publisher's shared memory)"),
+            {PROFILE_VARIABLE: profile})
 
 
-def _segmerge_node(context):
+def _segmerge_processes(context, default_profile, rviz_config):
+    log, environment = _fastdds_profile(context, default_profile)
     parameters = [LaunchConfiguration("params_file").perform(context)]
     topics = parse_topics(LaunchConfiguration("image_topics").perform(context))
     if topics:
         parameters.append({"image_topics": topics})
     return [
+        log,
         Node(
             package=PACKAGE,
             executable="segmerge_node",
             name="segmerge",
             namespace=LaunchConfiguration("namespace"),
             parameters=parameters,
+            additional_env=environment,
             output="screen",
             emulate_tty=True,
-        )
+        ),
+        Node(
+            package="rviz2",
+            executable="rviz2",
+            name="segmerge_rviz",
+            namespace=LaunchConfiguration("namespace"),
+            arguments=["-d", rviz_config],
+            additional_env=environment,
+            condition=IfCondition(LaunchConfiguration("use_rviz")),
+            output="screen",
+        ),
     ]
 
 
@@ -83,16 +97,5 @@ def generate_launch_description():
                               description="segmerge_node parameters (YAML)"),
         DeclareLaunchArgument("namespace", default_value="", description="namespace for segmerge_node"),
         DeclareLaunchArgument("use_rviz", default_value="false", description="also start rviz2"),
-        # Before the node and RViz: environment changes apply to the processes launched after them.
-        OpaqueFunction(function=_fastdds_profile, args=[default_profile]),
-        OpaqueFunction(function=_segmerge_node),
-        Node(
-            package="rviz2",
-            executable="rviz2",
-            name="segmerge_rviz",
-            namespace=LaunchConfiguration("namespace"),
-            arguments=["-d", rviz_config],
-            condition=IfCondition(LaunchConfiguration("use_rviz")),
-            output="screen",
-        ),
+        OpaqueFunction(function=_segmerge_processes, args=[default_profile, rviz_config]),
     ])

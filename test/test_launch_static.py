@@ -107,11 +107,11 @@ def test_launch_keeps_the_users_fast_dds_profile_else_gives_the_packaged_one(lau
     assert choose({"FASTRTPS_DEFAULT_PROFILES_FILE": "/etc/my_dds.xml"}, packaged) == ("/etc/my_dds.xml", True)
     joined = [[constant(a, launch_tree) for a in c.args[1:]] for c in calls(launch_tree, "join")]
     assert ["config", "fastdds.xml"] in joined and (ROOT / "config" / "fastdds.xml").is_file()
-    # Set before the node starts: an environment change applies only to processes launched after it.
-    description = next(c for c in calls(launch_tree, "LaunchDescription"))
-    functions = [keyword(a, "function").id for a in description.args[0].elts
-                 if isinstance(a, ast.Call) and getattr(a.func, "id", "") == "OpaqueFunction"]
-    assert functions.index("_fastdds_profile") < functions.index("_segmerge_node")
+    # Given to our node and RViz as their own environment, never set on the launch context: a launch file that
+    # includes this one must not hand the profile to its own processes started after it.
+    assert not calls(launch_tree, "SetEnvironmentVariable")
+    for node in calls(launch_tree, "Node"):
+        assert isinstance(keyword(node, "additional_env"), ast.Name), constant(keyword(node, "executable"), launch_tree)
 
 
 def test_config_has_every_parameter_with_the_table_default():

@@ -102,6 +102,44 @@ def test_auto_precision_without_native_bf16_is_fp32(monkeypatch, caplog):
     assert any("no native bf16" in record.getMessage() for record in caplog.records)
 
 
+def test_auto_precision_decides_on_the_first_real_frame_not_the_black_warm_up(monkeypatch, frame, caplog):
+    """The node's start-up infers a black frame, on which every precision agrees: it must not use up the check."""
+    from segmerge_ros.inference import ladder
+    from segmerge_ros.inference.backends import base
+    from segmerge_ros.ros.startup import build_engine
+
+    monkeypatch.setattr(ladder, "cpu_bf16_support", lambda: "")  # as on a CPU with native bf16
+    monkeypatch.setattr(base, "cpu_bf16_support", lambda: "")
+    params = {"model": "segformer-b0", "weights": "", "device": "cpu", "backend": "eager",
+              "input_size": "{}x{}".format(*SIZE), "precision": "auto", "engine_cache_dir": "",
+              "instances.score_threshold": 0.5, "instances.max_instances": 100, "panoptic.enable": False}
+    with caplog.at_level(logging.INFO):
+        engine = build_engine(params.__getitem__, lambda message: None)
+        assert engine.precision_plan == "auto"
+        assert not any("agrees with fp32" in r.getMessage() for r in caplog.records)  # not decided on black
+        engine.infer(cv2.resize(frame, SIZE[::-1]))
+    assert any("agrees with fp32" in r.getMessage() for r in caplog.records)  # decided on the real frame
+
+
+def test_bf16_needs_the_cpu_flags_not_onednns_word(monkeypatch):
+    """oneDNN's probe says yes on AVX-512 CPUs that only emulate bf16 (slower than fp32)."""
+    from segmerge_ros.inference.backends import base
+
+    class FakeCpuinfo:
+        def __init__(self, path):
+            pass
+
+        def read_text(self):
+            return "flags : fpu avx2 fma avx512f avx512bw avx512vl\n"
+
+    monkeypatch.setattr(base, "Path", FakeCpuinfo)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    monkeypatch.delenv("SEGMERGE_CPU_BF16", raising=False)
+    assert "no native bf16" in base.cpu_bf16_support.__wrapped__()
+    FakeCpuinfo.read_text = lambda self: "flags : fpu avx2 avx512f avx512_bf16\n"
+    assert base.cpu_bf16_support.__wrapped__() == ""
+
+
 # --- the model cache ---------------------------------------------------------------------------------------------
 
 

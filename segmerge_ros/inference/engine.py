@@ -213,8 +213,8 @@ class SegmentationEngine:
         rate = float(rate)
         if not 0.0 <= rate <= MAX_MERGE_RATE:
             raise ValueError(f"merge_rate must lie in [0, {MAX_MERGE_RATE}], got {rate}")
-        step = self.family.merge_step(rate, step_for_rate(rate, self.ladder))
-        with self._lock:
+        with self._lock:  # calibrate_precision replaces the ladder under this lock: read it under it too
+            step = self.family.merge_step(rate, step_for_rate(rate, self.ladder))
             self._step, self._merge, self._merge_rate = step, step.config, rate
 
     def set_preset(self, name: str) -> None:
@@ -223,8 +223,8 @@ class SegmentationEngine:
         config = preset(name)
         if not self.family.merge_configs and name != "none":
             raise ValueError(f"preset {name!r} is a SegFormer merge preset; {self.family.name} models take merge_rate")
-        step = self.ladder[0] if name == "none" else Step(float("nan"), config, self.ladder[-1].precision)
         with self._lock:
+            step = self.ladder[0] if name == "none" else Step(float("nan"), config, self.ladder[-1].precision)
             self._step, self._merge = step, config
             self._merge_rate = 0.0 if name == "none" else float("nan")
 
@@ -287,13 +287,14 @@ class SegmentationEngine:
         return self._run(self._network_input(rgb, merge), merge, step.precision, rate)
 
     @torch.inference_mode()
-    def infer(self, rgb: np.ndarray, confidence: bool = True) -> SegmentationResult:
+    def infer(self, rgb: np.ndarray, confidence: bool = True, calibrate: bool = True) -> SegmentationResult:
         """Segment one HxWx3 uint8 RGB frame; ``confidence=False`` skips the confidence map (the node computes it
-        only while someone subscribes to it)."""
+        only while someone subscribes to it). ``calibrate=False`` for a frame that says nothing about precision
+        (start-up's black warm-up frame): ``precision: auto``'s agreement check then waits for the next frame."""
         if self._warm_on_new_sizes and rgb.shape[:2] not in self._warmed_sizes:
             LOG.info("backend %s: preparing every rung for %dx%d frames", self.backend, *rgb.shape[:2])
             self.warm(size=rgb.shape[:2])
-        if self._calibration_pending:
+        if self._calibration_pending and calibrate:
             self.calibrate_precision(rgb)
         start = time.perf_counter()
         step, merge, rate = self._current()

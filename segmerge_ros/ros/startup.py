@@ -52,7 +52,8 @@ def build_engine(param: Param, warn: Warn) -> SegmentationEngine:
         warn(f"\n{BANNER}\n  NO WEIGHTS GIVEN: {model} IS RANDOMLY INITIALISED. The masks are meaningless.\n"
              f"  Set the 'weights' parameter to a checkpoint (hub folder, .safetensors or .pth).\n{BANNER}")
     height, width = engine.input_size or (240, 320)
-    engine.infer(np.zeros((height, width, 3), dtype=np.uint8))
+    # a black frame agrees in any precision: precision auto decides on the first camera frame instead
+    engine.infer(np.zeros((height, width, 3), dtype=np.uint8), calibrate=False)
     return engine
 
 

@@ -98,9 +98,11 @@ CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf
 
 @lru_cache(maxsize=1)
 def cpu_bf16_support() -> str:
-    """Empty when this CPU computes bf16 natively (AVX512-BF16 or AMX on x86, or oneDNN says so); otherwise why not.
+    """Empty when this CPU computes bf16 natively (AVX512-BF16 or AMX in /proc/cpuinfo's flags); otherwise why not.
 
-    Without native instructions bf16 is emulated and slower than fp32, so it is never worth choosing there.
+    Without native instructions bf16 is emulated and slower than fp32, so it is never worth choosing there. oneDNN's
+    own probe (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) is not asked: it says yes on AVX-512 CPUs that only
+    emulate bf16. Where /proc/cpuinfo is missing (not Linux x86) bf16 is refused.
     ``SEGMERGE_CPU_BF16=off`` makes this CPU answer as one without (to test an AVX2-only robot's behaviour here)."""
     if os.environ.get("SEGMERGE_CPU_BF16", "").lower() == "off":
         return "native bf16 turned off by SEGMERGE_CPU_BF16=off"
@@ -110,12 +112,7 @@ def cpu_bf16_support() -> str:
         flags = set()
     if flags & set(CPU_BF16_FLAGS):
         return ""
-    try:
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return ""
-    except (AttributeError, RuntimeError):
-        pass
-    return f"no native bf16 instructions (none of {', '.join(CPU_BF16_FLAGS)})"
+    return f"no native bf16 instructions (none of {', '.join(CPU_BF16_FLAGS)} in /proc/cpuinfo)"
 
 
 def precision_name(dtype: torch.dtype) -> str:
