@@ -410,8 +410,21 @@ def test_vit_model_segments_refuses_presets_and_enables_pose_live(tmp_path, pers
     ({"pose.enable": True, "pose.weights": "/nonexistent/pose.pth", "input_size": "64x64"},
      "cannot load pose.weights"),
     ({"pose.enable": True, "pose.input_size": "300x200", "input_size": "64x64"}, "must be a multiple of 32"),
-], ids=["preset_on_vit", "unknown_model", "missing_pose_weights", "pose_input_size"])
-def test_bad_configuration_is_fatal_with_a_clear_message(params, message, tmp_path):
+    # issue 20: these ran (eager for a misspelled backend, B0 under B5's name) or ended in a traceback
+    ({"backend": "openvnio"}, "backend must be one of eager, compile, openvino, tensorrt; got 'openvnio'"),
+    ({"device": "GPU"}, "device 'GPU' is an OpenVINO device name: it needs backend openvino"),
+    ({"model": "segformer-b5", "weights": "STUDENT", "input_size": "64x64"},
+     "holds segformer-b0, not segformer-b5: set model to segformer-b0"),
+    ({"weights": "OTHER_ARCHITECTURE", "input_size": "64x64"}, "holds a 'mask2former' model (config.json), not a SegFormer"),
+], ids=["preset_on_vit", "unknown_model", "missing_pose_weights", "pose_input_size", "backend_typo",
+        "openvino_device_on_eager", "size_mismatch", "other_architecture"])
+def test_bad_configuration_is_fatal_with_a_clear_message(params, message, tmp_path, student_dir):
+    other = tmp_path / "mask2former_hub"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "mask2former", "backbone_config": {}}')
+    (other / "model.safetensors").write_bytes(b"")
+    replace = {"STUDENT": str(student_dir), "OTHER_ARCHITECTURE": str(other)}
+    params = {k: replace.get(v, v) if isinstance(v, str) else v for k, v in params.items()}
     err = open(tmp_path / "stderr", "w+")
     process = subprocess.Popen(node_command(params), env=quiet_env("fatal_" + message[:10]),
                                stdout=subprocess.DEVNULL, stderr=err)

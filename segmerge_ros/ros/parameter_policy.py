@@ -70,6 +70,10 @@ def startup_refusal(values: Mapping[str, Any]) -> str | None:
     if values["budget.min_merge_rate"] > values["budget.max_merge_rate"]:
         return (f"budget.min_merge_rate {values['budget.min_merge_rate']} exceeds budget.max_merge_rate "
                 f"{values['budget.max_merge_rate']}")
+    device, backend = str(values["device"]), str(values["backend"])
+    if backend != "openvino" and device != "cpu" and not device.startswith("cuda"):
+        return (f"device {device!r} is an OpenVINO device name: it needs backend openvino (backend {backend} runs "
+                "on cpu, cuda or cuda:N)")
     return None
 
 

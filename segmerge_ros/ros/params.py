@@ -82,8 +82,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("backend", "eager",
               "Inference backend: eager, compile (torch.compile per ladder rung), openvino (one compiled OpenVINO "
               "model per rung; the fastest on a CPU) or tensorrt (NVIDIA GPUs). Compiled models are cached in "
-              "engine_cache_dir. Unknown ones, or one that cannot run here, fall back to eager with a warning; "
-              "plain-ViT models always run eagerly.", read_only=True, choices=BACKEND_NAMES, strict_choices=False),
+              "engine_cache_dir. An unknown name is refused at start; one that cannot run here falls back to eager with a warning; "
+              "plain-ViT models always run eagerly.", read_only=True, choices=BACKEND_NAMES),
     ParamSpec("precision", "fp32",
               "Compute precision: fp32, bf16, fp16 or auto. bf16 runs on CUDA GPUs that support it and on CPUs with "
               "native bf16 (AVX512-BF16/AMX; eager and openvino); fp16 needs CUDA. auto: merge_rate 0 in fp32 "

@@ -47,12 +47,27 @@ def load_segformer(path: str | Path, size: str | None = None, num_classes: int |
     if path.is_dir() or path.name in HF_WEIGHT_FILES or path.name == "config.json":
         folder = path if path.is_dir() else path.parent
         loaded = _load_huggingface(folder)
+        _check_size(loaded.model.config, size, folder)
     elif path.suffix in (".pth", ".pt", ".bin", ".safetensors"):
         loaded = _load_mmseg(path, size, num_classes)
     else:
         raise CheckpointError(f"checkpoint {path}: unknown format (expected a hub folder, .safetensors or .pth)")
     loaded.model.eval().fold_head()
     return loaded
+
+
+def _check_size(config: MiTConfig, size: str | None, source: Path) -> None:
+    """A hub folder carries its own size: refuse one that differs from the size asked for (the logs, the engine
+    cache and the diagnostics would name the wrong model)."""
+    if size is None:
+        return
+    size = size if size.startswith("segformer-") else f"segformer-{size}"
+    found = next((f"segformer-{name}" for name in ("b0", "b1", "b2", "b3", "b4", "b5")
+                  if (mit_config(name).hidden_sizes, mit_config(name).depths) == (config.hidden_sizes, config.depths)),
+                 f"a MiT of hidden sizes {list(config.hidden_sizes)} and depths {list(config.depths)}")
+    if found != size:
+        raise CheckpointError(f"checkpoint {source} holds {found}, not {size}: set model to {found}"
+                              if found.startswith("segformer-") else f"checkpoint {source} holds {found}, not {size}")
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -74,6 +89,12 @@ def _load_huggingface(folder: Path) -> LoadedSegFormer:
     if not config_file.is_file():
         raise CheckpointError(f"checkpoint folder {folder} has no config.json (Hugging Face hub layout expected)")
     hf = json.loads(config_file.read_text())
+    missing = [key for key in ("hidden_sizes", "depths", "num_attention_heads", "sr_ratios", "patch_sizes", "strides",
+                               "mlp_ratios", "decoder_hidden_size") if key not in hf]
+    if hf.get("model_type", "segformer") != "segformer" or missing:
+        raise CheckpointError(f"checkpoint folder {folder} holds a {hf.get('model_type', 'unknown')!r} model "
+                              f"(config.json), not a SegFormer; pick the model that matches it"
+                              + (f" (missing {', '.join(missing)})" if missing else ""))
     weights = next((folder / name for name in HF_WEIGHT_FILES if (folder / name).is_file()), None)
     if weights is None:
         raise CheckpointError(f"checkpoint folder {folder} has none of {', '.join(HF_WEIGHT_FILES)}")
