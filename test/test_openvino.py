@@ -121,6 +121,33 @@ def test_auto_precision_decides_on_the_first_real_frame_not_the_black_warm_up(mo
     assert any("agrees with fp32" in r.getMessage() for r in caplog.records)  # decided on the real frame
 
 
+def test_without_input_size_nothing_is_compiled_for_a_dummy_size(student_dir, tmp_path, frame):
+    from segmerge_ros.ros.startup import build_engine
+
+    params = {"model": "segformer-b0", "weights": str(student_dir), "device": "cpu", "backend": "openvino",
+              "input_size": "", "precision": "fp32", "engine_cache_dir": str(tmp_path),
+              "instances.score_threshold": 0.5, "instances.max_instances": 100, "panoptic.enable": False}
+    engine = build_engine(params.__getitem__, lambda message: None)
+    assert engine.backend == "openvino" and engine.prepared_files() == []  # used to compile every rung at 240x320
+    small = cv2.resize(frame, SIZE[::-1])
+    engine.infer(small)
+    assert engine.prepared_files() and not list(tmp_path.glob("*x240x320*"))
+
+
+def test_auto_precision_frees_the_refused_precisions_rungs(monkeypatch, frame):
+    from segmerge_ros.inference import ladder
+    from segmerge_ros.inference.backends import base
+
+    monkeypatch.setattr(ladder, "cpu_bf16_support", lambda: "")  # as on a CPU with native bf16
+    monkeypatch.setattr(base, "cpu_bf16_support", lambda: "")
+    engine = SegmentationEngine(input_size=SIZE, precision="auto")
+    assert set(engine._backends) == {"fp32", "bf16"}
+    engine.calibrate_precision(cv2.resize(frame, SIZE[::-1]), threshold=1.01)  # refused
+    assert set(engine._backends) == {"fp32"} and engine.precision_plan == "fp32"
+    engine.set_merge_rate(0.9)
+    assert engine.infer(cv2.resize(frame, SIZE[::-1])).merge_name.endswith("@bf16") is False
+
+
 def test_bf16_needs_the_cpu_flags_not_onednns_word(monkeypatch):
     """oneDNN's probe says yes on AVX-512 CPUs that only emulate bf16 (slower than fp32)."""
     from segmerge_ros.inference.backends import base

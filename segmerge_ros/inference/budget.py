@@ -413,20 +413,23 @@ class PoseWork:
 
     When several people are in view pose can take most of a frame, and the merge rate alone cannot bring the frame
     back under the target (measured 2026-12-07: two cameras with pose at rate 0.9 still took 414 and 280 ms against
-    250). While budget mode misses its target at its highest merge rate and pose takes at least ``pose_share`` of
-    the frame, the cap drops to the people that fit (at what one person costs now, at least one); while a person
-    more would fit under the target with ``room`` to spare, it rises by one, up to the user's maximum. At most one
-    change per ``dwell`` frames. It never writes the user's parameters: ``cap`` is None while it does not limit."""
+    250). When the merge rate has settled (unchanged for ``dwell`` frames: at its highest, or where merging does
+    not pay) and the frame still misses the target by more than ``miss`` (beyond the budget controller's own
+    deadband, so the two do not fight) while pose takes at least ``pose_share`` of
+    it, the cap drops to the people that fit (at what one person costs now; at least one). While a person more
+    would fit under the target with ``room`` to spare, it rises by one, up to the user's maximum. At most one change
+    per ``dwell`` frames. It never writes the user's parameters: ``cap`` is None while it does not limit."""
 
-    def __init__(self, dwell: int = 8, pose_share: float = 0.25, miss: float = 0.1, room: float = 0.1,
-                 give_back_room: float = 0.2, alpha: float = 0.3):
+    def __init__(self, dwell: int = 8, pose_share: float = 0.25, miss: float = 0.15, room: float = 0.1,
+                 alpha: float = 0.3):
         self.dwell, self.pose_share, self.miss, self.room, self.alpha = dwell, pose_share, miss, room, alpha
-        self.give_back_room = give_back_room
         self.reset()
 
     def reset(self) -> None:
         self.cap: int | None = None
-        self._frames = 0
+        self._frames = 0         # since the cap last changed
+        self._rate: float | None = None
+        self._rate_frames = 0    # since the merge rate last changed
         self._processing: float | None = None
         self._per_person: float | None = None
 
@@ -434,16 +437,18 @@ class PoseWork:
         """The people to pose on the next frame."""
         return user_max if self.cap is None else min(self.cap, user_max)
 
-    def update(self, processing_ms: float, pose_ms: float, persons: int, target_ms: float | None,
-               rate_room: float, user_max: int) -> int | None:
-        """After a frame (``persons`` posed in ``pose_ms`` of its ``processing_ms``); ``rate_room``: how much more the
-        merge rate may rise (max_merge_rate minus the rate chosen). Returns the new cap (None: the user's maximum);
-        ``target_ms`` None (budget mode off) lifts the cap. Merging comes first: people are given back once the
-        rate has ``give_back_room`` to rise again, or a person more fits under the target."""
+    def update(self, processing_ms: float, pose_ms: float, persons: int, target_ms: float | None, rate: float,
+               user_max: int) -> int | None:
+        """After a frame (``persons`` posed in ``pose_ms`` of its ``processing_ms``; ``rate``: the merge rate budget
+        mode chose for the next frame). Returns the new cap (None: the user's maximum); ``target_ms`` None (budget
+        mode off) lifts the cap."""
         if target_ms is None:
             self.reset()
             return None
         self._frames += 1
+        same_rate = self._rate is not None and (rate == self._rate or (math.isnan(rate) and math.isnan(self._rate)))
+        self._rate_frames = self._rate_frames + 1 if same_rate else 0
+        self._rate = rate
         smooth = lambda old, new: new if old is None else (1 - self.alpha) * old + self.alpha * new  # noqa: E731
         self._processing = smooth(self._processing, processing_ms)
         if persons > 0 and math.isfinite(pose_ms):
@@ -452,12 +457,11 @@ class PoseWork:
             return self.cap
         limit = self.limit(user_max)
         over = self._processing - target_ms
-        if (rate_room < 1e-6 and over > self.miss * target_ms and persons >= limit > 1
+        if (self._rate_frames >= self.dwell and over > self.miss * target_ms and persons >= limit > 1
                 and persons * self._per_person >= self.pose_share * self._processing):
             fewer = max(1, math.ceil(over / self._per_person))
             self._change(max(1, limit - fewer), user_max)
-        elif self.cap is not None and (rate_room >= self.give_back_room - 1e-6
-                                       or self._processing + self._per_person <= (1 - self.room) * target_ms):
+        elif self.cap is not None and self._processing + self._per_person <= (1 - self.room) * target_ms:
             self._change(limit + 1, user_max)
         return self.cap
 

@@ -259,6 +259,8 @@ class SegmentationEngine:
             self.ladder = with_precision(self.ladder, "fp32")
             self.precision_plan = "fp32"
             self._step = Step(self._step.rate, self._step.config, "fp32")
+            # its compiled rungs would stay in memory for good (a whole ladder: hundreds of MB with OpenVINO)
+            self._backends.pop(half, None)
         if self.backend != "eager" and self.input_size is not None:
             self.warm()  # the fp32 backend had only rate 0 prepared
         return agreement

@@ -419,7 +419,7 @@ class SegmergeNode(Node):
                 self.pipeline.pose_people_cap = self._pose_work.update(
                     times.processing_ms, times.pose_ms, times.persons,
                     self._budget.target_ms if self._budget.active and self._budget.calibrated else None,
-                    self._budget.max_rate - rate, self._pose_settings.max_persons)
+                    rate, self._pose_settings.max_persons)
         if changed:
             self._reflect_rate.trigger()
 

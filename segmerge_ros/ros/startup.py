@@ -32,7 +32,9 @@ class StartupError(RuntimeError):
 
 def build_engine(param: Param, warn: Warn) -> SegmentationEngine:
     """The segmentation engine of parameters model, weights, device, backend, input_size, precision and
-    engine_cache_dir, after one warm-up pass (so the first frame does not pay torch's one-off start-up costs)."""
+    engine_cache_dir, after one warm-up pass at input_size, or at 240x320 for eager without one (so the first frame
+    does not pay torch's one-off start-up costs). A compiled backend without input_size is not warmed: it prepares
+    every rung for the first frame's own size, and a dummy size would cost a ladder's compile time and memory."""
     model, weights = param("model"), param("weights")
     try:
         engine = SegmentationEngine(model=model, weights=weights or None, device=param("device"),
@@ -51,6 +53,8 @@ def build_engine(param: Param, warn: Warn) -> SegmentationEngine:
     if engine.randomly_initialised:
         warn(f"\n{BANNER}\n  NO WEIGHTS GIVEN: {model} IS RANDOMLY INITIALISED. The masks are meaningless.\n"
              f"  Set the 'weights' parameter to a checkpoint (hub folder, .safetensors or .pth).\n{BANNER}")
+    if engine.input_size is None and engine.backend != "eager":
+        return engine  # compiled backends prepare every rung for the first frame's own size: none for a dummy size
     height, width = engine.input_size or (240, 320)
     # a black frame agrees in any precision: precision auto decides on the first camera frame instead
     engine.infer(np.zeros((height, width, 3), dtype=np.uint8), calibrate=False)
