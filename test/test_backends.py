@@ -294,6 +294,29 @@ def test_cache_key_changes_with_each_field():
     assert retuned["rung"] == base["rung"] and engine_cache_key(retuned) != engine_cache_key(base)
 
 
+def test_an_engine_built_by_other_model_code_is_stale(tmp_path, monkeypatch, caplog):
+    from segmerge_ros.inference.backends import cache as cache_module
+
+    tree = tmp_path / "package"
+    (tree / "models" / "segformer").mkdir(parents=True)
+    source = tree / "models" / "segformer" / "model.py"
+    source.write_text("def forward(x):\n    return x\n")
+    before = cache_module.code_fingerprint(tree)
+    source.write_text("def forward(x):\n    return 2 * x\n")
+    cache_module.code_fingerprint.cache_clear()
+    assert cache_module.code_fingerprint(tree) != before  # any change in the model's code
+    assert len(cache_module.code_fingerprint()) == 16 and key_fields()["code"] == cache_module.code_fingerprint()
+
+    engines = EngineCache(tmp_path / "engines")
+    calls: list[Path] = []
+    engines.get_or_build(key_fields(), writer(calls))
+    monkeypatch.setattr(cache_module, "code_fingerprint", lambda root=None: "0" * 16)  # an upgrade
+    with caplog.at_level(logging.WARNING):
+        path, status = engines.get_or_build(key_fields(), writer(calls))
+    assert status == "built" and len(calls) == 2
+    assert any("stale" in r.getMessage() and "code" in r.getMessage() for r in caplog.records)
+
+
 def test_weights_hash_is_the_sha256_of_the_weights(tmp_path):
     torch.manual_seed(0)
     first = nn.Linear(4, 3).state_dict()

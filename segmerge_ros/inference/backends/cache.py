@@ -1,7 +1,8 @@
 """The on-disk cache of compiled engines (TensorRT engines, OpenVINO models), shared by the compiled backends.
 
 An entry's file name says what was asked for (model, input shape, rung, precision); a JSON sidecar records
-everything the engine depends on (weights hash, the rung's exact configuration, runtime versions, the device). When
+everything the engine depends on (weights hash, the rung's exact configuration, a digest of the code that defines
+the network, runtime versions, the device). When
 any of these differ from the running system (after an upgrade, on another GPU or CPU, with retrained weights) the
 entry is rebuilt in place with a log line, so stale engines never load and never pile up. Pure: testable without
 any of the runtimes.
@@ -16,6 +17,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -43,6 +45,20 @@ def config_fingerprint(config: MergeConfig) -> str:
 
 
 IDENTITY_FIELDS = ("model", "input_shape", "rung", "precision")
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # segmerge_ros/
+# what an exported engine computes: the networks, the merge operations, the model families and the export code
+ENGINE_SOURCES = ("models", "merging", "inference/families", "inference/backends")
+
+
+@lru_cache(maxsize=4)
+def code_fingerprint(root: Path = PACKAGE_ROOT) -> str:
+    """A digest of the source files in ``ENGINE_SOURCES`` under ``root``: an engine exported by other code is stale,
+    even under the same package version (a development checkout, a patched install, an upgrade)."""
+    digest = hashlib.sha256()
+    for folder in ENGINE_SOURCES:
+        for path in sorted((root / folder).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def default_cache_dir() -> Path:
@@ -97,6 +113,7 @@ def engine_key_fields(
         "rung": config.name,
         "rung_config": config_fingerprint(config),
         "precision": precision,
+        "code": code_fingerprint(),
     }
     fields.update({name: str(value) for name, value in environment.items()})
     return fields
