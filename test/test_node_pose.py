@@ -285,8 +285,14 @@ def test_budget_mode_poses_fewer_people_when_pose_keeps_it_from_its_target(clien
     assert client.spin_until(lambda: len(client.clouds.stamped(before)) >= 3, 20)
     assert max(persons(client.clouds.stamped(before))) >= 2  # several people posed without budget mode
     since = time.monotonic()
-    set_ok(client, {"budget.target_latency_ms": 1.0, "budget.mode": "latency"})  # out of reach: rate 0.9 and less
-    send(client, street, 30, 0.02, answered_by=client.clouds)
+    # out of reach, with the merge rate held at 0.9 (min = max: no probes, no re-calibration to wait for)
+    set_ok(client, {"budget.min_merge_rate": 0.9})
+    set_ok(client, {"budget.target_latency_ms": 1.0, "budget.mode": "latency"})
+    for _ in range(6):  # calibration, then the rate settles (a re-probe may move it): at most 90 frames
+        send(client, street, 15, 0.02, answered_by=client.clouds)
+        client.spin_for(1.1)
+        if any(w.values.get("pose_people_cap") == "1" for w in client.windows_after(CAM, since)):
+            break
     capped = send(client, street, 5, 0.02, answered_by=client.clouds)
     assert client.spin_until(lambda: len(client.clouds.stamped(capped)) >= 4, 20)
     assert max(persons(client.clouds.stamped(capped))) == 1, persons(client.clouds.stamped(capped))
@@ -299,7 +305,7 @@ def test_budget_mode_poses_fewer_people_when_pose_keeps_it_from_its_target(clien
     after = send(client, street, 4, 0.2, answered_by=client.clouds)
     assert client.spin_until(lambda: len(client.clouds.stamped(after)) >= 3, 20)
     assert max(persons(client.clouds.stamped(after))) >= 2  # the cap went with budget mode
-    set_ok(client, {"pose.mode": "full_frame", "budget.target_latency_ms": 100.0})
+    set_ok(client, {"pose.mode": "full_frame", "budget.target_latency_ms": 100.0, "budget.min_merge_rate": 0.0})
 
 
 @pytest.mark.parametrize("name,value", [

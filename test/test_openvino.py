@@ -167,6 +167,19 @@ def test_bf16_needs_the_cpu_flags_not_onednns_word(monkeypatch):
     assert base.cpu_bf16_support.__wrapped__() == ""
 
 
+def test_a_failed_onnx_export_warns_that_the_traced_model_is_slower(monkeypatch, tmp_path, caplog):
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("an operator ONNX lacks")
+
+    monkeypatch.setattr(torch.onnx, "export", broken_export)
+    module = torch.nn.Conv2d(3, 4, 3).eval()
+    with caplog.at_level(logging.WARNING):
+        openvino_backend._export(module, torch.zeros(1, 3, 16, 16), tmp_path / "rung.xml")
+    assert (tmp_path / "rung.xml").is_file()  # converted all the same, from the traced module
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("ONNX export" in m and "traced" in m and "2x slower" in m for m in warned), warned
+
+
 # --- the model cache ---------------------------------------------------------------------------------------------
 
 

@@ -418,7 +418,8 @@ class SegmergeNode(Node):
                 rate = next_rate if next_rate is not None else times.merge_rate
                 self.pipeline.pose_people_cap = self._pose_work.update(
                     times.processing_ms, times.pose_ms, times.persons,
-                    self._budget.target_ms if self._budget.active and self._budget.calibrated else None,
+                    # kept through a re-calibration (its rates move every few frames, so the cap waits)
+                    self._budget.target_ms if self._budget.active else None,
                     rate, self._pose_settings.max_persons)
         if changed:
             self._reflect_rate.trigger()
