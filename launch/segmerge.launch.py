@@ -60,6 +60,9 @@ def _segmerge_processes(context, default_profile, rviz_config):
     topics = parse_topics(LaunchConfiguration("image_topics").perform(context))
     if topics:
         parameters.append({"image_topics": topics})
+    weights = LaunchConfiguration("weights").perform(context)
+    if weights:
+        parameters.append({"weights": weights})
     return [
         log,
         Node(
@@ -93,6 +96,9 @@ def generate_launch_description():
     return LaunchDescription([
         DeclareLaunchArgument("image_topics", default_value="",
                               description="camera topic(s): 'a', '[a, b]' or 'a,b'; empty = the params file's"),
+        DeclareLaunchArgument("weights", default_value="",
+                              description="checkpoint (hub folder, .safetensors or .pth), or 'random'; empty = the "
+                                          "params file's (the node refuses none at all)"),
         DeclareLaunchArgument("params_file", default_value=default_params,
                               description="segmerge_node parameters (YAML)"),
         DeclareLaunchArgument("namespace", default_value="", description="namespace for segmerge_node"),

@@ -38,7 +38,8 @@ RAW, INFO, JPEG, NOTES = "/cam_raw/image", "/cam_raw/camera_info", "/cam_jpeg/im
 RAW_SIZE, JPEG_SIZE = (120, 160), (96, 128)  # (H, W): different sizes, so a mask from the wrong camera shows
 FRAMES = 4
 CORRUPT_JPEG = 2  # this JPEG frame is cut in half
-SMALL = ["--input-size", "64x64"]  # random B0 at a tiny input: plumbing tests in a second or two
+SMALL = ["--input-size", "64x64"]
+DEFAULT_OPTIONS = {"--weights": "random", "--backend": "eager", "--precision": "fp32"}  # compared with eager engines  # random B0 at a tiny input: plumbing tests in a second or two
 STORAGE_SUFFIX = {"mcap": ".mcap", "sqlite3": ".db3"}
 
 
@@ -118,7 +119,9 @@ class Ran:
 
 
 def run_tool(capsys, args: list[str]) -> Ran:
+    """segmerge-bag with ``args``; random weights, eager and fp32 unless ``args`` say otherwise."""
     capsys.readouterr()
+    args = [*args, *(option for name, value in DEFAULT_OPTIONS.items() if name not in args for option in (name, value))]
     code = bag.main([str(a) for a in args])
     captured = capsys.readouterr()
     return Ran(code, Path(args[1]), captured.out, captured.err)
@@ -132,7 +135,8 @@ def runs(bags, tmp_path_factory, one_thread_module) -> dict[str, Ran]:
     for storage, path in bags.items():
         stdout, stderr = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):  # rich writes to sys.std*
-            code = bag.main([str(path), str(folder / storage), "--storage", storage, *SMALL])
+            code = bag.main([str(path), str(folder / storage), "--storage", storage, *SMALL,
+                             *(option for pair in DEFAULT_OPTIONS.items() for option in pair)])
         results[storage] = Ran(code, folder / storage, stdout.getvalue(), stderr.getvalue())
     return results
 
@@ -332,6 +336,7 @@ def test_a_failing_frame_is_counted_logged_with_its_traceback_and_the_rest_writt
     (["--pose-mode", "sideways"], "pose.mode must be one of"),
     (["--budget-ms", "0"], "budget.target_latency_ms must lie in"),
     (["--weights", "/nonexistent/model.safetensors"], "cannot load weights '/nonexistent/model.safetensors'"),
+    (["--weights", ""], "weights is empty: set it to a checkpoint"),
     (["--pose", "--pose-weights", "/nonexistent/pose.pth", *SMALL], "cannot load pose.weights '/nonexistent/pose.pth'"),
 ])
 def test_options_the_node_would_refuse_are_refused_before_writing(bags, tmp_path, capsys, options, reason):

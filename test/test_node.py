@@ -41,7 +41,8 @@ CAM_B = "/cam_b/image/compressed"
 BUDGET_TOPIC = "/compute_budget"
 SIZE_A = (240, 320)
 SIZE_B = (180, 240)  # a different size, so a mask from the wrong camera would show
-NODE_PARAMS = {"image_topics": [CAM_A, CAM_B], "input_size": "128x160", "budget.topic": BUDGET_TOPIC}
+NODE_PARAMS = {"image_topics": [CAM_A, CAM_B], "input_size": "128x160", "budget.topic": BUDGET_TOPIC,
+               "weights": "random", "backend": "eager", "precision": "fp32"}  # auto: test_openvino.py
 
 
 def domain_id(name: str) -> int:
@@ -376,7 +377,9 @@ def test_node_log_has_one_random_weights_warning_and_no_traceback_or_failed_fram
 
 def start_node(name: str, params: dict, tmp_path: Path):
     err = open(tmp_path / f"{name}.stderr", "w+")
-    process = subprocess.Popen(node_command(params), env=quiet_env(name), stdout=subprocess.DEVNULL, stderr=err)
+    process = subprocess.Popen(node_command({"weights": "random", "backend": "eager", "precision": "fp32", **params}),
+                               env=quiet_env(name),
+                               stdout=subprocess.DEVNULL, stderr=err)
     return process, err
 
 
@@ -452,7 +455,8 @@ def plain(tmp_path_factory):
     publisher = probe.node.create_publisher(CompressedImage, PLAIN_CAM,
                                             QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
     stderr = open(logs / "stderr", "w+")
-    process = subprocess.Popen(node_command({"image_topics": [PLAIN_CAM], "pose.weights": str(broken),
+    process = subprocess.Popen(node_command({"image_topics": [PLAIN_CAM], "pose.weights": str(broken), "weights": "random",
+                                             "backend": "eager", "precision": "fp32",
                                              "pose.mode": "full_frame"}),
                                env=quiet_env(name), stdout=subprocess.DEVNULL, stderr=stderr)
     probe.wait_ready(90.0, process)

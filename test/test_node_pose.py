@@ -101,7 +101,7 @@ def client():
 def node(client, student_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("pose_node")
     params = {"image_topics": [CAM], "weights": str(student_dir), "input_size": f"{SIZE[0]}x{SIZE[1]}",
-              "pose.enable": True, "pose.mode": "full_frame", "pose.min_person_area": 300}
+              "backend": "eager", "precision": "fp32", "pose.enable": True, "pose.mode": "full_frame", "pose.min_person_area": 300}
     stderr = open(logs / "stderr", "w")
     process = subprocess.Popen(node_command(params), env=quiet_env(__name__), stdout=subprocess.DEVNULL,
                                stderr=stderr)
@@ -372,7 +372,7 @@ def test_vit_model_segments_refuses_presets_and_enables_pose_live(tmp_path, pers
     masks = probe.subscribe_images("/vit_cam/segmentation/mask")
     clouds = Collector(probe.node, PointCloud2, "/vit_cam/pose/keypoints")
     err = open(tmp_path / "vit.stderr", "w+")
-    process = subprocess.Popen(node_command({"image_topics": [VIT_CAM], "model": "segmenter-vit-t",
+    process = subprocess.Popen(node_command({"image_topics": [VIT_CAM], "model": "segmenter-vit-t", "weights": "random",
                                              "input_size": "128x160", "pose.mode": "full_frame"}),
                                env=quiet_env(name), stdout=subprocess.DEVNULL, stderr=err)
     try:
@@ -417,20 +417,21 @@ def test_vit_model_segments_refuses_presets_and_enables_pose_live(tmp_path, pers
      "cannot load pose.weights"),
     ({"pose.enable": True, "pose.input_size": "300x200", "input_size": "64x64"}, "must be a multiple of 32"),
     # issue 20: these ran (eager for a misspelled backend, B0 under B5's name) or ended in a traceback
-    ({"backend": "openvnio"}, "backend must be one of eager, compile, openvino, tensorrt; got 'openvnio'"),
+    ({"backend": "openvnio"}, "backend must be one of eager, compile, openvino, tensorrt, auto; got 'openvnio'"),
     ({"device": "GPU"}, "device 'GPU' is an OpenVINO device name: it needs backend openvino"),
     ({"model": "segformer-b5", "weights": "STUDENT", "input_size": "64x64"},
      "holds segformer-b0, not segformer-b5: set model to segformer-b0"),
     ({"weights": "OTHER_ARCHITECTURE", "input_size": "64x64"}, "holds a 'mask2former' model (config.json), not a SegFormer"),
+    ({"weights": "", "input_size": "64x64"}, "weights is empty: set it to a checkpoint for segformer-b0"),
 ], ids=["preset_on_vit", "unknown_model", "missing_pose_weights", "pose_input_size", "backend_typo",
-        "openvino_device_on_eager", "size_mismatch", "other_architecture"])
+        "openvino_device_on_eager", "size_mismatch", "other_architecture", "empty_weights"])
 def test_bad_configuration_is_fatal_with_a_clear_message(params, message, tmp_path, student_dir):
     other = tmp_path / "mask2former_hub"
     other.mkdir()
     (other / "config.json").write_text('{"model_type": "mask2former", "backbone_config": {}}')
     (other / "model.safetensors").write_bytes(b"")
     replace = {"STUDENT": str(student_dir), "OTHER_ARCHITECTURE": str(other)}
-    params = {k: replace.get(v, v) if isinstance(v, str) else v for k, v in params.items()}
+    params = {k: replace.get(v, v) if isinstance(v, str) else v for k, v in {"weights": "random", **params}.items()}
     err = open(tmp_path / "stderr", "w+")
     process = subprocess.Popen(node_command(params), env=quiet_env("fatal_" + message[:10]),
                                stdout=subprocess.DEVNULL, stderr=err)

@@ -27,7 +27,8 @@ def context():
 
 def make_node(context, **values):
     overrides = [Parameter(name, value=value) for name, value in
-                 {"image_topics": ["/threads_cam/image"], "input_size": "64x96", **values}.items()]
+                 {"image_topics": ["/threads_cam/image"], "input_size": "64x96", "weights": "random",
+                                  "backend": "eager", "precision": "fp32", **values}.items()]
     return node_module.SegmergeNode(context=context, parameter_overrides=overrides)
 
 

@@ -110,7 +110,7 @@ def test_auto_precision_decides_on_the_first_real_frame_not_the_black_warm_up(mo
 
     monkeypatch.setattr(ladder, "cpu_bf16_support", lambda: "")  # as on a CPU with native bf16
     monkeypatch.setattr(base, "cpu_bf16_support", lambda: "")
-    params = {"model": "segformer-b0", "weights": "", "device": "cpu", "backend": "eager",
+    params = {"model": "segformer-b0", "weights": "random", "device": "cpu", "backend": "eager",
               "input_size": "{}x{}".format(*SIZE), "precision": "auto", "engine_cache_dir": "",
               "instances.score_threshold": 0.5, "instances.max_instances": 100, "panoptic.enable": False}
     with caplog.at_level(logging.INFO):
@@ -308,6 +308,66 @@ def test_node_runs_on_openvino_over_rclpy(student_dir, cache, frame, tmp_path):
         rclpy.try_shutdown(context=context)
     log = stderr_path.read_text()
     assert "backend openvino" in log and "falling back" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_a_node_with_default_backend_and_precision_runs_what_it_measured_fastest(student_dir, frame, tmp_path):
+    """backend auto and precision auto are the defaults (issue 20): the node times eager and OpenVINO on the first
+    camera frame, runs the faster one, remembers it, and says which and why in its diagnostics."""
+    import json
+
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import Header
+
+    from segmerge_ros.apps.client import SegmergeClient, node_command, ros_env, stop_process
+    from segmerge_ros.inference.backends.auto import CHOICES_FILE, MARGIN, geometric_mean
+    from segmerge_ros.ros.conversions import rgb8_image
+
+    domain = ros_domain_id("auto_node")
+    camera = "/auto_cam/image"
+    cache = tmp_path / "engines"
+    params = {"image_topics": [camera], "weights": str(student_dir), "engine_cache_dir": str(cache)}
+    context = Context()
+    rclpy.init(context=context, domain_id=domain)
+    client = SegmergeClient(context, name="test_auto_client")
+    stderr_path = tmp_path / "stderr"
+    with open(stderr_path, "w") as stderr:
+        process = subprocess.Popen(node_command(params), env=ros_env(domain), stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        client.wait_ready(180.0, process)
+        assert client.latched_string("/auto_cam/segmentation/labels", timeout_s=300) is not None
+        publisher = client.node.create_publisher(Image, camera, QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+        client.spin_until(lambda: publisher.get_subscription_count() > 0, 20)
+        small = cv2.resize(frame, (SIZE[1], SIZE[0]))
+
+        masks = client.subscribe_images("/auto_cam/segmentation/mask")
+
+        def decided() -> bool:  # and the frame it decided on published
+            latest = client.latest(camera)
+            return (latest is not None and latest.values.get("backend_choice", "").startswith(("eager", "openvino"))
+                    and bool(masks))
+
+        for _ in range(60):
+            if decided():
+                break
+            publisher.publish(rgb8_image(small, Header(stamp=client.node.get_clock().now().to_msg(), frame_id="a")))
+            client.spin_for(1.0)
+        assert decided(), client.latest(camera)
+        values = client.latest(camera).values
+    finally:
+        stop_process(process, signal.SIGINT)
+        client.close()
+        rclpy.try_shutdown(context=context)
+    record = next(iter(json.loads((cache / CHOICES_FILE).read_text()).values()))
+    timings = record["timings_ms"]
+    assert set(timings) == {"eager", "openvino"} and record["fields"]["size"] == "{}x{}".format(*SIZE)
+    faster = geometric_mean(timings["openvino"]) < (1 - MARGIN) * geometric_mean(timings["eager"])
+    assert values["backend"] == record["name"] == ("openvino" if faster else "eager"), (values, record)
+    assert values["precision_plan"] in ("auto", "fp32") and values["ladder"].startswith("0 none")
+    log = stderr_path.read_text()
+    assert f"backend auto, on the first frame: {record['name']}" in log and "Traceback" not in log, log[-3000:]
 
 
 def test_build_engines_fills_the_cache_the_node_reads(tmp_path, capsys):

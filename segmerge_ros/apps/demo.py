@@ -158,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
               "defaults; use --encoding jpeg", file=sys.stderr)
     node_params = {"image_topics": [camera_topic], "input_size": args.input_size, "device": args.device,
                    "budget.max_merge_rate": 0.9}
-    if weights:
-        node_params["weights"] = str(weights)
+    node_params["weights"] = str(weights) if weights else "random"  # the node refuses empty weights
     if pose_weights:
         node_params.update({"pose.enable": True, "pose.weights": str(pose_weights),
                             "pose.max_persons": args.pose_max_persons, "pose.keypoint_threshold": args.pose_threshold})

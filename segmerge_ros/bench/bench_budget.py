@@ -75,6 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights", default="", help="checkpoint (default: random weights)")
     parser.add_argument("--model", default="segformer-b0")
     parser.add_argument("--backend", default="eager")
+    parser.add_argument("--precision", default="fp32")
     parser.add_argument("--size", default="576x768", help="camera resolution HxW (one JPEG camera)")
     parser.add_argument("--cameras", default="", help="instead of --size: HxW:rgb8|jpeg per camera, comma-separated")
     parser.add_argument("--fps", type=float, default=10.0, help="each camera's frame rate")
@@ -116,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     source = args.source or default_video()
     if source is None:
         raise SystemExit("segmerge-bench-budget: no video found; pass --source")
-    params = {"image_topics": [camera.input for camera in cameras], "weights": args.weights, "model": args.model,
-              "backend": args.backend, "merge_rate": 0.0}
+    params = {"image_topics": [camera.input for camera in cameras], "weights": args.weights or "random",
+              "model": args.model, "backend": args.backend, "precision": args.precision, "merge_rate": 0.0}
     if len(cameras) == 1:
         params["input_size"] = "{}x{}".format(*cameras[0].size)  # else each camera at its own resolution
     if args.pose_weights:

@@ -87,7 +87,7 @@ def measure_node(args, backend: str, precision: str, rates: list[float], domain:
                  settle_s: float = 3.0) -> dict[tuple[int, float], dict]:
     """The node's own timings per (busy processes, merge rate), from /diagnostics."""
     size = parse_size(args.size)
-    params = {"image_topics": [CAMERA], "weights": args.weights, "model": args.model, "backend": backend,
+    params = {"image_topics": [CAMERA], "weights": args.weights or "random", "model": args.model, "backend": backend,
               "input_size": f"{size[0]}x{size[1]}",
               "precision": precision, "engine_cache_dir": args.cache_dir or "", "merge_rate": rates[0],
               **(params_extra or {})}

@@ -170,6 +170,13 @@ class BudgetController:
             self.mode = mode
             if switched_on and hasattr(self, "_model"):
                 self.reset()  # the machine and the scene may have changed while budget mode was off
+    def set_levels(self, levels: Sequence[float] | None) -> None:
+        """The engine's ladder changed (backend auto chose another backend): new levels, and a calibration on them."""
+        levels = sorted(float(level) for level in levels) if levels else None
+        if levels != self.levels:
+            self.levels = levels
+            self.reset()
+
     def set_limits(self, min_rate: float, max_rate: float) -> None:
         if not 0.0 <= min_rate <= max_rate <= 0.95:
             raise ValueError(f"need 0 <= min_rate <= max_rate <= 0.95, got min {min_rate}, max {max_rate}")

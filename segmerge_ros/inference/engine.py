@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -22,7 +23,10 @@ import numpy as np
 import torch
 
 from segmerge_ros.merging.segformerpp import MAX_MERGE_RATE, NONE, MergeConfig, preset, scaled_size
-from segmerge_ros.inference.backends.registry import make_backend, split_device
+from segmerge_ros.inference.backends.auto import AUTO, BackendChoice, choose_backend, cpu_identity
+from segmerge_ros.inference.backends.base import Backend
+from segmerge_ros.inference.backends.cache import code_fingerprint, default_cache_dir
+from segmerge_ros.inference.backends.registry import auto_candidates, make_backend, split_device
 from segmerge_ros.inference.families.base import ModelFamily, OutputOptions
 from segmerge_ros.inference.families.frames import logits_to_maps, network_config, normalise, to_tensor
 from segmerge_ros.inference.families.registry import family_for
@@ -117,33 +121,111 @@ class SegmentationEngine:
         if self.device.type == "cpu":
             warm_upsampled_argmax()  # compiled (or loaded from numba's cache) now, not on the first frame
         self._lock = threading.Lock()
-        if not self.family.compilable and backend != "eager":
+        if not self.family.compilable and backend not in ("eager", AUTO):
             # Content-dependent token counts (ALGM, ClustViT, DoViT) or no compiled path yet (Mask2Former).
             LOG.warning("backend %r serves SegFormer models only; running %s eagerly", backend, self.family.name)
             backend = "eager"
-        plan, half = precision_plan(precision, self.device, openvino_device if backend == "openvino" else None)
-        self.precision_plan = plan
-        self.ladder: tuple[Step, ...] = build_ladder(self.family.rungs(backend), plan, half)
-        self._calibration_pending = plan == "auto"
-        self._backends = {
-            name: make_backend(backend, self.model, self.device, precision=name, input_size=self.input_size,
-                               ladder_configs=[network_config(step.config) for step in self.ladder if step.precision == name],
-                               cache_dir=cache_dir, model_name=model, log=LOG, openvino_device=openvino_device)
-            for name in dict.fromkeys(step.precision for step in self.ladder)
-        }
+        self._precision, self._cache_dir, self._model_name = precision, cache_dir, model
+        self._openvino_device = openvino_device
+        self.backend_choice: BackendChoice | None = None  # what backend "auto" chose, why, from which figures
+        candidates = ((auto_candidates(self.device, openvino_device) if self.family.compilable else ["eager"])
+                      if backend == AUTO else [backend])
+        self._auto_candidates = candidates if len(candidates) > 1 else []  # timed on the first frame (or at start)
+        if backend == AUTO and not self._auto_candidates:
+            self.backend_choice = BackendChoice(candidates[0], "the only candidate here" if self.family.compilable
+                                                else f"{self.family.name} models run eagerly")
+            LOG.info("backend auto: %s (%s)", candidates[0], self.backend_choice.reason)
+        self.precision_plan, self.ladder, self._backends = self._make_ladder(candidates[0])
+        self._calibration_pending = self.precision_plan == "auto"
         self.backend = self._backends[self.ladder[0].precision].name  # the backend in use (eager after a fallback)
         self._step = self.ladder[0]
         self._merge: MergeConfig = NONE
         self._merge_rate = 0.0
         self.set_preset(preset)
+        self._warm = warm
         self._warmed_sizes: set[tuple[int, int]] = set()
         self._warm_on_new_sizes = self.backend != "eager" and warm and self.input_size is None
-        if self.backend != "eager" and warm:
+        if self._auto_candidates and warm and self.input_size is not None:
+            self.choose_backend(self.input_size)
+        elif self.backend != "eager" and warm:
             if self.input_size is None:
                 LOG.warning("backend %s without a fixed input_size: the first frame of each new size prepares "
                             "every rung for it (and stalls); set input_size to prepare them at start", self.backend)
             else:
                 self.warm()
+
+    @property
+    def backend_pending(self) -> bool:
+        """Whether backend auto still has to time its candidates (on the first camera frame)."""
+        return bool(self._auto_candidates)
+
+    def _make_ladder(self, backend: str) -> tuple[str, tuple[Step, ...], dict[str, Backend]]:
+        """(precision plan, ladder, one backend per precision the ladder uses) for backend ``backend``."""
+        openvino_device = self._openvino_device if backend == "openvino" else None
+        plan, half = precision_plan(self._precision, self.device, openvino_device)
+        ladder = build_ladder(self.family.rungs(backend), plan, half)
+        backends = {
+            name: make_backend(backend, self.model, self.device, precision=name, input_size=self.input_size,
+                               ladder_configs=[network_config(step.config) for step in ladder if step.precision == name],
+                               cache_dir=self._cache_dir, model_name=self._model_name, log=LOG,
+                               openvino_device=self._openvino_device)
+            for name in dict.fromkeys(step.precision for step in ladder)
+        }
+        return plan, ladder, backends
+
+    def choose_backend(self, size: tuple[int, int]) -> BackendChoice:
+        """``backend: auto``: time every candidate on the ladder's exact and fastest steps at ``size`` (or reuse the
+        choice remembered for this CPU and size), switch to the fastest and prepare its rungs. Runs by itself on
+        the first frame when no input_size was given; later sizes keep the choice."""
+        candidates, self._auto_candidates = self._auto_candidates, []
+        made: dict[str, tuple[str, tuple[Step, ...], dict[str, Backend]]] = {
+            self.backend: (self.precision_plan, self.ladder, self._backends)}
+
+        def measure(name: str) -> list[float]:
+            if name not in made:
+                made[name] = self._make_ladder(name)
+            _, ladder, backends = made[name]
+            return [self._time_step(step, backends[step.precision], size) for step in (ladder[0], ladder[-1])]
+
+        fields = {"cpu": cpu_identity(), "model": self._model_name, "size": "x".join(map(str, size)),
+                  "precision": self._precision, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                  "code": code_fingerprint(), **{f"{name}_version": _version(name) for name in candidates}}
+        start = time.perf_counter()
+        choice = choose_backend(candidates, measure, fields, self._cache_dir or default_cache_dir(), LOG)
+        LOG.info("backend auto at %dx%d: %s%s", *size, choice.reason,
+                 "" if choice.remembered else f" (timed in {time.perf_counter() - start:.1f} s)")
+        self.backend_choice = choice
+        if choice.name != self.backend:
+            plan, ladder, backends = made.get(choice.name) or self._make_ladder(choice.name)
+            with self._lock:
+                self.precision_plan, self.ladder, self._backends = plan, ladder, backends
+                self.backend = backends[ladder[0].precision].name
+                self._step = self._step_for(self._merge_rate)
+                self._merge = self._step.config
+            self._calibration_pending = plan == "auto"
+            self._warm_on_new_sizes = self._warm and self.input_size is None
+        made.clear()  # the candidates not chosen: their compiled rungs are freed with them
+        if self.backend != "eager" and self._warm:
+            self.warm(size=size)
+        return choice
+
+    def _step_for(self, rate: float) -> Step:
+        """The step the current setting runs on this ladder (a preset keeps its configuration)."""
+        if math.isfinite(rate):
+            return self.family.merge_step(rate, step_for_rate(rate, self.ladder))
+        return Step(rate, self._merge, self.ladder[-1].precision)
+
+    def _time_step(self, step: Step, backend: Backend, size: tuple[int, int], repeats: int = 3) -> float:
+        """Median ms of the network alone on ``step`` at ``size`` through ``backend``, after one untimed call
+        (compilation, first-touch allocations)."""
+        pixels = self.family.network_input(np.zeros((*size, 3), dtype=np.uint8), step.config, tuple(size))
+        times = []
+        for index in range(repeats + 1):
+            start = time.perf_counter()
+            self.family.forward(pixels, step.config, step.precision, step.rate, backend)
+            if index:
+                times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
 
     @property
     def merge_rate(self) -> float:
@@ -293,6 +375,8 @@ class SegmentationEngine:
         """Segment one HxWx3 uint8 RGB frame; ``confidence=False`` skips the confidence map (the node computes it
         only while someone subscribes to it). ``calibrate=False`` for a frame that says nothing about precision
         (start-up's black warm-up frame): ``precision: auto``'s agreement check then waits for the next frame."""
+        if self._auto_candidates and calibrate:
+            self.choose_backend(tuple(self.input_size or rgb.shape[:2]))
         if self._warm_on_new_sizes and rgb.shape[:2] not in self._warmed_sizes:
             LOG.info("backend %s: preparing every rung for %dx%d frames", self.backend, *rgb.shape[:2])
             self.warm(size=rgb.shape[:2])
@@ -315,6 +399,17 @@ class SegmentationEngine:
                                   preprocess_ms=(network_start - start) * 1e3,
                                   network_ms=(network_end - network_start) * 1e3,
                                   postprocess_ms=(end - network_end) * 1e3)
+
+
+def _version(backend: str) -> str:
+    """The installed version of the package behind ``backend`` ("" for eager and compile: torch's is keyed apart)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    package = {"openvino": "openvino", "tensorrt": "torch_tensorrt"}.get(backend)
+    try:
+        return version(package) if package else ""
+    except PackageNotFoundError:
+        return ""
 
 
 def _pick_device(device: str) -> torch.device:

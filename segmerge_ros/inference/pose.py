@@ -277,7 +277,8 @@ class PoseEstimator:
                  cache_dir: str | None = None) -> None:
         import torch
 
-        from segmerge_ros.inference.backends.registry import make_backend, split_device
+        from segmerge_ros.inference.backends.auto import AUTO
+        from segmerge_ros.inference.backends.registry import auto_candidates, make_backend, split_device
         from segmerge_ros.inference.ladder import precision_plan
         from segmerge_ros.inference.memory import keep_freed_memory
 
@@ -308,11 +309,20 @@ class PoseEstimator:
         # The segmentation's backend and precision (pose has no rate 0 to keep exact: "auto" means the half
         # precision wherever the hardware has it). Compiled backends hold one graph per batch size: crops go
         # through the batch-1 graph one at a time; eager takes them as one batch.
-        plan, half = precision_plan(precision, self.device, openvino_device if backend == "openvino" else None)
-        self._backend = make_backend(backend, self.model, self.device, precision="fp32" if plan == "fp32" else half,
-                                     input_size=(self.input_size[1], self.input_size[0]), cache_dir=cache_dir,
-                                     model_name=f"pose-{model}" if isinstance(model, str) else "pose-custom",
-                                     openvino_device=openvino_device)
+        model_name = f"pose-{model}" if isinstance(model, str) else "pose-custom"
+
+        def make(name: str):
+            plan, half = precision_plan(precision, self.device, openvino_device if name == "openvino" else None)
+            return make_backend(name, self.model, self.device, precision="fp32" if plan == "fp32" else half,
+                                input_size=(self.input_size[1], self.input_size[0]), cache_dir=cache_dir,
+                                model_name=model_name, openvino_device=openvino_device)
+
+        self.backend_choice = None  # backend auto: what it chose and why
+        candidates = auto_candidates(self.device, openvino_device) if backend == AUTO else [backend]
+        if len(candidates) > 1:  # backend auto on a CPU: the one measured fastest on a crop (backends/auto.py)
+            self._backend = self._choose_backend(candidates, make, model_name, precision, cache_dir)
+        else:
+            self._backend = make(candidates[0])
         self.backend = self._backend.name
         self.precision = self._backend.precision
         self.mode = mode
@@ -331,6 +341,36 @@ class PoseEstimator:
             self.set_preset(preset)
         else:
             self.set_merge_rate(merge_rate)
+
+    def _choose_backend(self, candidates, make, model_name: str, precision: str, cache_dir: str | None):
+        """``backend: auto``: the candidate that runs one unmerged crop fastest here (or the remembered choice)."""
+        import logging
+        import statistics
+
+        from segmerge_ros.inference.backends.auto import choose_backend, cpu_identity
+        from segmerge_ros.inference.backends.cache import code_fingerprint, default_cache_dir
+        from segmerge_ros.merging.segformerpp import NONE
+
+        made = {}
+        pixels = self._torch.zeros((1, 3, self.input_size[1], self.input_size[0]), device=self.device)
+
+        def measure(name: str) -> list[float]:
+            backend = made.setdefault(name, make(name))
+            times = []
+            for index in range(4):  # the first call compiles
+                start = time.perf_counter()
+                backend.run(pixels, NONE)
+                times.append((time.perf_counter() - start) * 1e3)
+            return [statistics.median(times[1:])]
+
+        fields = {"cpu": cpu_identity(), "model": model_name, "size": "x".join(map(str, self.input_size)),
+                  "precision": precision, "threads": self._torch.get_num_threads(), "torch": self._torch.__version__,
+                  "code": code_fingerprint()}
+        log = logging.getLogger(__name__)
+        choice = choose_backend(candidates, measure, fields, cache_dir or default_cache_dir(), log)
+        log.info("pose backend auto: %s", choice.reason)
+        self.backend_choice = choice
+        return made.get(choice.name) or make(choice.name)
 
     # -- merging (same knobs as the segmentation engine)
     @property

@@ -85,8 +85,8 @@ def camera_status(node_name: str, camera: CameraSnapshot, budget: BudgetSnapshot
                   threads: dict[str, str] | None = None) -> DiagnosticStatus:
     """The DiagnosticStatus of one camera for one window. ``current_rate``/``current_merge_name``: the engine's
     setting, shown when the window processed no frame. ``pose_model``: "building", "ready" or "failed: <reason>"
-    ("" while no pose model was ever asked for). ``threads``: the thread governor's state (threads in use, the
-    other processes' load), shown as it is."""
+    ("" while no pose model was ever asked for). ``threads``: further values shown as they are (the thread
+    governor's state: threads in use, the other processes' load; the backend and ladder in use)."""
     timings = camera.timings
     rate = timings[-1].merge_rate if timings else current_rate
     processing_ms = _mean(t.processing_ms for t in timings)

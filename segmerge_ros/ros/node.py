@@ -136,6 +136,9 @@ class SegmergeNode(Node):
             levels=getattr(self.engine, "ladder_rates", None),
         )
         self._budget_rate: float | None = None
+        self._backend_choice_logged = self.engine.backend_choice  # logged at start when made there
+        if self._backend_choice_logged is not None:
+            self.get_logger().info(f"backend auto: {self._backend_choice_logged.reason}")
         self._pose_work = PoseWork()  # budget mode's cap on the people posed per frame (worker thread only)
         if self.param("budget.mode") != BudgetMode.OFF.value and self.param("preset") != "none":
             self.get_logger().warning(f"preset {self.param('preset')!r} ignored: budget mode chooses merge rates")
@@ -407,6 +410,9 @@ class SegmergeNode(Node):
             camera.timings.append(FrameTiming(latency_ms, times.inference_ms, times.processing_ms, times.merge_rate,
                                               times.persons, times.pose_ms, times.decode_ms, times.preprocess_ms,
                                               times.network_ms, times.postprocess_ms, times.publish_ms))
+        if self.engine.backend_choice is not self._backend_choice_logged:  # backend auto decided on this frame
+            self._backend_choice_logged = self.engine.backend_choice
+            self.get_logger().info(f"backend auto, on the first frame: {self.engine.backend_choice.reason}")
         # the network's time (at this frame's rung) is what the thread count acts on; pose runs at the same count
         self._threads.observe(times.network_ms, times.merge_name)
         with self._budget_lock:
@@ -465,8 +471,21 @@ class SegmergeNode(Node):
         for snapshot in snapshots:
             array.status.append(camera_status(self.get_name(), snapshot, budget, self.engine.merge_rate,
                                               self.engine.merge_config.name, self._pose_settings.enable,
-                                              self._pose_state, self._thread_values()))
+                                              self._pose_state, {**self._thread_values(), **self._model_values()}))
         self._diagnostics_pub.publish(array)
+
+    def _model_values(self) -> dict[str, str]:
+        """The backend, precision and ladder in use, and why (backend auto's choice; random weights)."""
+        engine = self.engine
+        choice = engine.backend_choice
+        values = {"backend": engine.backend,
+                  "backend_choice": choice.reason if choice is not None else
+                  ("timing on the first frame" if engine.backend_pending else f"{self.param('backend')} (asked for)"),
+                  "precision_plan": engine.precision_plan,
+                  "ladder": ", ".join(f"{step.rate:g} {step.name}" for step in engine.ladder)}
+        if engine.randomly_initialised:
+            values["weights"] = "random: the masks are meaningless"
+        return values
 
     def _thread_values(self) -> dict[str, str]:
         state = self._threads.state if self._threads is not None else None

@@ -13,7 +13,7 @@ from segmerge_ros.merging.segformerpp import MAX_MERGE_RATE, PRESETS
 from segmerge_ros.models.vit.methods import is_vit_model_name
 from segmerge_ros.models.mask2former.checkpoints import is_mask2former_name
 from segmerge_ros.inference.backends.base import PRECISION_CHOICES
-from segmerge_ros.inference.backends.registry import BACKEND_NAMES
+from segmerge_ros.inference.backends.registry import BACKEND_CHOICES
 from segmerge_ros.inference.pose import POSE_MODES
 
 MODELS = tuple(f"segformer-b{i}" for i in range(6))  # SegFormer sizes (also the pose model's choices)
@@ -73,18 +73,22 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               constraints=f"segformer-b0 .. segformer-b5, {VIT_MODEL_PATTERN}, or {MASK2FORMER_MODEL_PATTERN}"),
     ParamSpec("weights", "",
               "Checkpoint: a Hugging Face hub folder (config.json + model.safetensors), a .safetensors or an mmseg "
-              ".pth; Mask2Former: a hub folder or a detectron2 .pth/.pkl (Mask2Former or PRO-SCALE). Empty: a "
-              "randomly initialised model (outputs are meaningless; for plumbing tests only).",
+              ".pth; Mask2Former: a hub folder or a detectron2 .pth/.pkl (Mask2Former or PRO-SCALE). Required: "
+              "empty is refused at start; 'random' runs a randomly initialised model (meaningless outputs, for "
+              "plumbing tests only; said in the log and diagnostics).",
               read_only=True),
     ParamSpec("device", "cpu",
               "Torch device: cpu, cuda or cuda:N (falls back to cpu without CUDA). With backend openvino: an OpenVINO "
               "device (CPU, GPU = Intel graphics, NPU, AUTO).", read_only=True),
-    ParamSpec("backend", "eager",
-              "Inference backend: eager, compile (torch.compile per ladder rung), openvino (one compiled OpenVINO "
-              "model per rung; the fastest on a CPU) or tensorrt (NVIDIA GPUs). Compiled models are cached in "
-              "engine_cache_dir. An unknown name is refused at start; one that cannot run here falls back to eager with a warning; "
-              "plain-ViT models always run eagerly.", read_only=True, choices=BACKEND_NAMES),
-    ParamSpec("precision", "fp32",
+    ParamSpec("backend", "auto",
+              "Inference backend: auto, eager, compile (torch.compile per ladder rung), openvino (one compiled "
+              "OpenVINO model per rung) or tensorrt (NVIDIA GPUs). auto: on a CPU, OpenVINO where it is installed "
+              "and measured faster than eager on this CPU at the input size (timed on the first frame, or at start "
+              "with input_size; remembered in engine_cache_dir), else eager; on CUDA TensorRT, else compile, else "
+              "eager. Compiled models are cached in engine_cache_dir. An unknown name is refused at start; one that "
+              "cannot run here falls back to eager with a warning; plain-ViT and Mask2Former models run eagerly.",
+              read_only=True, choices=BACKEND_CHOICES),
+    ParamSpec("precision", "auto",
               "Compute precision: fp32, bf16, fp16 or auto. bf16 runs on CUDA GPUs that support it and on CPUs with "
               "native bf16 (AVX512-BF16/AMX; eager and openvino); fp16 needs CUDA. auto: merge_rate 0 in fp32 "
               "(exact), every faster rung in bf16 (CPU) or fp16 (CUDA), kept only if it agrees with fp32 on at "

@@ -22,6 +22,7 @@ from segmerge_ros.ros.frame_pipeline import PoseSettings
 from segmerge_ros.ros.parameter_policy import label_count_refusal
 
 Param = Callable[[str], Any]
+RANDOM_WEIGHTS = "random"  # the one way to ask for a randomly initialised model (empty weights are refused)
 Warn = Callable[[str], None]
 BANNER = "!" * 78
 
@@ -36,8 +37,13 @@ def build_engine(param: Param, warn: Warn) -> SegmentationEngine:
     does not pay torch's one-off start-up costs). A compiled backend without input_size is not warmed: it prepares
     every rung for the first frame's own size, and a dummy size would cost a ladder's compile time and memory."""
     model, weights = param("model"), param("weights")
+    if not weights:
+        raise StartupError(f"weights is empty: set it to a checkpoint for {model} (a Hugging Face hub folder, a "
+                           f".safetensors or an mmseg .pth), or to '{RANDOM_WEIGHTS}' for a randomly initialised "
+                           f"model (meaningless masks, for plumbing tests only)")
     try:
-        engine = SegmentationEngine(model=model, weights=weights or None, device=param("device"),
+        engine = SegmentationEngine(model=model, weights=None if weights == RANDOM_WEIGHTS else weights,
+                                    device=param("device"),
                                     backend=param("backend"), input_size=param("input_size") or None,
                                     precision=param("precision"), cache_dir=param("engine_cache_dir") or None,
                                     instance_score_threshold=param("instances.score_threshold"),
@@ -51,7 +57,7 @@ def build_engine(param: Param, warn: Warn) -> SegmentationEngine:
     if reason:
         raise StartupError(reason)
     if engine.randomly_initialised:
-        warn(f"\n{BANNER}\n  NO WEIGHTS GIVEN: {model} IS RANDOMLY INITIALISED. The masks are meaningless.\n"
+        warn(f"\n{BANNER}\n  weights: {RANDOM_WEIGHTS}: {model} IS RANDOMLY INITIALISED. The masks are meaningless.\n"
              f"  Set the 'weights' parameter to a checkpoint (hub folder, .safetensors or .pth).\n{BANNER}")
     if engine.input_size is None and engine.backend != "eager":
         return engine  # compiled backends prepare every rung for the first frame's own size: none for a dummy size

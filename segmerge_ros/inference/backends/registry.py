@@ -12,6 +12,7 @@ from torch import nn
 
 from segmerge_ros.merging.segformerpp import MergeConfig
 
+from segmerge_ros.inference.backends.auto import AUTO, CPU_CANDIDATES, CUDA_PREFERENCE
 from segmerge_ros.inference.backends.base import Backend, BackendUnavailable, EagerBackend, resolve_precision
 from segmerge_ros.inference.backends.compile import CompileBackend, _find_cxx
 from segmerge_ros.inference.backends.openvino import OpenVINOBackend, openvino_missing
@@ -21,6 +22,7 @@ from segmerge_ros.inference.backends.tensorrt import TensorRTBackend, import_tor
 LOG = logging.getLogger(__name__)
 
 BACKEND_NAMES = ("eager", "compile", "openvino", "tensorrt")
+BACKEND_CHOICES = BACKEND_NAMES + (AUTO,)  # "auto": measured per CPU and size (backends/auto.py)
 
 
 def missing_requirements(
@@ -67,6 +69,15 @@ def available_backends(device: torch.device | str | None = None) -> tuple[str, .
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return tuple(name for name in BACKEND_NAMES if not missing_requirements(name, device))
+
+
+def auto_candidates(device: torch.device | str = "cpu", openvino_device: str = "CPU") -> list[str]:
+    """What ``backend: auto`` chooses from on ``device``: on CUDA the first of ``CUDA_PREFERENCE`` that can run (no
+    timing needed), on a CPU every backend of ``CPU_CANDIDATES`` that can run (eager first, the reference)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return [next(name for name in CUDA_PREFERENCE if not missing_requirements(name, device))]
+    return [name for name in CPU_CANDIDATES if not missing_requirements(name, device, openvino_device=openvino_device)]
 
 
 def make_backend(
