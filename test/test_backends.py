@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -357,16 +358,69 @@ def test_matching_entry_is_reused_without_building(tmp_path):
 @pytest.mark.parametrize(
     "field,new", [("tensorrt", "10.7.0"), ("gpu", "Thor"), ("l4t", "R38.2"), ("weights", "cd" * 32)]
 )
-def test_stale_entry_is_rebuilt_in_place_with_a_log_line(tmp_path, caplog, field, new):
+def test_an_entry_for_something_else_is_kept_beside_the_new_one_with_a_log_line(tmp_path, caplog, field, new):
+    """The file name holds a digest of the whole key: other weights or another runtime get their own entry (two
+    weights used in turn do not rebuild each other's engines), and the log says what differed."""
     cache = EngineCache(tmp_path)
     old = key_fields()
     path = cache.store(old, writer([], b"old engine"))
     calls: list[Path] = []
-    rebuilt, status = cache.get_or_build(key_fields(**{field: new}), writer(calls, b"new engine"))
-    assert status == "built" and len(calls) == 1 and rebuilt == path and path.read_bytes() == b"new engine"
+    with caplog.at_level(logging.WARNING):
+        rebuilt, status = cache.get_or_build(key_fields(**{field: new}), writer(calls, b"new engine"))
+    assert status == "built" and len(calls) == 1 and rebuilt != path and rebuilt.read_bytes() == b"new engine"
+    assert path.read_bytes() == b"old engine" and cache.get_or_build(old, never_called) == (path, "reused")
     assert any("stale" in r.getMessage() and f"{field} {old[field]} -> {new}" in r.getMessage() for r in caplog.records)
-    assert json.loads(cache.sidecar_for(path).read_text())["fields"][field] == new
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, cache.sidecar_for(path).name])
+    assert json.loads(cache.sidecar_for(rebuilt).read_text())["fields"][field] == new
+    assert rebuilt.name.split("_")[:-1] == path.name.split("_")[:-1]  # the same readable prefix, another digest
+
+
+def test_the_least_recently_used_entries_go_when_the_cache_exceeds_its_bound(tmp_path, caplog):
+    cache = EngineCache(tmp_path, max_mb=0.25)  # room for two 100 kB engines
+    engine = b"x" * 100_000
+    first = cache.store(key_fields(input_shape="1x3x64x64"), writer([], engine))
+    second = cache.store(key_fields(input_shape="1x3x96x96"), writer([], engine))
+    old = time.time() - 60
+    os.utime(cache.sidecar_for(first), (old, old))
+    os.utime(cache.sidecar_for(second), (old - 60, old - 60))
+    assert cache.lookup(key_fields(input_shape="1x3x96x96")) == second  # a use: now the most recent
+    with caplog.at_level(logging.INFO):
+        third = cache.store(key_fields(input_shape="1x3x128x128"), writer([], engine))
+    assert third.is_file() and second.is_file() and not first.exists() and not cache.sidecar_for(first).exists()
+    assert any("least recently used" in r.getMessage() and first.name in r.getMessage() for r in caplog.records)
+    assert sum(size for _, size, _ in cache.entries()) <= 0.25e6
+
+
+def test_two_processes_asking_for_one_entry_build_it_once(tmp_path):
+    """The second waits on the entry's lock while the first builds, then reuses what it built."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    marks = tmp_path / "builds"
+    marks.mkdir()
+    workers = [context.Process(target=_build_slowly, args=(tmp_path / "engines", marks, n)) for n in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    assert len(list(marks.iterdir())) == 1  # one builder ran
+    cache = EngineCache(tmp_path / "engines")
+    assert cache.lookup(key_fields()).read_bytes() == b"engine"
+
+
+def _build_slowly(folder: Path, marks: Path, number: int) -> None:
+    def build(path: Path) -> None:
+        (marks / str(number)).touch()
+        time.sleep(0.5)
+        path.write_bytes(b"engine")
+
+    EngineCache(folder).get_or_build(key_fields(), build)
+
+
+def test_what_the_builder_reports_is_kept_with_the_entry(tmp_path):
+    cache = EngineCache(tmp_path)
+    path, _ = cache.get_or_build(key_fields(), lambda path: path.write_bytes(b"ir") and {"exporter": "traced"})
+    assert cache.built_with(path) == {"exporter": "traced"}
 
 
 def test_entry_without_metadata_is_rebuilt(tmp_path, caplog):

@@ -112,7 +112,8 @@ def test_auto_precision_decides_on_the_first_real_frame_not_the_black_warm_up(mo
     monkeypatch.setattr(base, "cpu_bf16_support", lambda: "")
     params = {"model": "segformer-b0", "weights": "random", "device": "cpu", "backend": "eager",
               "input_size": "{}x{}".format(*SIZE), "precision": "auto", "engine_cache_dir": "",
-              "instances.score_threshold": 0.5, "instances.max_instances": 100, "panoptic.enable": False}
+              "instances.score_threshold": 0.5, "instances.max_instances": 100, "panoptic.enable": False,
+              "engine_cache_max_mb": 4096.0}
     with caplog.at_level(logging.INFO):
         engine = build_engine(params.__getitem__, lambda message: None)
         assert engine.precision_plan == "auto"
@@ -126,7 +127,8 @@ def test_without_input_size_nothing_is_compiled_for_a_dummy_size(student_dir, tm
 
     params = {"model": "segformer-b0", "weights": str(student_dir), "device": "cpu", "backend": "openvino",
               "input_size": "", "precision": "fp32", "engine_cache_dir": str(tmp_path),
-              "instances.score_threshold": 0.5, "instances.max_instances": 100, "panoptic.enable": False}
+              "instances.score_threshold": 0.5, "instances.max_instances": 100, "panoptic.enable": False,
+              "engine_cache_max_mb": 4096.0}
     engine = build_engine(params.__getitem__, lambda message: None)
     assert engine.backend == "openvino" and engine.prepared_files() == []  # used to compile every rung at 240x320
     small = cv2.resize(frame, SIZE[::-1])
@@ -216,15 +218,17 @@ def test_cache_reuses_rebuilds_stale_entries_and_corrupt_files(tiny, tmp_path, c
     assert status == "built" and path.is_file() and path.with_suffix(".bin").is_file()
     assert backend().engines["none"] == (path, "reused")
 
-    upgraded = {**openvino_environment("CPU"), "openvino": "2099.1.0"}  # a key field changes: rebuilt in place
+    upgraded = {**openvino_environment("CPU"), "openvino": "2099.1.0"}  # a key field changes: a new entry beside
     with caplog.at_level(logging.WARNING):
-        assert backend(environment=upgraded).engines["none"] == (path, "built")
+        upgraded_path, status = backend(environment=upgraded).engines["none"]
+    assert status == "built" and upgraded_path != path and path.is_file() and upgraded_path.is_file()
     assert any("stale" in r.getMessage() and "2099.1.0" in r.getMessage() for r in caplog.records)
+    assert backend().engines["none"] == (path, "reused")  # the old version's entry still serves it
 
     caplog.clear()
-    path.write_text("<not an OpenVINO model")  # corrupt: rebuilt with a log line, not a crash
+    upgraded_path.write_text("<not an OpenVINO model")  # corrupt: rebuilt with a log line, not a crash
     with caplog.at_level(logging.WARNING):
-        assert backend(environment=upgraded).engines["none"] == (path, "built")
+        assert backend(environment=upgraded).engines["none"] == (upgraded_path, "built")
     assert any("cannot load cached engine" in r.getMessage() for r in caplog.records)
 
 

@@ -105,6 +105,7 @@ class SegmentationEngine:
         instance_score_threshold: float = 0.5,
         max_instances: int = DETECTIONS_PER_IMAGE,
         panoptic: bool = False,
+        cache_max_mb: float | None = None,
     ):
         device, openvino_device = split_device(device, backend)
         self.device = _pick_device(device)
@@ -126,6 +127,7 @@ class SegmentationEngine:
             LOG.warning("backend %r serves SegFormer models only; running %s eagerly", backend, self.family.name)
             backend = "eager"
         self._precision, self._cache_dir, self._model_name = precision, cache_dir, model
+        self._cache_max_mb = cache_max_mb
         self._openvino_device = openvino_device
         self.backend_choice: BackendChoice | None = None  # what backend "auto" chose, why, from which figures
         candidates = ((auto_candidates(self.device, openvino_device) if self.family.compilable else ["eager"])
@@ -168,7 +170,7 @@ class SegmentationEngine:
             name: make_backend(backend, self.model, self.device, precision=name, input_size=self.input_size,
                                ladder_configs=[network_config(step.config) for step in ladder if step.precision == name],
                                cache_dir=self._cache_dir, model_name=self._model_name, log=LOG,
-                               openvino_device=self._openvino_device)
+                               openvino_device=self._openvino_device, cache_max_mb=self._cache_max_mb)
             for name in dict.fromkeys(step.precision for step in ladder)
         }
         return plan, ladder, backends

@@ -274,7 +274,7 @@ class PoseEstimator:
                  keypoint_threshold: float = 0.3, mode: str = "segmentation", padding: float = BBOX_PADDING,
                  decode: str = "dark", blur_kernel: int = 11, flip_test: bool = False,
                  input_size: tuple[int, int] = POSE_INPUT_SIZE, backend: str = "eager", precision: str = "fp32",
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, cache_max_mb: float | None = None) -> None:
         import torch
 
         from segmerge_ros.inference.backends.auto import AUTO
@@ -315,7 +315,7 @@ class PoseEstimator:
             plan, half = precision_plan(precision, self.device, openvino_device if name == "openvino" else None)
             return make_backend(name, self.model, self.device, precision="fp32" if plan == "fp32" else half,
                                 input_size=(self.input_size[1], self.input_size[0]), cache_dir=cache_dir,
-                                model_name=model_name, openvino_device=openvino_device)
+                                model_name=model_name, openvino_device=openvino_device, cache_max_mb=cache_max_mb)
 
         self.backend_choice = None  # backend auto: what it chose and why
         candidates = auto_candidates(self.device, openvino_device) if backend == AUTO else [backend]

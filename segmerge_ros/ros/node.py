@@ -191,6 +191,8 @@ class SegmergeNode(Node):
             self._pose_state = f"failed: {error}"
             return str(error)
         self._pose = pose
+        if pose.backend_choice is not None:
+            self.get_logger().info(f"pose backend auto: {pose.backend_choice.reason}")
         if getattr(self, "pipeline", None) is not None:
             self.pipeline.pose = pose  # the worker runs pose from its next frame on
         self._pose_state = "ready"

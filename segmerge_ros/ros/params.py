@@ -97,6 +97,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("engine_cache_dir", "",
               "Folder for compiled models: TensorRT engines, OpenVINO models and torch.compile's cache (segmerge-"
               "build-engines fills it ahead of time). Empty = ~/.cache/segmerge_ros/engines.", read_only=True),
+    ParamSpec("engine_cache_max_mb", 4096.0,
+              "Size bound of engine_cache_dir's OpenVINO models and TensorRT engines (MB): after each build the least "
+              "recently used entries are deleted until the cache fits.", read_only=True,
+              float_range=(10.0, 1.0e7)),
     ParamSpec("input_size", "",
               "Network input size HEIGHTxWIDTH (e.g. 288x384); empty = the camera's resolution. Outputs are always "
               "at the camera's resolution.", read_only=True),

@@ -46,6 +46,7 @@ def build_engine(param: Param, warn: Warn) -> SegmentationEngine:
                                     device=param("device"),
                                     backend=param("backend"), input_size=param("input_size") or None,
                                     precision=param("precision"), cache_dir=param("engine_cache_dir") or None,
+                                    cache_max_mb=param("engine_cache_max_mb"),
                                     instance_score_threshold=param("instances.score_threshold"),
                                     max_instances=param("instances.max_instances"),
                                     panoptic=param("panoptic.enable"))
@@ -87,7 +88,8 @@ def build_pose(param: Param, warn: Warn) -> PoseEstimator:
                              min_person_area=settings.min_person_area,
                              keypoint_threshold=settings.keypoint_threshold, mode=settings.mode,
                              backend=param("backend"), precision=param("precision"),
-                             cache_dir=param("engine_cache_dir") or None)
+                             cache_dir=param("engine_cache_dir") or None,
+                             cache_max_mb=param("engine_cache_max_mb"))
     except (CheckpointError, OSError, ValueError, RuntimeError) as error:
         raise StartupError(f"cannot load pose.weights {weights!r} for {model}: {error}" if weights
                            else f"cannot build the {model} pose model: {error}") from None

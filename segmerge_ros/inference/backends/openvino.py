@@ -75,7 +75,7 @@ def openvino_environment(device: str = "CPU") -> dict[str, str]:
             "exporter": EXPORTER}
 
 
-def _export(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+def _export(module: torch.nn.Module, example: torch.Tensor, path: Path) -> dict[str, str]:
     """Convert ``module`` for ``example``'s static shape and save it as IR at ``path`` (weights beside it).
 
     Through ONNX first: on the trained B0 at 576x768 (2 threads) OpenVINO runs the model converted from ONNX twice as
@@ -88,6 +88,7 @@ def _export(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
         warnings.simplefilter("ignore")  # tracer warnings: shapes are static per rung by design
         example = torch.zeros(example.shape, dtype=torch.float32)
         converted = None
+        onnx_path_used = False
         config = getattr(module, "config", None)
         # Token matching is known not to export (and the exporter would print its whole graph on the way out).
         if config is None or not config.matches_tokens:
@@ -96,6 +97,7 @@ def _export(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
                     onnx_path = Path(folder) / "rung.onnx"
                     torch.onnx.export(module, (example,), str(onnx_path), opset_version=18, dynamo=False)
                     converted = openvino.convert_model(str(onnx_path))
+                    onnx_path_used = True
             except Exception as error:  # an operator ONNX lacks, or no onnx package: trace instead
                 # worth a warning: the traced conversion ran about twice as slow (see above) and is cached as is
                 LOG.warning("ONNX export of %s failed (%s: %s); converting the traced module instead, which OpenVINO "
@@ -108,6 +110,7 @@ def _export(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
             converted = openvino.convert_model(traced, example_input=example)
     # Weights stay fp32 in the file: the precision is chosen when compiling.
     openvino.save_model(converted, str(path), compress_to_fp16=False)
+    return {"exporter": "onnx-opset18" if onnx_path_used else "traced"}
 
 
 class OpenVINOBackend(PreparedBackend):
@@ -124,12 +127,14 @@ class OpenVINOBackend(PreparedBackend):
         openvino_device: str = "CPU",
         engine_io: EngineIO | None = None,
         environment: Mapping[str, str] | None = None,
+        cache_max_mb: float | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.openvino_device = openvino_device
         self.cache = EngineCache(
-            cache_dir or default_cache_dir(), log=self.log, suffix=IR_SUFFIX, companions=(WEIGHTS_SUFFIX,)
+            cache_dir or default_cache_dir(), log=self.log, suffix=IR_SUFFIX, companions=(WEIGHTS_SUFFIX,),
+            max_mb=cache_max_mb,
         )
         self.model_name = model_name
         self.engine_io = engine_io or EngineIO(build=lambda module, example, dtype, path: _export(module, example, path),
@@ -188,12 +193,15 @@ class OpenVINOBackend(PreparedBackend):
         module = RungModule(self.model, config).eval()
         example = torch.zeros(shape)
 
-        def build(path: Path) -> None:
+        def build(path: Path):
             self.log.info("converting rung %r at %s to OpenVINO (%s)", config.name, shape, self.precision)
-            self.engine_io.build(module, example, self.dtype, path)
+            return self.engine_io.build(module, example, self.dtype, path)
 
         engine, path, status = self.cache.load_or_build(fields, build, self.engine_io.load)
         self.engines[config.name] = (path, status)
+        if status == "reused" and self.cache.built_with(path).get("exporter") == "traced" and not config.matches_tokens:
+            self.log.warning("rung %r reuses an IR converted from the traced module (its ONNX export failed when it "
+                             "was built): about 2x slower than one from ONNX; %s", config.name, path.name)
         return engine
 
     def _invoke(self, prepared, pixels):

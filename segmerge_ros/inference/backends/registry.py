@@ -95,6 +95,7 @@ def make_backend(
     cuda_graphs: bool = True,
     openvino_device: str = "CPU",
     strict: bool = False,
+    cache_max_mb: float | None = None,
 ) -> Backend:
     """The backend ``name`` for ``model`` (already on ``device``, in eval mode), or eager with one warning when it
     is unknown or cannot run here (``strict=True`` raises ``BackendUnavailable`` instead, for build-only tools).
@@ -128,10 +129,12 @@ def make_backend(
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir) / "inductor")
         return CompileBackend(model, device, dtype, compile_backend=compile_backend, cuda_graphs=cuda_graphs, **common)
     if name == "tensorrt":
-        return TensorRTBackend(model, device, dtype, cache_dir=cache_dir, model_name=model_name, **common)
+        return TensorRTBackend(model, device, dtype, cache_dir=cache_dir, model_name=model_name,
+                               cache_max_mb=cache_max_mb, **common)
     if name == "openvino":
         return OpenVINOBackend(
-            model, device, dtype, cache_dir=cache_dir, model_name=model_name, openvino_device=openvino_device, **common
+            model, device, dtype, cache_dir=cache_dir, model_name=model_name, openvino_device=openvino_device,
+            cache_max_mb=cache_max_mb, **common
         )
     return EagerBackend(model, device, dtype, **common)
 

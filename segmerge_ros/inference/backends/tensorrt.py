@@ -41,10 +41,11 @@ class TensorRTBackend(PreparedBackend):
         model_name: str = "segformer",
         engine_io: "EngineIO | None" = None,
         environment: Mapping[str, str] | None = None,
+        cache_max_mb: float | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.cache = EngineCache(cache_dir or default_cache_dir(), log=self.log, suffix=ENGINE_SUFFIX)
+        self.cache = EngineCache(cache_dir or default_cache_dir(), log=self.log, suffix=ENGINE_SUFFIX, max_mb=cache_max_mb)
         self.model_name = model_name
         self.engine_io = engine_io or torch_tensorrt_io()
         self.environment = dict(environment) if environment is not None else tensorrt_environment(self.device)
