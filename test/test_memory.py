@@ -69,3 +69,27 @@ def test_bench_memory_compares_both_settings_in_fresh_processes(shared_data, cap
     assert "(malloc: keeping freed memory" in out and "(malloc: left as it is (SEGMERGE_MALLOC=default))" in out
     summary = [line.split()[1] for line in out.splitlines() if line.startswith("0 ")]
     assert summary == ["kept", "glibc"]
+
+
+PROCESS_SETTINGS = r"""
+import sys
+from segmerge_ros.inference import memory, threads
+if sys.argv[1] == "node":
+    import segmerge_ros.ros  # the node's package: its __init__ takes the process-wide settings
+from segmerge_ros.inference.engine import SegmentationEngine
+from segmerge_ros.inference.pose import PoseEstimator
+SegmentationEngine(input_size=(64, 64), warm=False)
+PoseEstimator(input_size=(64, 64))
+print(repr(memory._outcome), repr(threads._outcome))
+"""
+
+
+def test_only_the_node_and_tools_change_process_wide_settings_not_the_library():
+    """issue 20: the engine's constructor used to change glibc's malloc settings for whatever process embedded it."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GOMP_", "OMP_", "KMP_"))}
+    library = subprocess.run([sys.executable, "-c", PROCESS_SETTINGS, "library"], capture_output=True, text=True,
+                             timeout=120, env=clean, check=True).stdout.split()
+    assert library == ["None", "None"]
+    node = subprocess.run([sys.executable, "-c", PROCESS_SETTINGS, "node"], capture_output=True, text=True,
+                          timeout=120, env=clean, check=True).stdout
+    assert "keeping freed memory" in node and "GOMP_SPINCOUNT=10000" in node

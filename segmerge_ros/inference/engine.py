@@ -30,7 +30,6 @@ from segmerge_ros.inference.backends.registry import auto_candidates, make_backe
 from segmerge_ros.inference.families.base import ModelFamily, OutputOptions
 from segmerge_ros.inference.families.frames import logits_to_maps, network_config, normalise, to_tensor
 from segmerge_ros.inference.families.registry import family_for
-from segmerge_ros.inference.memory import keep_freed_memory
 from segmerge_ros.inference.postprocess.upsample import warm_upsampled_argmax
 from segmerge_ros.inference.ladder import Step, build_ladder, precision_plan, step_for_rate, with_precision
 from segmerge_ros.inference.postprocess.mask2former import DETECTIONS_PER_IMAGE, InstanceMap, PanopticSegmentation
@@ -118,7 +117,6 @@ class SegmentationEngine:
         self.model = self.family.model
         self.labels = self.family.labels
         self.model.to(self.device)
-        keep_freed_memory()  # no page faults per frame: inference/memory.py
         if self.device.type == "cpu":
             warm_upsampled_argmax()  # compiled (or loaded from numba's cache) now, not on the first frame
         self._lock = threading.Lock()

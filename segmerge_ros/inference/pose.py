@@ -280,7 +280,6 @@ class PoseEstimator:
         from segmerge_ros.inference.backends.auto import AUTO
         from segmerge_ros.inference.backends.registry import auto_candidates, make_backend, split_device
         from segmerge_ros.inference.ladder import precision_plan
-        from segmerge_ros.inference.memory import keep_freed_memory
 
         from segmerge_ros.models.pose.model import SegformerPose, build_pose_model, load_pose_checkpoint
 
@@ -288,7 +287,6 @@ class PoseEstimator:
             raise ValueError(f"unknown pose mode {mode!r}; use one of {POSE_MODES}")
         if decode not in DECODE_METHODS:
             raise ValueError(f"unknown decode method {decode!r}; use one of {DECODE_METHODS}")
-        keep_freed_memory()  # no page faults per crop: inference/memory.py
         self._torch = torch
         device, openvino_device = split_device(str(device), backend)
         if str(device).startswith("cuda") and not torch.cuda.is_available():
