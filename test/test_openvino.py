@@ -436,3 +436,27 @@ def test_set_threads_compiles_each_rung_once_per_thread_count_with_the_same_outp
         assert compiled == [1]  # back to the count it was warmed at: nothing compiled again
     finally:
         torch.set_num_threads(before)
+
+
+def test_rungs_of_a_frame_size_unseen_for_a_while_are_freed_when_another_size_comes(student_dir, tmp_path, frame):
+    """issue 20: compiled rungs were kept for every frame size ever seen (OpenVINO: hundreds of MB per size)."""
+    from segmerge_ros.inference import engine as engine_module
+
+    engine = SegmentationEngine(weights=str(student_dir), backend="openvino", precision="fp32",
+                                cache_dir=str(tmp_path))
+
+    def sizes() -> set[tuple[int, int]]:
+        return {tuple(shape[-2:]) for shape, _ in engine._backends["fp32"].prepared}
+
+    first, second = cv2.resize(frame, (192, 144)), cv2.resize(frame, (160, 128))
+    engine.infer(first)
+    compiled_first = sizes()
+    assert (144, 192) in compiled_first
+    engine.infer(second)  # the first size was seen just now: both stay
+    assert compiled_first <= sizes() and (128, 160) in sizes()
+    engine._size_last_seen[(144, 192)] -= engine_module.STALE_SIZE_S  # as if no 144x192 frame came for a minute
+    engine.infer(cv2.resize(frame, (128, 96)))
+    assert not (compiled_first & sizes()) and (128, 160) in sizes() and (96, 128) in sizes()
+    assert (144, 192) not in engine._size_last_seen
+    result = engine.infer(first)  # it comes back: prepared again
+    assert result.class_map.shape == (144, 192) and (144, 192) in sizes()

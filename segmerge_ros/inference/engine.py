@@ -39,6 +39,8 @@ __all__ = ["SegmentationEngine", "SegmentationResult", "logits_to_maps", "networ
 
 LOG = logging.getLogger(__name__)
 
+# compiled rungs of a frame size unseen this long are freed when another size needs compiling (engine.infer)
+STALE_SIZE_S = 60.0
 # precision auto keeps the half precision when its arg-max agrees with fp32 on at least this share of a real frame
 AUTO_MIN_AGREEMENT = 0.995
 
@@ -144,6 +146,7 @@ class SegmentationEngine:
         self.set_preset(preset)
         self._warm = warm
         self._warmed_sizes: set[tuple[int, int]] = set()
+        self._size_last_seen: dict[tuple[int, int], float] = {}  # frame sizes with compiled rungs -> last frame
         self._warm_on_new_sizes = self.backend != "eager" and warm and self.input_size is None
         if self._auto_candidates and warm and self.input_size is not None:
             self.choose_backend(self.input_size)
@@ -265,6 +268,23 @@ class SegmentationEngine:
             )
         return steps
 
+    def free_sizes_unseen_for(self, seconds: float, now: float | None = None) -> list[tuple[int, int]]:
+        """Free the compiled rungs of frame sizes no frame has had for ``seconds`` (a camera switched to another
+        resolution, or gone): each size's ladder holds hundreds of MB with OpenVINO. A size that comes back is
+        prepared again. Returns the sizes freed (each logged)."""
+        now = time.monotonic() if now is None else now
+        stale = [size for size, seen in self._size_last_seen.items() if now - seen >= seconds]
+        for size in stale:
+            shapes = {tuple(scaled_size(*size, step.config.input_scale)) for step in self.ladder}
+            shapes |= {tuple(scaled_size(*size, self._merge.input_scale))}  # a preset's rung
+            for backend in self._backends.values():
+                backend.forget(shapes)
+            self._warmed_sizes.discard(size)
+            unseen_s = now - self._size_last_seen.pop(size)
+            LOG.info("backend %s: freed the rungs compiled for %dx%d frames (none for %.0f s)", self.backend, *size,
+                     unseen_s)
+        return stale
+
     @property
     def runs_on_cpu_threads(self) -> bool:
         """Whether the network's time depends on the CPU thread count (the thread governor's actuator)."""
@@ -377,9 +397,13 @@ class SegmentationEngine:
         (start-up's black warm-up frame): ``precision: auto``'s agreement check then waits for the next frame."""
         if self._auto_candidates and calibrate:
             self.choose_backend(tuple(self.input_size or rgb.shape[:2]))
-        if self._warm_on_new_sizes and rgb.shape[:2] not in self._warmed_sizes:
-            LOG.info("backend %s: preparing every rung for %dx%d frames", self.backend, *rgb.shape[:2])
-            self.warm(size=rgb.shape[:2])
+        if self._warm_on_new_sizes:
+            now = time.monotonic()
+            if rgb.shape[:2] not in self._warmed_sizes:
+                self.free_sizes_unseen_for(STALE_SIZE_S, now)  # before compiling another ladder, not after
+                LOG.info("backend %s: preparing every rung for %dx%d frames", self.backend, *rgb.shape[:2])
+                self.warm(size=rgb.shape[:2])
+            self._size_last_seen[rgb.shape[:2]] = now
         if self._calibration_pending and calibrate:
             self.calibrate_precision(rgb)
         start = time.perf_counter()

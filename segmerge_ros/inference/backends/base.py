@@ -167,6 +167,11 @@ class Backend:
         has one. Called between frames, on the thread that runs the model (torch's count is per process)."""
         torch.set_num_threads(threads)
 
+    def forget(self, sizes: set[tuple[int, int]]) -> int:
+        """Drop what was prepared for network inputs of these (H, W) sizes; returns how many graphs went. Eager
+        prepares nothing."""
+        return 0
+
     def warm(
         self, configs: Iterable[MergeConfig] | None = None, input_shape: Sequence[int] | None = None
     ) -> int:
@@ -238,6 +243,10 @@ class PreparedBackend(Backend):
     def _warm_one(self, example: torch.Tensor, config: MergeConfig) -> None:
         self._run(example, config, warming=True)
 
+    def forget(self, sizes: set[tuple[int, int]]) -> int:
+        with self._lock:
+            return drop_sizes(self._prepared, sizes)
+
     def _run(self, pixels: torch.Tensor, config: MergeConfig, warming: bool) -> torch.Tensor:
         if self._fallback is not None:
             return self._fallback.run(pixels, config)
@@ -292,6 +301,14 @@ class PreparedBackend(Backend):
 
     def _invoke(self, prepared: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+def drop_sizes(prepared: dict, sizes: set[tuple[int, int]]) -> int:
+    """Remove the entries of ``prepared`` ((shape, config) -> graph) whose input is one of ``sizes`` (H, W)."""
+    gone = [key for key in prepared if tuple(key[0][-2:]) in sizes]
+    for key in gone:
+        del prepared[key]
+    return len(gone)
 
 
 class _EagerRung:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from segmerge_ros.merging.segformerpp import MergeConfig
-from segmerge_ros.inference.backends.base import PreparedBackend, RungModule
+from segmerge_ros.inference.backends.base import PreparedBackend, RungModule, drop_sizes
 from segmerge_ros.inference.backends.cache import EngineCache, EngineIO, default_cache_dir, engine_key_fields, weights_hash
 
 LOG = logging.getLogger(__name__)
@@ -161,6 +161,11 @@ class OpenVINOBackend(PreparedBackend):
             self._by_threads[self.threads] = self._prepared
             self.threads = threads
             self._prepared = self._by_threads.get(threads, {})
+
+    def forget(self, sizes: set[tuple[int, int]]) -> int:
+        """Also the rungs compiled for the other thread counts (the thread governor's)."""
+        with self._lock:
+            return drop_sizes(self._prepared, sizes) + sum(drop_sizes(p, sizes) for p in self._by_threads.values())
 
     def key_fields(self, shape: tuple[int, ...], config: MergeConfig) -> dict[str, str]:
         # The IR holds fp32 weights whatever the inference precision (applied when compiling), so one entry serves
