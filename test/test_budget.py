@@ -298,3 +298,22 @@ def test_fps_demand_counts_what_each_camera_can_give():
         rate.record(float(t))  # 1 Hz
     assert rate.rate(9.0) == pytest.approx(6 / 5.0)  # 4..9 inside the 5-s window
     assert rate.rate(30.0) == 0.0  # silent for longer than the window
+
+
+def test_budget_mode_never_chooses_a_step_slower_than_one_with_less_merging():
+    """issue 20: eager bf16 at 576x768 measured head2+hq (0.3) slower than head2 (0.15); budget mode must skip it."""
+    from segmerge_ros.inference.engine import undominated
+
+    times = {0.0: 120.0, 0.05: 80.0, 0.15: 67.0, 0.3: 75.0, 0.45: 69.0, 0.6: 61.0, 0.75: 50.0, 0.9: 37.0}
+    kept = undominated(times)
+    assert kept == [0.0, 0.05, 0.15, 0.6, 0.75, 0.9]  # 0.3 and 0.45 are no faster than 0.15
+    chosen = set()
+    for target in range(30, 130, 2):
+        controller = BudgetController("latency", target_latency_ms=float(target), levels=kept)
+        rate = None
+        for _ in range(40):
+            measured = times[max(r for r in times if r <= (rate or 0.0) + 1e-9)]
+            rate = controller.update(measured, rate)
+        chosen.add(round(rate, 4))
+    assert chosen and not chosen & {0.3, 0.45}
+    assert len(chosen) >= 4  # and it still uses the ladder's other steps

@@ -124,3 +124,32 @@ def test_budget_step_sets_the_controllers_choice_on_the_engine(engine):
     controller.set_target("latency", target_latency_ms=50.0)
     chosen = budget_step(controller, engine, 80.0, 0.15)
     assert chosen == controller.rate and engine.merge_rate == chosen
+
+
+def test_budget_mode_times_the_steps_once_per_size_and_skips_those_that_do_not_pay(monkeypatch):
+    """issue 20: a step no faster than one with less merging costs accuracy for nothing: budget mode skips it (a
+    manual merge_rate still runs it), and the diagnostics' ladder says so."""
+    engine = SegmentationEngine(input_size=None)
+    slow = {"head2+hq": 75.0, "head2+fast": 69.0}  # as eager bf16 measured at 576x768: slower than head2 (67)
+    base = {"none": 120.0, "head2": 67.0}
+    timed = []
+
+    def fake_time(step, backend, size, repeats=3):
+        timed.append((step.rate, size))
+        return slow.get(step.config.name, base.get(step.config.name, 60.0 - 20.0 * step.rate))
+
+    monkeypatch.setattr(engine, "_time_step", fake_time)
+    controller = BudgetController("latency", target_latency_ms=70.0, levels=engine.ladder_rates)
+    frame = np.zeros((64, 96, 3), np.uint8)
+    result = engine.infer(frame)
+    budget_step(controller, engine, result.inference_ms, result.merge_rate)
+    skipped = {step.rate for step in engine.ladder if step.config.name in slow}
+    assert skipped and controller.levels == [rate for rate in engine.ladder_rates if rate not in skipped]
+    assert len(timed) == len(engine.ladder) and {size for _, size in timed} == {(64, 96)}
+    for _ in range(3):  # the same size: timed once
+        result = engine.infer(frame)
+        budget_step(controller, engine, result.inference_ms, result.merge_rate)
+    assert len(timed) == len(engine.ladder)
+    assert "head2+hq [skipped by budget mode]" in engine.ladder_description()
+    engine.set_merge_rate(max(skipped))  # by hand: still runs
+    assert engine.infer(frame).merge_name in slow

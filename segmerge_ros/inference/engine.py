@@ -39,6 +39,9 @@ __all__ = ["SegmentationEngine", "SegmentationResult", "logits_to_maps", "networ
 
 LOG = logging.getLogger(__name__)
 
+# budget mode skips a step that is not at least this much faster than every step with less merging (it would cost
+# accuracy and buy nothing: eager bf16 at 576x768 measured head2+hq 74.7 ms against head2's 67.4, docs/benchmarks.md 14)
+DOMINANCE_MARGIN = 0.05
 # compiled rungs of a frame size unseen this long are freed when another size needs compiling (engine.infer)
 STALE_SIZE_S = 60.0
 # precision auto keeps the half precision when its arg-max agrees with fp32 on at least this share of a real frame
@@ -147,6 +150,8 @@ class SegmentationEngine:
         self._warm = warm
         self._warmed_sizes: set[tuple[int, int]] = set()
         self._size_last_seen: dict[tuple[int, int], float] = {}  # frame sizes with compiled rungs -> last frame
+        self._last_size: tuple[int, int] | None = None  # the last frame's size
+        self.step_times: dict[tuple[int, int], dict[float, float]] = {}  # size -> network ms per step rate
         self._warm_on_new_sizes = self.backend != "eager" and warm and self.input_size is None
         if self._auto_candidates and warm and self.input_size is not None:
             self.choose_backend(self.input_size)
@@ -202,6 +207,7 @@ class SegmentationEngine:
             plan, ladder, backends = made.get(choice.name) or self._make_ladder(choice.name)
             with self._lock:
                 self.precision_plan, self.ladder, self._backends = plan, ladder, backends
+                self.step_times.clear()
                 self.backend = backends[ladder[0].precision].name
                 self._step = self._step_for(self._merge_rate)
                 self._merge = self._step.config
@@ -211,6 +217,44 @@ class SegmentationEngine:
         if self.backend != "eager" and self._warm:
             self.warm(size=size)
         return choice
+
+    # --- what budget mode may choose ------------------------------------------------------------------------------
+
+    @property
+    def needs_step_times(self) -> bool:
+        """Whether the ladder's steps have not been timed at the last frame's size yet (SegFormer ladders only)."""
+        return (self.family.merge_configs and self._last_size is not None
+                and tuple(self.input_size or self._last_size) not in self.step_times)
+
+    def time_steps(self, size: tuple[int, int] | None = None, repeats: int = 2) -> dict[float, float]:
+        """Time every step's network at ``size`` (default: the last frame's; input_size when fixed), for budget
+        mode's choice among them (``budget_rates``); a second or two once per size."""
+        size = tuple(self.input_size or size or self._last_size)
+        times = {step.rate: self._time_step(step, self._backends[step.precision], size, repeats)
+                 for step in self.ladder}
+        self.step_times[size] = times
+        skipped = sorted(set(times) - set(undominated(times)))
+        if skipped:
+            LOG.info("budget mode skips step(s) %s at %dx%d: no faster than a step with less merging (%s ms)",
+                     ", ".join(f"{rate:g}" for rate in skipped), *size,
+                     ", ".join(f"{rate:g}: {ms:.1f}" for rate, ms in sorted(times.items())))
+        return times
+
+    def budget_rates(self) -> list[float]:
+        """The rates budget mode may choose: the ladder's, less those measured to be no faster than a step with less
+        merging (``DOMINANCE_MARGIN``) at every frame size timed (one controller serves every camera: its levels
+        change only when a new size is timed). A manual merge_rate still runs any step."""
+        rates = self.ladder_rates
+        if not self.step_times or not self.family.merge_configs:
+            return rates
+        kept = set().union(*(undominated(times) for times in self.step_times.values()))
+        return [rate for rate in rates if rate in kept]
+
+    def ladder_description(self) -> str:
+        """"0 none, 0.05 none@bf16, ..." with the steps budget mode skips marked (diagnostics)."""
+        budget = set(self.budget_rates())
+        return ", ".join(f"{step.rate:g} {step.name}" + ("" if step.rate in budget else " [skipped by budget mode]")
+                         for step in self.ladder)
 
     def _step_for(self, rate: float) -> Step:
         """The step the current setting runs on this ladder (a preset keeps its configuration)."""
@@ -361,6 +405,7 @@ class SegmentationEngine:
             self.ladder = with_precision(self.ladder, "fp32")
             self.precision_plan = "fp32"
             self._step = Step(self._step.rate, self._step.config, "fp32")
+            self.step_times.clear()
             # its compiled rungs would stay in memory for good (a whole ladder: hundreds of MB with OpenVINO)
             self._backends.pop(half, None)
         if self.backend != "eager" and self.input_size is not None:
@@ -395,6 +440,8 @@ class SegmentationEngine:
         """Segment one HxWx3 uint8 RGB frame; ``confidence=False`` skips the confidence map (the node computes it
         only while someone subscribes to it). ``calibrate=False`` for a frame that says nothing about precision
         (start-up's black warm-up frame): ``precision: auto``'s agreement check then waits for the next frame."""
+        if calibrate:
+            self._last_size = tuple(rgb.shape[:2])
         if self._auto_candidates and calibrate:
             self.choose_backend(tuple(self.input_size or rgb.shape[:2]))
         if self._warm_on_new_sizes:
@@ -423,6 +470,16 @@ class SegmentationEngine:
                                   preprocess_ms=(network_start - start) * 1e3,
                                   network_ms=(network_end - network_start) * 1e3,
                                   postprocess_ms=(end - network_end) * 1e3)
+
+
+def undominated(times: dict[float, float], margin: float = DOMINANCE_MARGIN) -> list[float]:
+    """The rates (in order) whose time is at least ``margin`` below that of every lower rate kept before them."""
+    kept, best = [], math.inf
+    for rate in sorted(times):
+        if not kept or times[rate] < best * (1.0 - margin):
+            kept.append(rate)
+            best = times[rate]
+    return kept
 
 
 def _version(backend: str) -> str:

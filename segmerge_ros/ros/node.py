@@ -484,7 +484,7 @@ class SegmergeNode(Node):
                   "backend_choice": choice.reason if choice is not None else
                   ("timing on the first frame" if engine.backend_pending else f"{self.param('backend')} (asked for)"),
                   "precision_plan": engine.precision_plan,
-                  "ladder": ", ".join(f"{step.rate:g} {step.name}" for step in engine.ladder)}
+                  "ladder": engine.ladder_description()}
         if engine.randomly_initialised:
             values["weights"] = "random: the masks are meaningless"
         return values
