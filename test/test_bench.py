@@ -91,3 +91,14 @@ def test_pose_bench_has_a_row_per_backend_precision_and_crop_with_time_per_perso
         cells = [c.strip() for c in row.strip("|").split("|")]
         frame_min, per_person = float(cells[4]), float(cells[5])
         assert per_person == pytest.approx(frame_min / 2, abs=0.06)  # two people
+
+
+def test_memory_reports_the_rss_of_each_ladder_from_a_fresh_process(capsys):
+    from segmerge_ros.bench import bench
+
+    assert bench.main(["--memory", "--size", "64x96", "--backend", "eager", "--precision", "fp32"]) == 0
+    out = capsys.readouterr().out
+    row = next(line.split() for line in out.splitlines() if line.startswith("eager"))
+    assert row[:3] == ["eager", "fp32", "7"]  # every step of eager's ladder prepared and run
+    python, model, ladder, total = (float(v) for v in row[3:])
+    assert python > 100 and model > 0 and total == pytest.approx(python + model + ladder, abs=2)

@@ -80,6 +80,7 @@ def client():
 def node(client, student_dir, distilled, tmp_path_factory):
     logs = tmp_path_factory.mktemp("distilled_node")
     params = {"image_topics": [CAM], "weights": str(student_dir), "input_size": f"{SIZE[0]}x{SIZE[1]}",
+              "backend": "eager", "precision": "fp32",  # the keypoints, not the backend, are tested here
               "pose.enable": True, "pose.mode": "full_frame", "pose.weights": str(distilled),
               "pose.input_size": "128x96"}  # HEIGHTxWIDTH: the crops it was distilled at
     env = ros_env(DOMAIN_ID)

@@ -303,10 +303,11 @@ class BagRun:
 
     def __init__(self, source: InputBag, out: OutputBag, cameras: list[str], pipeline: FramePipeline,
                  settings: FrameSettings, model_info: dict, budget: BudgetController | None,
-                 console: Console):
+                 console: Console, skip_slow_steps: bool = True):
         self.source, self.out, self.pipeline, self.settings = source, out, pipeline, settings
         self.model_info = model_info
         self.budget = budget
+        self.skip_slow_steps = skip_slow_steps  # budget.skip_slow_steps
         self.console = console
         types = source.topic_types()
         self.tallies = {topic: CameraTally(topic, types[topic]) for topic in cameras}
@@ -383,7 +384,8 @@ class BagRun:
         self.out.write(output_topic(tally.topic, "segmentation/processing_ms"), Float32(data=times.processing_ms),
                        log_time_ns)
         if self.budget is not None:
-            budget_step(self.budget, self.pipeline.engine, times.processing_ms, times.merge_rate)
+            budget_step(self.budget, self.pipeline.engine, times.processing_ms, times.merge_rate,
+                        self.skip_slow_steps)
 
     def _write_labels(self, topic: str, log_time_ns: int) -> None:
         message = labels_message(self.pipeline.engine.labels, self.model_info,
@@ -523,7 +525,8 @@ def run(args: argparse.Namespace, console: Console) -> BagSummary:
         produced = {output_topic(camera, name) for camera in cameras for name in CAMERA_OUTPUTS}
         out = OutputBag(args.output, args.storage, source, replaced=produced & set(source.topic_types()))
         try:
-            bag_run = BagRun(source, out, cameras, pipeline, settings, info, budget, console)
+            bag_run = BagRun(source, out, cameras, pipeline, settings, info, budget, console,
+                             skip_slow_steps=values["budget.skip_slow_steps"])
             with progress_bar(console) as progress:
                 return bag_run.run(progress)
         finally:

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", default=None, help="draw speed-up against agreement of every row into this PNG")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead of timing: the process's RSS with the model loaded and with its whole ladder "
+                        "prepared and run once, per --backend and --precision (one fresh process each)")
     return parser
 
 
@@ -184,6 +187,10 @@ def build_models(args: argparse.Namespace, device: torch.device):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.memory:
+        from segmerge_ros.bench.bench_memory import ladder_memory
+
+        return ladder_memory(args)
     if is_mask2former(args.model):  # its own rows (knob settings), from the same command line
         from segmerge_ros.bench import bench_mask2former
 

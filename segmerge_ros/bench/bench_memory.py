@@ -1,4 +1,6 @@
-"""Per-frame time and page faults with the engine's memory setting (``inference/memory.py``) and with glibc's defaults.
+"""Memory: per-frame time and page faults with the engine's malloc setting (``inference/memory.py``) against
+glibc's defaults, and (``segmerge-bench --memory``, ``ladder_memory``) what a whole ladder costs in RAM per backend
+and precision.
 
     python -m segmerge_ros.bench.bench_memory --weights ../shared/data/segformer_b0_vtest_student --size 576x768
 
@@ -29,6 +31,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=25, help="frames per process (the first 5 warm up)")
     parser.add_argument("--source", default=None, help="video (default vtest.avi)")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # one process's measurement
+    # one process's ladder RSS (segmerge-bench --memory): the model, then these
+    parser.add_argument("--ladder-rss", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--backend", default="eager", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--engine-cache-dir", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -62,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure:
         print(json.dumps(measure(args)))
         return 0
+    if args.ladder_rss:
+        print(json.dumps(measure_ladder(args.ladder_rss, args.weights, args.backend, args.precision, args.size,
+                                        args.engine_cache_dir)))
+        return 0
     results: dict[tuple[str, str], list[dict]] = {}
     for rate in args.rates.split(","):
         for _ in range(args.rounds):
@@ -84,6 +95,69 @@ def main(argv: list[str] | None = None) -> int:
             ms = statistics.median(r["ms"] for r in rows)
             print(f"{rate:<6} {name:<14} {ms:9.1f} {statistics.median(r['faults'] for r in rows):17.0f} "
                   f"{baseline / ms:15.2f}x")
+    return 0
+
+
+
+# --- segmerge-bench --memory: what a whole ladder costs in RAM ------------------------------------------------------
+
+
+def rss_mb() -> float:
+    """This process's resident set (VmRSS), MB; NaN where /proc is missing."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def measure_ladder(model: str, weights: str, backend: str, precision: str, size: str, cache_dir: str | None) -> dict:
+    """RSS after loading the model, and after preparing and running every step of its ladder once (one process)."""
+    import numpy as np
+
+    from segmerge_ros.inference.engine import SegmentationEngine, parse_size
+
+    shape = parse_size(size)
+    before = rss_mb()
+    engine = SegmentationEngine(model, weights or None, backend=backend, precision=precision, input_size=shape,
+                                cache_dir=cache_dir, warm=False)
+    loaded = rss_mb()
+    frame = np.zeros((*shape, 3), np.uint8)
+    for step in engine.ladder:
+        engine.set_merge_rate(step.rate)
+        engine.infer(frame, calibrate=False)
+    return {"model": model, "backend": engine.backend, "precision": precision, "steps": len(engine.ladder),
+            "rss_before_mb": before, "rss_model_mb": loaded, "rss_ladder_mb": rss_mb()}
+
+
+def ladder_memory(args) -> int:
+    """``segmerge-bench --memory``: one fresh process per (backend, precision), so each starts from nothing; prints
+    RSS with the model loaded and with its whole ladder prepared."""
+    from segmerge_ros.bench.common import known_names
+    from segmerge_ros.inference.backends.base import PRECISIONS
+    from segmerge_ros.inference.backends.registry import BACKEND_NAMES
+
+    rows = []
+    for backend in known_names(args.backend, BACKEND_NAMES):
+        for precision in known_names(args.precision, PRECISIONS):
+            command = [sys.executable, "-m", "segmerge_ros.bench.bench_memory", "--ladder-rss", args.model,
+                       "--weights", args.weights or "", "--backend", backend, "--precision", precision,
+                       "--size", args.size or "576x768"]
+            if args.engine_cache_dir:
+                command += ["--engine-cache-dir", args.engine_cache_dir]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{backend}:{precision} failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                return 1
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f"RSS of {args.model} at {args.size or '576x768'} (one process per row; MB)")
+    print(f"{'backend':<9} {'precision':<9} {'steps':>5} {'python+torch':>12} {'model':>8} {'ladder':>8} {'total':>8}")
+    for row in rows:
+        print(f"{row['backend']:<9} {row['precision']:<9} {row['steps']:>5} {row['rss_before_mb']:12.0f} "
+              f"{row['rss_model_mb'] - row['rss_before_mb']:8.0f} {row['rss_ladder_mb'] - row['rss_model_mb']:8.0f} "
+              f"{row['rss_ladder_mb']:8.0f}")
     return 0
 
 

@@ -136,6 +136,7 @@ class SegmergeNode(Node):
             levels=getattr(self.engine, "ladder_rates", None),
         )
         self._budget_rate: float | None = None
+        self._skip_slow_steps = bool(self.param("budget.skip_slow_steps"))
         self._backend_choice_logged = self.engine.backend_choice  # logged at start when made there
         if self._backend_choice_logged is not None:
             self.get_logger().info(f"backend auto: {self._backend_choice_logged.reason}")
@@ -418,7 +419,8 @@ class SegmergeNode(Node):
         # the network's time (at this frame's rung) is what the thread count acts on; pose runs at the same count
         self._threads.observe(times.network_ms, times.merge_name)
         with self._budget_lock:
-            next_rate = budget_step(self._budget, self.engine, times.processing_ms, times.merge_rate)
+            next_rate = budget_step(self._budget, self.engine, times.processing_ms, times.merge_rate,
+                                    self._skip_slow_steps)
             changed = next_rate is not None and next_rate != self._budget_rate
             if next_rate is not None:
                 self._budget_rate = next_rate

@@ -132,6 +132,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               float_range=(0.0, MAX_MERGE_RATE)),
     ParamSpec("budget.max_merge_rate", 0.9, "Highest merge rate budget mode may choose (quality floor).",
               float_range=(0.0, MAX_MERGE_RATE)),
+    ParamSpec("budget.skip_slow_steps", True,
+              "Budget mode times the ladder's steps once per frame size and never chooses one that is no faster than "
+              "a step with less merging (it would cost accuracy for nothing); false: every step is a candidate. A "
+              "manual merge_rate runs every step either way.", read_only=True),
     ParamSpec("budget.topic", "",
               "std_msgs/Float32 topic carrying a compute budget in ms (e.g. from an onboard compute manager); each "
               "message sets budget.target_latency_ms and switches budget mode to latency. Empty = not subscribed.",
