@@ -434,6 +434,10 @@ def test_set_threads_compiles_each_rung_once_per_thread_count_with_the_same_outp
         engine.set_threads(before)
         assert np.array_equal(engine.infer(frame).class_map, reference)
         assert compiled == [1]  # back to the count it was warmed at: nothing compiled again
+        # the governor's choice has held: the one-thread rungs go, and come back compiled anew if needed
+        assert engine.free_other_thread_counts() == 1 and engine.free_other_thread_counts() == 0
+        engine.set_threads(1)
+        assert np.array_equal(engine.infer(frame).class_map, reference) and compiled == [1, 1]
     finally:
         torch.set_num_threads(before)
 

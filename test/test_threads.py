@@ -178,3 +178,19 @@ def test_governor_does_not_time_the_first_frame_after_a_switch():
     load.cores = 2.0
     drive(governor, cost, 60, now)
     assert governor.threads == 1 and governor.state.probe_ms == {2: 300.0, 1: 90.0}
+
+
+def test_the_governor_says_how_long_its_last_choice_has_held():
+    """The node frees the other thread counts' compiled rungs once a choice has held (STEADY_THREADS_S)."""
+    load = FakeLoad()
+    governor = ThreadGovernor(2, lambda threads: None, load, min_interval_s=1.0)
+    now = drive(governor, {2: 40.0, 1: 70.0}.get, 40, 100.0)
+    assert governor.choices == 0  # calm all along: nothing to choose
+    load.cores = 2.0
+    now = drive(governor, {2: 300.0, 1: 90.0}.get, 60, now)
+    assert governor.choices >= 1 and governor.threads == 1
+    assert governor.steady_for(now + 30.0) >= 30.0
+    load.cores = 0.0
+    governor.observe(90.0, "top", now=now + 31.0)  # the load moved: a probe starts
+    governor.observe(90.0, "top", now=now + 31.6)
+    assert governor.state.phase == "probing" and governor.steady_for(now + 32.0) == 0.0

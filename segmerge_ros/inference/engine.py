@@ -334,6 +334,15 @@ class SegmentationEngine:
         """Whether the network's time depends on the CPU thread count (the thread governor's actuator)."""
         return any(backend.runs_on_cpu_threads for backend in self._backends.values())
 
+    def free_other_thread_counts(self) -> int:
+        """Free the rungs compiled for thread counts not in use (the thread governor's earlier choices or probes);
+        returns how many went (logged when any did)."""
+        with self._lock:
+            gone = sum(backend.free_other_thread_counts() for backend in self._backends.values())
+        if gone:
+            LOG.info("backend %s: freed %d rung(s) compiled for thread counts no longer in use", self.backend, gone)
+        return gone
+
     def set_threads(self, threads: int) -> None:
         """Run the next frames on ``threads`` CPU threads, in torch and in every backend's own pool (OpenVINO).
         Called between frames, on the thread that calls ``infer``."""

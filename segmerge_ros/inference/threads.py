@@ -161,10 +161,19 @@ class ThreadGovernor:
         self._probe_rung: object = None
         self._samples: dict[int, list[float]] = {}
         self._settling = False  # the next frame is the first after a switch: not timed
+        self._started = time.monotonic()
+        self.choices = 0  # probes completed (each ends in a choice)
 
     @property
     def threads(self) -> int:
         return self.state.threads
+
+    def steady_for(self, now: float | None = None) -> float:
+        """Seconds since the last choice while no probe runs (0 while probing; since start before any choice)."""
+        if self.state.phase != "steady":
+            return 0.0
+        now = time.monotonic() if now is None else now
+        return now - (self._last_choice_t if self._last_choice_t > -1e8 else self._started)
 
     def observe(self, network_ms: float, rung: object, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -246,6 +255,7 @@ class ThreadGovernor:
         if medians[first] <= medians[best] * (1.0 + self.margin):
             best = first
         self._apply(best)
+        self.choices += 1
         self.state.phase = "steady"
         self.state.probe_ms = {n: round(ms, 1) for n, ms in medians.items()}
         self.state.last_choice = (f"{best} thread(s) at {self.state.others_cores} other cores busy: "

@@ -57,6 +57,7 @@ from segmerge_ros.ros.startup import StartupError, apply_merge_settings, build_e
 NODE_NAME = "segmerge"
 
 DIAGNOSTICS_PERIOD_S = 1.0
+STEADY_THREADS_S = 60.0  # a thread-count choice held this long frees the rungs compiled for the other counts
 BAD_FRAME_WARN_PERIOD_S = 5.0
 STOP_WAIT_S = 60.0  # longest wait for the frame in progress at shutdown (a huge frame on a slow CPU takes seconds)
 
@@ -116,6 +117,7 @@ class SegmergeNode(Node):
         self.pipeline = FramePipeline(self.engine, self._pose, warn=self.get_logger().warning)
         # The thread count is this thread's to change, between frames (inference/threads.py): torch's pool and
         # OpenVINO's (one compiled model per count). A network on a GPU does not depend on it: no governor there.
+        self._threads_freed_after = 0  # the governor's choice after which unused thread counts were freed
         self._threads = ThreadGovernor(torch.get_num_threads(), self.engine.set_threads,
                                        enabled=bool(self.param("threads.adapt")) and self._governs_threads())
 
@@ -418,6 +420,10 @@ class SegmergeNode(Node):
             self.get_logger().info(f"backend auto, on the first frame: {self.engine.backend_choice.reason}")
         # the network's time (at this frame's rung) is what the thread count acts on; pose runs at the same count
         self._threads.observe(times.network_ms, times.merge_name)
+        if self._threads.choices != self._threads_freed_after and self._threads.steady_for() >= STEADY_THREADS_S:
+            # the governor's last choice has held a while: the other counts' compiled rungs (a ladder each) go
+            self._threads_freed_after = self._threads.choices
+            self.engine.free_other_thread_counts()
         with self._budget_lock:
             next_rate = budget_step(self._budget, self.engine, times.processing_ms, times.merge_rate,
                                     self._skip_slow_steps)

@@ -172,6 +172,10 @@ class Backend:
         prepares nothing."""
         return 0
 
+    def free_other_thread_counts(self) -> int:
+        """Drop graphs prepared for thread counts other than the current one (OpenVINO keeps one set per count)."""
+        return 0
+
     def warm(
         self, configs: Iterable[MergeConfig] | None = None, input_shape: Sequence[int] | None = None
     ) -> int:

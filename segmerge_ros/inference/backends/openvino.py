@@ -160,7 +160,15 @@ class OpenVINOBackend(PreparedBackend):
         with self._lock:
             self._by_threads[self.threads] = self._prepared
             self.threads = threads
-            self._prepared = self._by_threads.get(threads, {})
+            self._prepared = self._by_threads.pop(threads, {})  # only the other counts' sets stay in _by_threads
+
+    def free_other_thread_counts(self) -> int:
+        """Drop the rungs compiled for thread counts other than the current one (a whole ladder each: hundreds of
+        MB); a later switch compiles them again from the cached IR as frames need them. Returns how many went."""
+        with self._lock:
+            gone = sum(len(prepared) for prepared in self._by_threads.values())
+            self._by_threads.clear()
+            return gone
 
     def forget(self, sizes: set[tuple[int, int]]) -> int:
         """Also the rungs compiled for the other thread counts (the thread governor's)."""
