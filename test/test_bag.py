@@ -435,3 +435,15 @@ def test_output_types_carry_the_installed_ros_definitions():
         hashes = json.loads(described.read_text())["type_hashes"]
         assert hashes[0]["type_name"] == name
         assert hashes[0]["hash_string"] == bag.OUTPUT_TYPESTORE.hash_rihs01(name), name
+
+
+def test_the_default_backend_and_precision_choose_by_timing_and_say_so(bags, tmp_path, capsys):
+    """segmerge-bag follows the node's defaults (backend auto, precision auto): every good frame is processed by
+    the backend timed fastest here, and the summary names it with the figures it was chosen from."""
+    ran = run_tool(capsys, [bags["mcap"], tmp_path / "out", *SMALL, "--backend", "auto", "--precision", "auto",
+                            "--engine-cache-dir", tmp_path / "engines"])
+    assert ran.code == 0, ran.stderr
+    line = next(line for line in ran.stdout.splitlines() if line.startswith("backend: "))
+    assert line.split()[1].rstrip(",") in ("eager", "openvino") and "(auto: " in line and " ms" in line, line
+    inputs = read_bag(bags["mcap"])
+    assert len(ran.topics["/cam_raw/segmentation/mask"]) == len(inputs[RAW])

@@ -284,6 +284,7 @@ class BagSummary:
     skipped_topics: dict[str, str] = field(default_factory=dict)
     replaced_topics: dict[str, int] = field(default_factory=dict)
     error: str = ""  # why reading stopped early (a damaged bag), or ""
+    backend: str = ""  # the backend that ran, and why (backend auto's choice)
 
     @property
     def processed(self) -> int:
@@ -340,6 +341,9 @@ class BagRun:
             self.summary.error = str(error)  # what was read so far is processed and written; OUT stays valid
         finally:
             self.summary.wall_s = time.perf_counter() - started
+            engine = self.pipeline.engine
+            choice = engine.backend_choice
+            self.summary.backend = f"{engine.backend}, {engine.precision_plan}" + (f" (auto: {choice.reason})" if choice else "")
             self.summary.skipped_topics = dict(self.out.skipped_topics)
             self.summary.replaced_topics = {t: n for t, n in self.out.replaced.items() if n}
             self.summary.messages_out = self.out.written
@@ -556,6 +560,8 @@ def print_summary(summary: BagSummary, console: Console) -> None:
     fps = summary.processed / summary.wall_s if summary.wall_s > 0 else math.nan
     console.print(f"{summary.messages_in} messages read, {summary.messages_out} written; {summary.processed} frames "
                   f"processed in {summary.wall_s:.1f} s ({fps:.1f} fps)", markup=False, highlight=False)
+    if summary.backend:
+        console.print(f"backend: {summary.backend}", markup=False, highlight=False)
     if summary.budget_ms is not None:
         ms = [m for t in summary.cameras.values() for m in t.processing_ms]
         console.print(f"budget {summary.budget_ms:g} ms per frame: processing p50 {percentile(ms, 50):.1f} ms "
