@@ -42,7 +42,7 @@ LOG = logging.getLogger(__name__)
 # budget mode skips a step that is not at least this much faster than every step with less merging (it would cost
 # accuracy and buy nothing: eager bf16 at 576x768 measured head2+hq 74.7 ms against head2's 67.4, docs/benchmarks.md 14)
 DOMINANCE_MARGIN = 0.05
-# compiled rungs of a frame size unseen this long are freed when another size needs compiling (engine.infer)
+# compiled rungs of a frame size unseen this long are freed (engine.infer: a camera changed size or went away)
 STALE_SIZE_S = 60.0
 # precision auto keeps the half precision when its arg-max agrees with fp32 on at least this share of a real frame
 AUTO_MIN_AGREEMENT = 0.995
@@ -455,8 +455,9 @@ class SegmentationEngine:
             self.choose_backend(tuple(self.input_size or rgb.shape[:2]))
         if self._warm_on_new_sizes:
             now = time.monotonic()
+            if len(self._size_last_seen) > 1 and now - min(self._size_last_seen.values()) >= STALE_SIZE_S:
+                self.free_sizes_unseen_for(STALE_SIZE_S, now)  # a camera that changed size, or went away
             if rgb.shape[:2] not in self._warmed_sizes:
-                self.free_sizes_unseen_for(STALE_SIZE_S, now)  # before compiling another ladder, not after
                 LOG.info("backend %s: preparing every rung for %dx%d frames", self.backend, *rgb.shape[:2])
                 self.warm(size=rgb.shape[:2])
             self._size_last_seen[rgb.shape[:2]] = now
