@@ -103,8 +103,9 @@ def choose_backend(
     figures = "; ".join(f"{name} " + " / ".join(f"{ms:.1f}" for ms in values) + " ms"
                         for name, values in timings.items())
     speedup = base / geometric_mean(timings[best])
-    reason = (f"{best} measured fastest ({speedup:.2f}x {reference}, geometric mean over the exact and the fastest "
-              f"step: {figures})" if best != reference else
+    steps = "the exact and the fastest step" if len(timings[reference]) == 2 else f"{len(timings[reference])} step(s)"
+    reason = (f"{best} measured fastest ({speedup:.2f}x {reference}, geometric mean over {steps}: {figures})"
+              if best != reference else
               f"{reference} kept: no other backend measured at least {100 * margin:.0f} % faster ({figures})")
     if failed:
         reason += f"; {', '.join(failed)} failed to run"
