@@ -140,3 +140,20 @@ def test_pose_with_backend_auto_runs_the_backend_it_measured_fastest(tmp_path):
     assert len(pose.estimate(rgb).keypoints) == 1  # one full-frame person, through the chosen backend
     assert PoseEstimator(backend="auto", precision="fp32", cache_dir=str(tmp_path),
                          input_size=(96, 128)).backend_choice.remembered
+
+
+def test_a_candidate_that_silently_falls_back_to_eager_is_not_timed_as_itself(monkeypatch, tmp_path):
+    """A compiled backend that cannot prepare a rung answers eagerly without raising: its figures are eager's and
+    must not make it the choice, nor be remembered."""
+    real = engine_module.make_backend
+
+    def failing_openvino(name, *args, **kwargs):
+        return real("eager", *args, **kwargs) if name == "openvino" else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "auto_candidates", lambda device, openvino_device: ["eager", "openvino"])
+    monkeypatch.setattr(engine_module, "make_backend", failing_openvino)
+    engine = SegmentationEngine(backend="auto", precision="fp32", cache_dir=str(tmp_path))
+    engine.infer(np.zeros((64, 96, 3), np.uint8))
+    choice = engine.backend_choice
+    assert choice.name == "eager" and "openvino failed to run" in choice.reason and "openvino" not in choice.timings_ms
+    assert not (tmp_path / CHOICES_FILE).exists()

@@ -317,3 +317,15 @@ def test_budget_mode_never_chooses_a_step_slower_than_one_with_less_merging():
         chosen.add(round(rate, 4))
     assert chosen and not chosen & {0.3, 0.45}
     assert len(chosen) >= 4  # and it still uses the ladder's other steps
+
+
+def test_a_skipped_top_step_is_never_chosen_even_for_an_unreachable_target():
+    """The levels leave out 0.9 (measured no faster than 0.6): an unreachable target ends at 0.6, not at max_rate."""
+    times = {0.0: 100.0, 0.3: 60.0, 0.6: 50.0, 0.9: 55.0}
+    controller = BudgetController("latency", target_latency_ms=10.0, levels=[0.0, 0.3, 0.6], max_rate=0.9)
+    seen, rate = set(), None
+    for _ in range(60):
+        measured = times[max(r for r in times if r <= (rate or 0.0) + 1e-9)]
+        rate = controller.update(measured, rate)
+        seen.add(round(rate, 4))
+    assert rate == pytest.approx(0.6) and 0.9 not in seen

@@ -330,11 +330,11 @@ class BudgetController:
         """The neighbouring rung (the next faster one above ``current``, or the next with less merging below it)
         when its measurement is missing or old enough, else None."""
         if faster:
-            if current >= self.max_rate - 1e-9:
+            if current >= self._top() - 1e-9:
                 return None
             if self.levels is not None:
                 above = [level for level in self.levels if current + 1e-9 < level <= self.max_rate + 1e-9]
-                neighbour = above[0] if above else self.max_rate
+                neighbour = above[0] if above else self._top()
             else:
                 neighbour = min(current + self.tuning.probe_step, self.max_rate)
         else:
@@ -395,12 +395,23 @@ class BudgetController:
         return self._snap(self._model.smallest_rate_for(target_ms, self.min_rate, self.max_rate,
                                                         self.tuning.worthwhile_saving))
 
+    def _top(self) -> float:
+        """The most merging the controller may choose: max_rate, or with levels the highest level up to it (a step
+        left out of the levels, e.g. one no faster than a step with less merging, is never chosen)."""
+        if self.levels is None:
+            return self.max_rate
+        below = [level for level in self.levels if level <= self.max_rate + 1e-9]
+        return below[-1] if below else self.max_rate
+
     def _snap(self, rate: float) -> float:
         """With discrete levels, the least merging level at or above ``rate`` (so a prediction between two levels
-        is met, not straddled); the limits themselves are always allowed."""
-        if self.levels is None or rate <= self.min_rate + 1e-9 or rate >= self.max_rate - 1e-9:
+        is met, not straddled); min_rate and the top (``_top``) are always allowed."""
+        if self.levels is None or rate <= self.min_rate + 1e-9:
             return min(max(rate, self.min_rate), self.max_rate)
-        return next((level for level in self.levels if rate - 1e-9 <= level <= self.max_rate), self.max_rate)
+        top = self._top()
+        if rate >= top - 1e-9:
+            return top
+        return next((level for level in self.levels if rate - 1e-9 <= level <= top), top)
 
     def _hold(self, rate: float) -> float:
         self._rate = min(max(rate, self.min_rate), self.max_rate)

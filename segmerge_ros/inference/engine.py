@@ -193,7 +193,12 @@ class SegmentationEngine:
             if name not in made:
                 made[name] = self._make_ladder(name)
             _, ladder, backends = made[name]
-            return [self._time_step(step, backends[step.precision], size) for step in (ladder[0], ladder[-1])]
+            times = [self._time_step(step, backends[step.precision], size) for step in (ladder[0], ladder[-1])]
+            fallen = [f"{backend.name}" + (f" ({', '.join(backend.eager_rungs)} eagerly)" if getattr(backend, "eager_rungs", []) else "")
+                      for backend in backends.values() if backend.name != name or getattr(backend, "eager_rungs", [])]
+            if fallen:  # a silent fallback to eager: these figures are not the candidate's
+                raise RuntimeError(f"{name} fell back: {', '.join(fallen)}")
+            return times
 
         fields = {"cpu": cpu_identity(), "model": self._model_name, "size": "x".join(map(str, size)),
                   "precision": self._precision, "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -207,7 +212,7 @@ class SegmentationEngine:
             plan, ladder, backends = made.get(choice.name) or self._make_ladder(choice.name)
             with self._lock:
                 self.precision_plan, self.ladder, self._backends = plan, ladder, backends
-                self.step_times.clear()
+                self.step_times = {}
                 self.backend = backends[ladder[0].precision].name
                 self._step = self._step_for(self._merge_rate)
                 self._merge = self._step.config
@@ -230,9 +235,16 @@ class SegmentationEngine:
         """Time every step's network at ``size`` (default: the last frame's; input_size when fixed), for budget
         mode's choice among them (``budget_rates``); a second or two once per size."""
         size = tuple(self.input_size or size or self._last_size)
-        times = {step.rate: self._time_step(step, self._backends[step.precision], size, repeats)
-                 for step in self.ladder}
-        self.step_times[size] = times
+        times = {}
+        for step in self.ladder:
+            try:
+                times[step.rate] = self._time_step(step, self._backends[step.precision], size, repeats)
+            except Exception as error:  # e.g. a frame too small for the fastest step: never a candidate
+                LOG.warning("budget mode: step %s cannot run at %dx%d (%s: %s)", step.name, *size,
+                            type(error).__name__, error)
+                times[step.rate] = math.inf
+        with self._lock:  # the diagnostics timer reads them from another thread
+            self.step_times[size] = times
         skipped = sorted(set(times) - set(undominated(times)))
         if skipped:
             LOG.info("budget mode skips step(s) %s at %dx%d: no faster than a step with less merging (%s ms)",
@@ -245,9 +257,11 @@ class SegmentationEngine:
         merging (``DOMINANCE_MARGIN``) at every frame size timed (one controller serves every camera: its levels
         change only when a new size is timed). A manual merge_rate still runs any step."""
         rates = self.ladder_rates
-        if not self.step_times or not self.family.merge_configs:
+        with self._lock:
+            measured = list(self.step_times.values())
+        if not measured or not self.family.merge_configs:
             return rates
-        kept = set().union(*(undominated(times) for times in self.step_times.values()))
+        kept = set().union(*(undominated(times) for times in measured))
         return [rate for rate in rates if rate in kept]
 
     def ladder_description(self) -> str:
@@ -318,9 +332,10 @@ class SegmentationEngine:
         prepared again. Returns the sizes freed (each logged)."""
         now = time.monotonic() if now is None else now
         stale = [size for size, seen in self._size_last_seen.items() if now - seen >= seconds]
+        live = set().union(*(self._network_sizes(size) for size, seen in self._size_last_seen.items()
+                             if now - seen < seconds))
         for size in stale:
-            shapes = {tuple(scaled_size(*size, step.config.input_scale)) for step in self.ladder}
-            shapes |= {tuple(scaled_size(*size, self._merge.input_scale))}  # a preset's rung
+            shapes = self._network_sizes(size) - live  # a scaled input of a stale size may be a live size's own
             for backend in self._backends.values():
                 backend.forget(shapes)
             self._warmed_sizes.discard(size)
@@ -328,6 +343,11 @@ class SegmentationEngine:
             LOG.info("backend %s: freed the rungs compiled for %dx%d frames (none for %.0f s)", self.backend, *size,
                      unseen_s)
         return stale
+
+    def _network_sizes(self, size: tuple[int, int]) -> set[tuple[int, int]]:
+        """The network input sizes (H, W) the ladder and the current preset use for frames of ``size``."""
+        scales = {step.config.input_scale for step in self.ladder} | {self._merge.input_scale}
+        return {tuple(scaled_size(*size, scale)) for scale in scales}
 
     @property
     def runs_on_cpu_threads(self) -> bool:
@@ -414,7 +434,7 @@ class SegmentationEngine:
             self.ladder = with_precision(self.ladder, "fp32")
             self.precision_plan = "fp32"
             self._step = Step(self._step.rate, self._step.config, "fp32")
-            self.step_times.clear()
+            self.step_times = {}
             # its compiled rungs would stay in memory for good (a whole ladder: hundreds of MB with OpenVINO)
             self._backends.pop(half, None)
         if self.backend != "eager" and self.input_size is not None:
@@ -455,12 +475,12 @@ class SegmentationEngine:
             self.choose_backend(tuple(self.input_size or rgb.shape[:2]))
         if self._warm_on_new_sizes:
             now = time.monotonic()
+            self._size_last_seen[rgb.shape[:2]] = now  # first: this frame's size is never the stale one
             if len(self._size_last_seen) > 1 and now - min(self._size_last_seen.values()) >= STALE_SIZE_S:
                 self.free_sizes_unseen_for(STALE_SIZE_S, now)  # a camera that changed size, or went away
             if rgb.shape[:2] not in self._warmed_sizes:
                 LOG.info("backend %s: preparing every rung for %dx%d frames", self.backend, *rgb.shape[:2])
                 self.warm(size=rgb.shape[:2])
-            self._size_last_seen[rgb.shape[:2]] = now
         if self._calibration_pending and calibrate:
             self.calibrate_precision(rgb)
         start = time.perf_counter()

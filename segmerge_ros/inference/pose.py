@@ -359,6 +359,8 @@ class PoseEstimator:
                 start = time.perf_counter()
                 backend.run(pixels, NONE)
                 times.append((time.perf_counter() - start) * 1e3)
+            if backend.name != name or getattr(backend, "eager_rungs", []):  # a silent fallback: not its figures
+                raise RuntimeError(f"{name} fell back to {backend.name}")
             return [statistics.median(times[1:])]
 
         fields = {"cpu": cpu_identity(), "model": model_name, "size": "x".join(map(str, self.input_size)),

@@ -13,11 +13,13 @@ TensorRT where installed, else torch.compile, else eager.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,10 +133,14 @@ def _remember(store: Path, key: str, record: dict) -> None:
     """Add ``record`` under ``key``; written to a temporary file and renamed, so a reader never sees half a file."""
     try:
         store.parent.mkdir(parents=True, exist_ok=True)
-        data = _read(store)
-        data[key] = record
-        temporary = store.with_name(f".{store.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        os.replace(temporary, store)
+        # the segmentation engine and pose (another thread, or another node) may remember at the same time
+        with open(store.with_name(f".{store.name}.lock"), "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = _read(store)
+            data[key] = record
+            handle, temporary = tempfile.mkstemp(prefix=f".{store.name}.", dir=store.parent)
+            with os.fdopen(handle, "w") as stream:
+                stream.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
+            os.replace(temporary, store)
     except OSError as error:  # a read-only cache: the choice is measured again next time, nothing worse
         LOG.warning("backend auto: cannot remember the choice in %s (%s)", store, error)

@@ -259,7 +259,10 @@ class EngineCache:
         sidecar_temporary = sidecar.with_name(sidecar.name + f".{os.getpid()}.tmp")
         sidecar_temporary.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         os.replace(sidecar_temporary, sidecar)
-        self.evict(keep=path)
+        try:
+            self.evict(keep=path)
+        except OSError as error:  # the entry is built and valid: a failed clean-up must not undo that
+            self.log.warning("engine cache: eviction failed (%s); the cache may exceed %.0f MB", error, self.max_mb)
         return path
 
     def built_with(self, path: Path) -> dict[str, str]:
@@ -277,8 +280,7 @@ class EngineCache:
         for sidecar in self.cache_dir.glob(f"*{self.suffix}.json"):
             path = sidecar.with_name(sidecar.name[: -len(".json")])
             files = [path, sidecar, *self.companions_of(path)]
-            size = sum(f.stat().st_size for f in files if f.is_file())
-            found.append((path, size, _mtime(sidecar)))
+            found.append((path, sum(_size(f) for f in files), _mtime(sidecar)))
         return found
 
     def evict(self, keep: Path | None = None) -> list[Path]:
@@ -332,6 +334,14 @@ class EngineCache:
 
 def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _size(path: Path) -> int:
+    """Bytes of ``path``; 0 when it is gone (another process may evict an entry while this one counts)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _mtime(path: Path) -> float:
