@@ -424,6 +424,9 @@ class SegmergeNode(Node):
             # the governor's last choice has held a while: the other counts' compiled rungs (a ladder each) go
             self._threads_freed_after = self._threads.choices
             self.engine.free_other_thread_counts()
+        if self._skip_slow_steps and self._budget.active and self.engine.needs_step_times:
+            # seconds, once per frame size: outside the budget lock, which parameter callbacks wait for
+            self.engine.time_steps()
         with self._budget_lock:
             next_rate = budget_step(self._budget, self.engine, times.processing_ms, times.merge_rate,
                                     self._skip_slow_steps)
