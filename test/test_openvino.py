@@ -7,6 +7,7 @@ the pixels); one model cache per module, so the node test reuses the models the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import subprocess
@@ -269,33 +270,48 @@ def test_an_openvino_device_that_is_not_there_falls_back(tiny, caplog):
 # --- the node ----------------------------------------------------------------------------------------------------
 
 
-def test_node_runs_on_openvino_over_rclpy(student_dir, cache, frame, tmp_path):
+@contextlib.contextmanager
+def running_node(params: dict, camera: str, domain_name: str, stderr_path):
+    """The node started with ``params`` and a client on a domain of its own: (client, camera publisher, process),
+    once the node's latched labels say its engine is built; SIGINT and shutdown on exit."""
     import rclpy
     from rclpy.context import Context
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
-    from std_msgs.msg import Header
 
     from segmerge_ros.apps.client import SegmergeClient, node_command, ros_env, stop_process
-    from segmerge_ros.ros.conversions import rgb8_image
 
-    domain = ros_domain_id(__name__)
-    camera = "/ov_cam/image"
-    params = {"image_topics": [camera], "weights": str(student_dir), "input_size": f"{SIZE[0]}x{SIZE[1]}",
-              "backend": "openvino", "engine_cache_dir": str(cache), "merge_rate": 0.9}
+    domain = ros_domain_id(domain_name)
+    namespace = camera.rsplit("/", 1)[0]
     context = Context()
     rclpy.init(context=context, domain_id=domain)
-    client = SegmergeClient(context, name="test_openvino_client")
-    stderr_path = tmp_path / "stderr"
+    client = SegmergeClient(context, name=f"test_{namespace.strip('/')}_client")
     with open(stderr_path, "w") as stderr:
         process = subprocess.Popen(node_command(params), env=ros_env(domain), stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         client.wait_ready(180.0, process)
         # The parameter services exist before the engine is built; the latched labels come once it is ready.
-        assert client.latched_string("/ov_cam/segmentation/labels", timeout_s=300) is not None
+        assert client.latched_string(f"{namespace}/segmentation/labels", timeout_s=300) is not None
         publisher = client.node.create_publisher(Image, camera, QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
-        masks = client.subscribe_images("/ov_cam/segmentation/mask")
         client.spin_until(lambda: publisher.get_subscription_count() > 0, 20)
+        yield client, publisher, process
+    finally:
+        stop_process(process, signal.SIGINT)
+        client.close()
+        rclpy.try_shutdown(context=context)
+
+
+def test_node_runs_on_openvino_over_rclpy(student_dir, cache, frame, tmp_path):
+    from std_msgs.msg import Header
+
+    from segmerge_ros.ros.conversions import rgb8_image
+
+    camera = "/ov_cam/image"
+    params = {"image_topics": [camera], "weights": str(student_dir), "input_size": f"{SIZE[0]}x{SIZE[1]}",
+              "backend": "openvino", "engine_cache_dir": str(cache), "merge_rate": 0.9}
+    stderr_path = tmp_path / "stderr"
+    with running_node(params, camera, __name__, stderr_path) as (client, publisher, _):
+        masks = client.subscribe_images("/ov_cam/segmentation/mask")
         small = cv2.resize(frame, (SIZE[1], SIZE[0]))
         for _ in range(40):
             if masks:
@@ -306,10 +322,6 @@ def test_node_runs_on_openvino_over_rclpy(student_dir, cache, frame, tmp_path):
         assert (masks[0].msg.height, masks[0].msg.width) == SIZE and masks[0].msg.header.frame_id == "ov"
         assert client.spin_until(lambda: client.latest(camera) is not None, 10)
         assert client.latest(camera).number("merge_rate") == pytest.approx(0.9)
-    finally:
-        stop_process(process, signal.SIGINT)
-        client.close()
-        rclpy.try_shutdown(context=context)
     log = stderr_path.read_text()
     assert "backend openvino" in log and "falling back" not in log and "Traceback" not in log, log[-3000:]
 
@@ -319,33 +331,17 @@ def test_a_node_with_default_backend_and_precision_runs_what_it_measured_fastest
     camera frame, runs the faster one, remembers it, and says which and why in its diagnostics."""
     import json
 
-    import rclpy
-    from rclpy.context import Context
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import Image
     from std_msgs.msg import Header
 
-    from segmerge_ros.apps.client import SegmergeClient, node_command, ros_env, stop_process
     from segmerge_ros.inference.backends.auto import CHOICES_FILE, MARGIN, geometric_mean
     from segmerge_ros.ros.conversions import rgb8_image
 
-    domain = ros_domain_id("auto_node")
     camera = "/auto_cam/image"
     cache = tmp_path / "engines"
     params = {"image_topics": [camera], "weights": str(student_dir), "engine_cache_dir": str(cache)}
-    context = Context()
-    rclpy.init(context=context, domain_id=domain)
-    client = SegmergeClient(context, name="test_auto_client")
     stderr_path = tmp_path / "stderr"
-    with open(stderr_path, "w") as stderr:
-        process = subprocess.Popen(node_command(params), env=ros_env(domain), stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
-        client.wait_ready(180.0, process)
-        assert client.latched_string("/auto_cam/segmentation/labels", timeout_s=300) is not None
-        publisher = client.node.create_publisher(Image, camera, QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
-        client.spin_until(lambda: publisher.get_subscription_count() > 0, 20)
+    with running_node(params, camera, "auto_node", stderr_path) as (client, publisher, _):
         small = cv2.resize(frame, (SIZE[1], SIZE[0]))
-
         masks = client.subscribe_images("/auto_cam/segmentation/mask")
 
         def decided() -> bool:  # and the frame it decided on published
@@ -360,10 +356,6 @@ def test_a_node_with_default_backend_and_precision_runs_what_it_measured_fastest
             client.spin_for(1.0)
         assert decided(), client.latest(camera)
         values = client.latest(camera).values
-    finally:
-        stop_process(process, signal.SIGINT)
-        client.close()
-        rclpy.try_shutdown(context=context)
     record = next(iter(json.loads((cache / CHOICES_FILE).read_text()).values()))
     timings = record["timings_ms"]
     assert set(timings) == {"eager", "openvino"} and record["fields"]["size"] == "{}x{}".format(*SIZE)

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from segmerge_ros.merging.segformerpp import MAX_MERGE_RATE, NONE, MergeConfig, preset, scaled_size
-from segmerge_ros.inference.backends.auto import AUTO, BackendChoice, choose_backend, cpu_identity
+from segmerge_ros.inference.backends.auto import AUTO, BackendChoice, choice_fields, choose_backend
 from segmerge_ros.inference.backends.base import Backend
-from segmerge_ros.inference.backends.cache import code_fingerprint, default_cache_dir
+from segmerge_ros.inference.backends.cache import default_cache_dir
 from segmerge_ros.inference.backends.registry import auto_candidates, make_backend, split_device
 from segmerge_ros.inference.families.base import ModelFamily, OutputOptions
 from segmerge_ros.inference.families.frames import logits_to_maps, network_config, normalise, to_tensor
@@ -200,9 +200,8 @@ class SegmentationEngine:
                 raise RuntimeError(f"{name} fell back: {', '.join(fallen)}")
             return times
 
-        fields = {"cpu": cpu_identity(), "model": self._model_name, "size": "x".join(map(str, size)),
-                  "precision": self._precision, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                  "code": code_fingerprint(), **{f"{name}_version": _version(name) for name in candidates}}
+        fields = choice_fields(self._model_name, size, self._precision,
+                               **{f"{name}_version": _version(name) for name in candidates})
         start = time.perf_counter()
         choice = choose_backend(candidates, measure, fields, self._cache_dir or default_cache_dir(), LOG)
         LOG.info("backend auto at %dx%d: %s%s", *size, choice.reason,

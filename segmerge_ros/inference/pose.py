@@ -345,8 +345,8 @@ class PoseEstimator:
         import logging
         import statistics
 
-        from segmerge_ros.inference.backends.auto import choose_backend, cpu_identity
-        from segmerge_ros.inference.backends.cache import code_fingerprint, default_cache_dir
+        from segmerge_ros.inference.backends.auto import choice_fields, choose_backend
+        from segmerge_ros.inference.backends.cache import default_cache_dir
         from segmerge_ros.merging.segformerpp import NONE
 
         made = {}
@@ -363,9 +363,7 @@ class PoseEstimator:
                 raise RuntimeError(f"{name} fell back to {backend.name}")
             return [statistics.median(times[1:])]
 
-        fields = {"cpu": cpu_identity(), "model": model_name, "size": "x".join(map(str, self.input_size)),
-                  "precision": precision, "threads": self._torch.get_num_threads(), "torch": self._torch.__version__,
-                  "code": code_fingerprint()}
+        fields = choice_fields(model_name, self.input_size, precision)
         log = logging.getLogger(__name__)
         choice = choose_backend(candidates, measure, fields, cache_dir or default_cache_dir(), log)
         log.info("pose backend auto: %s", choice.reason)

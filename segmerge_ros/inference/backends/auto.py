@@ -60,6 +60,17 @@ def cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> str:
     return f"{model} | flags {digest} | {os.cpu_count() or 1} cores"
 
 
+def choice_fields(model_name: str, size: Sequence[int], precision: str, **extra: object) -> dict[str, object]:
+    """What a timing depends on (the key of a remembered choice): the CPU, the model, the size, the precision, the
+    thread count, torch and the code that defines the network, plus ``extra`` (a backend package's version)."""
+    import torch
+
+    from segmerge_ros.inference.backends.cache import code_fingerprint
+
+    return {"cpu": cpu_identity(), "model": model_name, "size": "x".join(map(str, size)), "precision": precision,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "code": code_fingerprint(), **extra}
+
+
 def geometric_mean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(max(v, 1e-9)) for v in values) / len(values))
 
