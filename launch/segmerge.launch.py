@@ -9,6 +9,9 @@ Arguments:
   params_file   parameters (default: the installed config/segmerge.yaml)
   namespace     namespace for the node; relative image topics and all outputs live in it (default: none)
   use_rviz      also start rviz2 with config/segmerge.rviz (default: false)
+  autostart     configure and activate at start (default: the params file's, true); false leaves the managed node
+                unconfigured for a lifecycle manager or `ros2 lifecycle set /segmerge configure`, then `activate`
+  hri           REP-155 bodies on /humans/bodies/* (needs hri_msgs); empty (default) = the params file's hri.enable
 
 Fast DDS: unless FASTRTPS_DEFAULT_PROFILES_FILE is already set, the node (and RViz) get the installed
 config/fastdds.xml, whose large shared-memory segment lets raw frames of up to 1920x1080 arrive. The segment that
@@ -63,6 +66,12 @@ def _segmerge_processes(context, default_profile, rviz_config):
     weights = LaunchConfiguration("weights").perform(context)
     if weights:
         parameters.append({"weights": weights})
+    for argument, parameter in (("autostart", "autostart"), ("hri", "hri.enable")):
+        value = LaunchConfiguration(argument).perform(context).strip().lower()
+        if value:
+            if value not in ("true", "false"):
+                raise ValueError(f"launch argument {argument}:={value!r}: use true or false")
+            parameters.append({parameter: value == "true"})
     return [
         log,
         Node(
@@ -103,5 +112,9 @@ def generate_launch_description():
                               description="segmerge_node parameters (YAML)"),
         DeclareLaunchArgument("namespace", default_value="", description="namespace for segmerge_node"),
         DeclareLaunchArgument("use_rviz", default_value="false", description="also start rviz2"),
+        DeclareLaunchArgument("autostart", default_value="",
+                              description="true/false: configure and activate at start; empty = the params file's"),
+        DeclareLaunchArgument("hri", default_value="",
+                              description="true/false: REP-155 bodies (hri.enable); empty = the params file's"),
         OpaqueFunction(function=_segmerge_processes, args=[default_profile, rviz_config]),
     ])

@@ -54,9 +54,9 @@ def constant(node, module: ast.Module):
     return None
 
 
-def test_launch_declares_its_five_arguments(launch_tree):
+def test_launch_declares_its_arguments(launch_tree):
     declared = {constant(c.args[0], launch_tree) for c in calls(launch_tree, "DeclareLaunchArgument")}
-    assert declared == {"image_topics", "weights", "params_file", "namespace", "use_rviz"}
+    assert declared == {"image_topics", "weights", "params_file", "namespace", "use_rviz", "autostart", "hri"}
     assert any(isinstance(n, ast.FunctionDef) and n.name == "generate_launch_description" for n in launch_tree.body)
 
 

@@ -54,18 +54,16 @@ SUPPORTED_ENCODINGS = tuple(_RAW_ENCODINGS)
 _YUV422 = {"yuv422", "uyvy", "yuv422_yuy2", "yuyv"}
 
 
-def image_to_rgb(msg: Image) -> np.ndarray:
-    """Decode a ``sensor_msgs/Image`` into an HxWx3 RGB uint8 array (a view of ``msg.data`` for unpadded rgb8).
-
-    Honours ``step`` (row padding) and, for 16-bit encodings, ``is_bigendian``. Raises BadFrame on an unsupported
+def _checked_layout(msg: Image):
+    """The encoding's layout of a ``sensor_msgs/Image`` and its checked size; raises BadFrame on an unsupported
     encoding, a zero size, a step too small for the width, or a data length that does not equal ``step * height``.
-    """
+    Reads no pixel: cheap enough for the subscription callback."""
     encoding = msg.encoding.strip().lower()
     layout = _RAW_ENCODINGS.get(encoding)
     if layout is None:
         raise BadFrame(f"unsupported encoding {msg.encoding!r} (supported: {', '.join(SUPPORTED_ENCODINGS)}, "
                        "or a CompressedImage on a '<topic>/compressed' topic)")
-    channels, depth, to_rgb = layout
+    channels, depth, _ = layout
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     if height == 0 or width == 0:
         raise BadFrame(f"empty image: {width}x{height} ({encoding})")
@@ -74,9 +72,28 @@ def image_to_rgb(msg: Image) -> np.ndarray:
     row_bytes = width * channels * depth
     if step < row_bytes:
         raise BadFrame(f"step {step} is smaller than width*bytes_per_pixel = {width}*{channels * depth} = {row_bytes}")
+    if len(msg.data) != step * height:
+        raise BadFrame(f"data length {len(msg.data)} does not match step*height = {step}*{height} = {step * height}")
+    return layout, height, width, step, row_bytes
+
+
+def check_message(msg: Image | CompressedImage) -> None:
+    """Raise BadFrame for a message that cannot decode, from its fields and first and last bytes only (the node
+    checks every frame on receipt, so one that a newer frame replaces before decoding is still counted)."""
+    if isinstance(msg, CompressedImage):
+        _compressed_kind(msg)
+    else:
+        _checked_layout(msg)
+
+
+def image_to_rgb(msg: Image) -> np.ndarray:
+    """Decode a ``sensor_msgs/Image`` into an HxWx3 RGB uint8 array (a view of ``msg.data`` for unpadded rgb8).
+
+    Honours ``step`` (row padding) and, for 16-bit encodings, ``is_bigendian``. Raises BadFrame on an unsupported
+    encoding, a zero size, a step too small for the width, or a data length that does not equal ``step * height``.
+    """
+    (channels, depth, to_rgb), height, width, step, row_bytes = _checked_layout(msg)
     data = np.frombuffer(msg.data, dtype=np.uint8)
-    if data.size != step * height:
-        raise BadFrame(f"data length {data.size} does not match step*height = {step}*{height} = {step * height}")
 
     rows = data.reshape(height, step)[:, :row_bytes]  # drops row padding without copying
     if depth == 2:
@@ -93,25 +110,30 @@ def image_to_rgb(msg: Image) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(pixels), to_rgb)
 
 
+def _compressed_kind(msg: CompressedImage) -> str:
+    """"JPEG" or "PNG" from the payload's magic bytes; BadFrame for an empty, truncated or unknown payload."""
+    data = msg.data
+    if len(data) == 0:
+        raise BadFrame(f"empty CompressedImage (format {msg.format!r})")
+    head = bytes(data[:8])
+    if head.startswith(JPEG_START):
+        # libjpeg may return a half-grey frame for a cut-off stream instead of failing, so check the end marker.
+        if JPEG_END not in bytes(data[-32:]):
+            raise BadFrame(f"truncated JPEG: no end-of-image marker ({len(data)} bytes)")
+        return "JPEG"
+    if head.startswith(PNG_SIGNATURE):
+        return "PNG"
+    raise BadFrame(f"CompressedImage is neither JPEG nor PNG (format {msg.format!r}, first bytes {head.hex()})")
+
+
 def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
     """Decode a ``sensor_msgs/CompressedImage`` (JPEG or PNG) into an HxWx3 RGB uint8 array.
 
     image_transport's ``format`` field ("jpeg", "rgb8; jpeg compressed bgr8", "png", ...) only says what the camera
     had before compressing; the compressed bytes decode to BGR either way, so the payload's magic bytes decide.
     """
+    kind = _compressed_kind(msg)
     data = np.frombuffer(msg.data, dtype=np.uint8)
-    if data.size == 0:
-        raise BadFrame(f"empty CompressedImage (format {msg.format!r})")
-    head = data[:8].tobytes()
-    if head.startswith(JPEG_START):
-        kind = "JPEG"
-        # libjpeg may return a half-grey frame for a cut-off stream instead of failing, so check the end marker.
-        if JPEG_END not in data[-32:].tobytes():
-            raise BadFrame(f"truncated JPEG: no end-of-image marker ({data.size} bytes)")
-    elif head.startswith(PNG_SIGNATURE):
-        kind = "PNG"
-    else:
-        raise BadFrame(f"CompressedImage is neither JPEG nor PNG (format {msg.format!r}, first bytes {head.hex()})")
     bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if bgr is None or bgr.size == 0:
         raise BadFrame(f"corrupt {kind}: the decoder rejected {data.size} bytes (format {msg.format!r})")

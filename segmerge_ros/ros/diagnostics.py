@@ -1,8 +1,10 @@
 """The node's diagnostics as pure functions: a snapshot of one camera's counters and frame timings in, one
 ``diagnostic_msgs/DiagnosticStatus`` out (no DDS, no node: unit-tested directly), and the throttled failure log.
 
-Levels: ERROR while frames fail inside the worker (``failed_frames`` rose during the window); WARN for new bad
-frames, for no frames in the window, and whenever budget mode misses its target at the rate it chose; OK otherwise.
+Levels: ERROR while frames fail inside the worker (``failed_frames`` rose during the window) and, with an expected
+frame rate, while no frame arrives; WARN for new bad frames, for no frames in the window, for a received rate outside
+the expected one's tolerance (graded as ``diagnostic_updater``'s FrequencyStatus), and whenever budget mode misses
+its target at the rate it chose; OK otherwise. An inactive node (lifecycle) is OK: it takes no frames by design.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
 from segmerge_ros.inference.budget import BudgetMode
 
+FREQUENCY_TOLERANCE = 0.1  # diagnostic_updater's FrequencyStatusParam default
 MISSED_BUDGET_MARGIN = 1.15  # a window's mean processing time this far over the target counts as a miss
 FAILURE_REPEAT_PERIOD_S = 5.0  # a known cause is logged again (one line, with its count) at most this often
 
@@ -56,6 +59,8 @@ class CameraSnapshot:
     last_bad_reason: str = ""
     last_failure: str = ""
     merge_name: str = ""
+    new_received: int = 0
+    last_stamp_ns: int = 0   # header stamp of the last frame received (0: none, or unstamped)
 
 
 @dataclass(frozen=True)
@@ -80,13 +85,46 @@ def _percentile(values, share: float) -> float:
     return values[min(len(values) - 1, max(0, math.ceil(share * len(values)) - 1))] if values else math.nan
 
 
+@dataclass(frozen=True)
+class NodeState:
+    """What every camera's status shows about the node: its lifecycle state, the expected frame rate, the time."""
+
+    lifecycle_state: str = "active"
+    expected_fps: float = 0.0   # 0: not checked
+    now_ns: int = 0             # the node clock's now, for the last frame's stamp age
+
+
+def frequency_level(received_fps: float, expected_fps: float, received: int) -> tuple[int, str]:
+    """diagnostic_updater's FrequencyStatus grading of a received rate: ERROR when nothing arrived, WARN outside
+    the expected rate +- 10 %, OK otherwise (and OK when no rate is expected)."""
+    if expected_fps <= 0:
+        return DiagnosticStatus.OK, ""
+    if received == 0:
+        return DiagnosticStatus.ERROR, f"no frames received (expected {expected_fps:.1f} fps)"
+    if received_fps < expected_fps * (1 - FREQUENCY_TOLERANCE):
+        return DiagnosticStatus.WARN, f"frame rate too low: {received_fps:.2f} fps received, {expected_fps:.1f} expected"
+    if received_fps > expected_fps * (1 + FREQUENCY_TOLERANCE):
+        return DiagnosticStatus.WARN, f"frame rate too high: {received_fps:.2f} fps received, {expected_fps:.1f} expected"
+    return DiagnosticStatus.OK, ""
+
+
+def unconfigured_status(node_name: str, lifecycle_state: str, configure_failure: str) -> DiagnosticStatus:
+    """The node's one status while it has no cameras (unconfigured): OK, or ERROR with why configure failed."""
+    level = DiagnosticStatus.ERROR if configure_failure else DiagnosticStatus.OK
+    message = f"configure failed: {configure_failure}" if configure_failure else lifecycle_state
+    return DiagnosticStatus(level=level, name=f"{node_name}: lifecycle", message=message, hardware_id=node_name,
+                            values=[KeyValue(key="lifecycle_state", value=lifecycle_state),
+                                    KeyValue(key="configure_failure", value=configure_failure)])
+
+
 def camera_status(node_name: str, camera: CameraSnapshot, budget: BudgetSnapshot, current_rate: float,
                   current_merge_name: str, pose_enabled: bool, pose_model: str = "",
-                  threads: dict[str, str] | None = None) -> DiagnosticStatus:
+                  threads: dict[str, str] | None = None, node: NodeState = NodeState()) -> DiagnosticStatus:
     """The DiagnosticStatus of one camera for one window. ``current_rate``/``current_merge_name``: the engine's
     setting, shown when the window processed no frame. ``pose_model``: "building", "ready" or "failed: <reason>"
     ("" while no pose model was ever asked for). ``threads``: further values shown as they are (the thread
-    governor's state: threads in use, the other processes' load; the backend and ladder in use)."""
+    governor's state: threads in use, the other processes' load; the backend and ladder in use). ``node``: the
+    lifecycle state, expected rate and clock."""
     timings = camera.timings
     rate = timings[-1].merge_rate if timings else current_rate
     processing_ms = _mean(t.processing_ms for t in timings)
@@ -105,6 +143,11 @@ def camera_status(node_name: str, camera: CameraSnapshot, budget: BudgetSnapshot
         "failed_frames": str(camera.failed),
         "frames_in": str(camera.received),
         "frames_out": str(camera.published),
+        "received_fps": f"{camera.new_received / camera.window_s:.2f}",
+        "expected_fps": f"{node.expected_fps:.2f}",
+        "stamp_age_s": (f"{(node.now_ns - camera.last_stamp_ns) / 1e9:.3f}" if camera.last_stamp_ns and node.now_ns
+                        else "nan"),
+        "lifecycle_state": node.lifecycle_state,
         "budget_mode": budget.mode.value,
         "budget_target_ms": f"{budget.target_ms:.2f}" if budget.target_ms is not None else "nan",
         "last_bad_reason": camera.last_bad_reason,
@@ -118,6 +161,10 @@ def camera_status(node_name: str, camera: CameraSnapshot, budget: BudgetSnapshot
         values["pose_model"] = pose_model
     values.update(threads or {})
 
+    if node.lifecycle_state != "active":
+        return DiagnosticStatus(level=DiagnosticStatus.OK, name=f"{node_name}: {camera.topic}",
+                                message=f"{node.lifecycle_state}: not taking frames", hardware_id=camera.topic,
+                                values=[KeyValue(key=k, value=v) for k, v in values.items()])
     level, message = DiagnosticStatus.OK, f"{len(timings)} frames in {camera.window_s:.1f} s"
     if not timings:
         level, message = DiagnosticStatus.WARN, "no frames processed in the last period"
@@ -133,6 +180,10 @@ def camera_status(node_name: str, camera: CameraSnapshot, budget: BudgetSnapshot
     elif missed:
         level, message = DiagnosticStatus.WARN, (f"budget {budget.target_ms:.1f} ms missed at merge rate {rate:.2f} "
                                                  f"({processing_ms:.1f} ms)")
+    rate_level, rate_message = frequency_level(camera.new_received / camera.window_s, node.expected_fps,
+                                               camera.new_received)
+    if rate_level > level:  # levels are bytes b"\x00" < b"\x01" < b"\x02"
+        level, message = rate_level, rate_message
     return DiagnosticStatus(level=level, name=f"{node_name}: {camera.topic}", message=message,
                             hardware_id=camera.topic, values=[KeyValue(key=k, value=v) for k, v in values.items()])
 

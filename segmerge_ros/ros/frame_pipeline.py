@@ -33,8 +33,9 @@ from visualization_msgs.msg import MarkerArray
 from segmerge_ros.models.labels import overlay
 from segmerge_ros.inference.budget import BudgetController
 from segmerge_ros.inference.engine import SegmentationEngine, SegmentationResult
-from segmerge_ros.inference.postprocess.mask2former import person_boxes_from_instances
+from segmerge_ros.inference.detections import Objects, objects_from_class_map, objects_from_instances
 from segmerge_ros.inference.pose import PoseEstimator, PoseResult, draw_skeletons
+from segmerge_ros.inference.tracking import Tracker
 from segmerge_ros.ros.conversions import BadFrame, message_to_rgb, mono8_image, mono16_image, rgb8_image
 from segmerge_ros.ros.params import POSE_FOLLOW_SEGMENTATION
 from segmerge_ros.ros.pose_msgs import camera_matrix, keypoints_cloud, pose_markers
@@ -44,6 +45,7 @@ __all__ = ["BadFrame", "FrameOutputs", "FramePipeline", "FrameSettings", "FrameT
 
 # Output kinds, as handed to ``publish`` and named in FrameOutputs.
 MASK, CONFIDENCE, OVERLAY, KEYPOINTS, MARKERS = "mask", "confidence", "overlay", "keypoints", "markers"
+DETECTIONS = "detections"  # vision_msgs/Detection2DArray (where vision_msgs is installed)
 INSTANCES, INSTANCES_INFO = "instances", "instances_info"  # models with instance output (Mask2Former)
 PANOPTIC, PANOPTIC_INFO = "panoptic", "panoptic_info"  # Mask2Former with panoptic.enable
 
@@ -70,6 +72,10 @@ class FrameSettings:
     overlay_alpha: float = 0.5
     markers: bool = True      # pose markers; built only while pose runs and K is known
     pose: PoseSettings = field(default_factory=PoseSettings)
+    detections: bool = False  # build the Detection2DArray (someone subscribes)
+    track: bool = False       # find and track objects even without detections (REP-155 bodies)
+    detection_class_ids: tuple[int, ...] = ()  # empty: the label set's person classes
+    detection_min_area: int = 400
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,10 @@ class FrameOutputs:
     instances_info: String | None = None  # JSON: each id's class and score
     panoptic: Image | None = None       # mono16 panoptic segment ids, with panoptic.enable
     panoptic_info: String | None = None  # JSON: each segment's class, thing or stuff, score
+    detections: object | None = None     # vision_msgs/Detection2DArray, when asked for
+    objects: Objects | None = None       # what was found (detection classes and, for pose, people), largest first
+    track_ids: list[str] | None = None   # each object's track id, when tracked
+    posed: np.ndarray | None = None      # for each pose person, the index of its object (segmentation mode)
 
 
 def minimum_network_side(engine: SegmentationEngine) -> int:
@@ -131,8 +141,10 @@ class FramePipeline:
 
     def process(self, msg: Image | CompressedImage, camera_info: CameraInfo | None = None,
                 settings: FrameSettings = FrameSettings(),
-                publish: Callable[[str, object], None] | None = None) -> FrameOutputs:
-        """Run one frame; raises BadFrame (with the reason) for a frame that cannot be processed."""
+                publish: Callable[[str, object], None] | None = None,
+                tracker: Tracker | None = None) -> FrameOutputs:
+        """Run one frame; raises BadFrame (with the reason) for a frame that cannot be processed. ``tracker``: the
+        camera's, which gives the objects their ids (detections or ``settings.track``)."""
         started = time.perf_counter()
         rgb = message_to_rgb(msg)
         self._check_size(rgb)
@@ -140,7 +152,8 @@ class FramePipeline:
         header = msg.header  # copied unchanged: consumers sync outputs with frames by stamp and frame_id
         emit = publish or (lambda kind, message: None)
 
-        result = self.engine.infer(rgb, confidence=settings.confidence)
+        find = settings.detections or settings.track
+        result = self.engine.infer(rgb, confidence=settings.confidence or find)  # detection scores need it
         mask = mono8_image(result.class_map, header)
         emit(MASK, mask)
         confidence = None
@@ -161,9 +174,19 @@ class FramePipeline:
             panoptic_info = ids_info_message("segments", result.panoptic.as_dict(self.engine.labels.classes), header)
             emit(PANOPTIC_INFO, panoptic_info)
 
+        pose_on = settings.pose.enable and self.pose is not None
+        objects = track_ids = detections = posed = None
+        if find or (pose_on and settings.pose.mode == "segmentation"):
+            objects = self._find_objects(result, settings, pose_on)
+            if find and tracker is not None:
+                track_ids = tracker.update(objects.boxes, objects.class_ids)
+            if settings.detections:
+                detections = self._detections_message(header, objects, track_ids, settings)
+                emit(DETECTIONS, detections)
+
         pose = keypoints = markers = None
-        if settings.pose.enable and self.pose is not None:
-            pose = self._estimate_pose(rgb, result, settings.pose)
+        if pose_on:
+            pose, posed = self._estimate_pose(rgb, result, settings.pose, objects)
             k = camera_matrix(camera_info, (rgb.shape[1], rgb.shape[0]))
             keypoints = keypoints_cloud(header, pose.keypoints, pose.scores, k)
             emit(KEYPOINTS, keypoints)
@@ -189,7 +212,29 @@ class FramePipeline:
             preprocess_ms=result.preprocess_ms, network_ms=result.network_ms, postprocess_ms=result.postprocess_ms,
             publish_ms=processing_ms - decode_ms - result.inference_ms - (pose_ms if pose is not None else 0.0))
         return FrameOutputs(header, mask, confidence, overlay_msg, keypoints, markers, times, result, pose,
-                            instances, instances_info, panoptic, panoptic_info)
+                            instances, instances_info, panoptic, panoptic_info, detections, objects, track_ids, posed)
+
+    def _find_objects(self, result: SegmentationResult, settings: FrameSettings, pose_on: bool) -> Objects:
+        """The detection classes' regions (instances with Mask2Former) and, for pose, the people's, largest first."""
+        person_ids = self.engine.labels.person_ids
+        classes = set(settings.detection_class_ids or person_ids)
+        min_area = settings.detection_min_area
+        if pose_on:
+            classes |= set(person_ids)
+            min_area = min(min_area, settings.pose.min_person_area)
+        if result.instances is not None:  # one box per instance: people who touch are still two
+            return objects_from_instances(result.instances, sorted(classes), min_area)
+        return objects_from_class_map(result.class_map, sorted(classes), min_area, result.confidence)
+
+    def _detections_message(self, header: Header, objects: Objects, track_ids: list[str] | None,
+                            settings: FrameSettings):
+        """The Detection2DArray of the detection classes' objects at least detection_min_area large."""
+        from segmerge_ros.ros.detection_msgs import detections_message  # vision_msgs: only where it is installed
+
+        keep = (np.isin(objects.class_ids, settings.detection_class_ids or self.engine.labels.person_ids)
+                & (objects.areas >= settings.detection_min_area))
+        ids = [track_ids[i] for i in np.flatnonzero(keep)] if track_ids is not None else [""] * int(keep.sum())
+        return detections_message(header, objects.subset(keep), ids, self.engine.labels.classes)
 
     def _check_size(self, rgb: np.ndarray) -> None:
         if self.engine.input_size is not None:
@@ -199,8 +244,11 @@ class FramePipeline:
             raise BadFrame(f"frame {width}x{height} is too small for the network: it needs at least {self.min_side} "
                            f"px per side at its input (or set input_size, which resizes every frame)")
 
-    def _estimate_pose(self, rgb: np.ndarray, result: SegmentationResult, settings: PoseSettings) -> PoseResult:
-        """Apply this frame's settings snapshot to the estimator, then estimate."""
+    def _estimate_pose(self, rgb: np.ndarray, result: SegmentationResult, settings: PoseSettings,
+                       objects: Objects | None) -> tuple[PoseResult, np.ndarray | None]:
+        """Apply this frame's settings snapshot to the estimator, then estimate; in segmentation mode one crop per
+        person object (each person class's regions, or instances), largest first, so the pose persons are the
+        person detections in order. Returns the result and each person's object index (None: full frame)."""
         pose = self.pose
         pose.mode = settings.mode
         max_persons = settings.max_persons if self.pose_people_cap is None else min(settings.max_persons,
@@ -222,12 +270,11 @@ class FramePipeline:
             self._warned_no_person_classes = True
             self._warn(f"pose.mode segmentation: label set {self.engine.labels.name!r} has no person class, so no "
                        "person is ever found; use pose.mode full_frame or a model with a person class")
-        if settings.mode == "segmentation" and result.instances is not None:
-            # One crop per person instance: people who touch in the class map still get a crop each.
-            boxes, _ = person_boxes_from_instances(result.instances, person_ids, settings.min_person_area,
-                                                   max_persons)
-            return pose.estimate_boxes(rgb, boxes)
-        return pose.estimate(rgb, result.class_map, person_ids)
+        if settings.mode != "segmentation":
+            return pose.estimate(rgb), None
+        posed = np.flatnonzero(np.isin(objects.class_ids, person_ids)
+                               & (objects.areas >= settings.min_person_area))[:max_persons]
+        return pose.estimate_boxes(rgb, objects.boxes[posed]), posed
 
 
 def ids_info_message(key: str, entries: dict, header: Header) -> String:

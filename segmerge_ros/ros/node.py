@@ -14,45 +14,63 @@ Per camera ``<ns>/<name>`` (a ``/compressed`` suffix is stripped first) it publi
 and one status per camera on ``/diagnostics``. It subscribes to ``<ns>/camera_info`` (sensor-data QoS) and keeps
 the latest per camera: its K turns keypoints into unit-depth rays. Parameters: see ``segmerge_ros/ros/params.py``.
 
+Lifecycle (a managed node): configure checks the parameters, builds the models and creates the publishers;
+activate subscribes to the cameras; deactivate unsubscribes (a frame in progress finishes, publishing nothing);
+cleanup frees the models and publishers. With ``autostart`` (the default) the node configures and activates itself
+in its constructor, which raises StartupError when configure fails.
+
 Threading: subscription callbacks only drop the message into the camera's one-frame slot (a newer frame replaces an
 unprocessed one, counted as dropped), so stale frames never queue up. One worker thread builds and warms the models
-(the constructor waits for it), then decodes, infers and publishes: torch runs on no other long-lived thread (see
+(configure waits for it), then decodes, infers and publishes: torch runs on no other long-lived thread (see
 ``_build_models``). Pose, when enabled, runs there too, after segmentation and inside the time the budget controls.
 Parameter changes, the diagnostics timer and the budget topic run on the executor thread; every parameter set,
 including the node's own, happens there. Pose settings reach the worker as one immutable snapshot, swapped in per
 frame. The pose model is built on a short-lived thread of its own on first live enable, so the parameter service,
-diagnostics and frames go on meanwhile. Shutdown waits for the frame in progress before the node is destroyed.
+diagnostics and frames go on meanwhile. Cleanup and shutdown wait for the frame in progress; each configure starts
+a new worker.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
 import sys
 import threading
 import time
+import traceback
+from typing import TYPE_CHECKING
 
 import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray
+from lifecycle_msgs.msg import State
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.exceptions import NameValidationException, ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from std_msgs.msg import Float32
+from std_msgs.msg import Float32, Header
 
-from segmerge_ros.inference.budget import BudgetController, BudgetMode, PoseWork, fps_demand
+from segmerge_ros.inference.budget import BudgetController, BudgetMode, PoseWork
 from segmerge_ros.inference.pose import PoseEstimator
-from segmerge_ros.inference.threads import ThreadGovernor, thread_pool_policy
-from segmerge_ros.ros.camera import Camera
+from segmerge_ros.inference.threads import ThreadGovernor
+from segmerge_ros.inference.tracking import TrackIds, Tracker
+from segmerge_ros.ros.camera import HAVE_VISION_MSGS, Camera
 from segmerge_ros.ros.conversions import BadFrame
-from segmerge_ros.ros.diagnostics import BudgetSnapshot, FailureLog, FrameTiming, camera_status
-from segmerge_ros.ros.frame_pipeline import FramePipeline, FrameSettings, budget_step
-from segmerge_ros.ros.parameter_policy import complete_parameter_set, refusal_reason, startup_refusal, topics_refusal
-from segmerge_ros.ros.params import PARAMETERS, SPECS
-from segmerge_ros.ros.startup import StartupError, apply_merge_settings, build_engine, build_pose, model_info, pose_settings
+from segmerge_ros.ros.diagnostics import FailureLog, FrameTiming
+from segmerge_ros.ros.node_budget import BudgetParameters
+from segmerge_ros.ros.node_diagnostics import DiagnosticsPublishing
+from segmerge_ros.ros.node_pose import PoseOnDemand
+from segmerge_ros.ros.frame_pipeline import DETECTIONS, FramePipeline, FrameSettings, budget_step
+from segmerge_ros.ros.parameter_policy import (complete_parameter_set, detection_class_ids, lifecycle_refusal,
+                                              refusal_reason, startup_refusal, topics_refusal)
+from segmerge_ros.ros.params import PARAMETERS
+from segmerge_ros.ros.startup import StartupError, apply_merge_settings, build_engine, model_info, pose_settings
+
+if TYPE_CHECKING:
+    from segmerge_ros.ros.bodies import BodyPublishers
 
 NODE_NAME = "segmerge"
 
@@ -62,27 +80,119 @@ BAD_FRAME_WARN_PERIOD_S = 5.0
 STOP_WAIT_S = 60.0  # longest wait for the frame in progress at shutdown (a huge frame on a slow CPU takes seconds)
 
 
-class SegmergeNode(Node):
+SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
+
+
+class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, LifecycleNode):
     def __init__(self, **node_kwargs):
         super().__init__(NODE_NAME, **node_kwargs)
         self._declare_parameters()
         self._setting_internally = False  # parameter sets all run on the executor thread, so a flag suffices
-        self._stopping = False
         self.frame_ready = threading.Condition()
         self._budget_lock = threading.Lock()  # controller + engine rate changes from worker and executor
         self._failures = FailureLog()
-
-        topics = self._checked_topics(self.param("image_topics"))  # cheap checks before the slow model load
-        reason = startup_refusal({spec.name: self.param(spec.name) for spec in PARAMETERS})
-        if reason:
-            raise StartupError(reason)
+        self._configured = self._active = False  # configured: models, cameras, budget exist (until cleanup)
+        self._configure_failure = ""  # why the last configure failed (diagnostics), "" after one that worked
+        self._autostarting = False
+        self.cameras: list[Camera] = []
+        self._worker: threading.Thread | None = None
+        self._stopping = False  # the current worker is to leave
         self._pose: PoseEstimator | None = None  # built on first enable: no cost while pose is off
         self._threads: ThreadGovernor | None = None  # built with the models, on the worker thread
         self._pose_builder: threading.Thread | None = None  # builds the pose model on first live enable
         self._pose_state = ""  # "", "building", "ready" or "failed: <reason>" (diagnostics key pose_model)
         self._pose_settings = pose_settings(self.param)
         self._in_flight: Camera | None = None  # the camera whose frame the worker is processing
-        # The models are built, warmed and run on the worker thread: see _build_models.
+        self._budget_subscription = None
+        self._track_ids = TrackIds()  # one id source for the node's life: ids never repeat across cameras or configures
+        self._bodies: BodyPublishers | None = None  # REP-155 (hri.enable), from configure to cleanup
+        self.add_pre_set_parameters_callback(self._before_parameters_set)
+        self.add_on_set_parameters_callback(self._validate_parameters)
+        self.add_post_set_parameters_callback(self._after_parameters_set)
+        self._reflect_rate = self.create_guard_condition(self._reflect_budget_rate)
+        self._pose_failed = self.create_guard_condition(self._disable_failed_pose)
+        self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._last_diagnostics = time.monotonic()
+        self.create_timer(DIAGNOSTICS_PERIOD_S, self._publish_diagnostics)
+        if self.param("autostart"):
+            self._autostarting = True
+            try:
+                if self.trigger_configure() != SUCCESS:
+                    raise StartupError(self._configure_failure)
+                if self.trigger_activate() != SUCCESS:
+                    raise StartupError("activate failed (see the log)")
+            finally:
+                self._autostarting = False
+        else:
+            self.get_logger().info("autostart false: unconfigured, waiting for `ros2 lifecycle set "
+                                   f"{self.get_fully_qualified_name()} configure`")
+
+    @property
+    def lifecycle_state(self) -> str:
+        """"unconfigured", "inactive", "active", "finalized" or a transition's name."""
+        state_id, label = self._state_machine.current_state
+        return "unconfigured" if state_id == State.PRIMARY_STATE_UNCONFIGURED else label
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self._configure()
+        except Exception as error:  # noqa: BLE001 - reported, and the node stays unconfigured
+            self._configure_failure = str(error) if isinstance(error, StartupError) else f"{type(error).__name__}: {error}"
+            if not isinstance(error, StartupError):
+                self.get_logger().error(f"configure failed:\n{traceback.format_exc().rstrip()}")
+            elif not self._autostarting:  # with autostart, main() logs it once as FATAL
+                self.get_logger().error(f"configure failed: {self._configure_failure}")
+            self._release()
+            return FAILURE
+        self._configure_failure = ""
+        return SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        with self.frame_ready:
+            self._active = True
+        for camera in self.cameras:
+            camera.tracker.reset()  # tracks from before a deactivate are stale
+            camera.subscribe()
+        budget_topic = self.param("budget.topic")
+        if budget_topic:
+            self._budget_subscription = self.create_subscription(Float32, budget_topic, self._on_budget_message, 10)
+        outputs = ", ".join(sorted({c.output_namespace for c in self.cameras}))
+        self.get_logger().info(
+            f"ready: {len(self.cameras)} camera(s) [{', '.join(c.topic for c in self.cameras)}] -> "
+            f"segmentation/* in [{outputs}]; {self.param('model')} on {self.engine.device}, backend {self.engine.backend}, "
+            f"input_size {self.param('input_size') or 'camera resolution'}, {self._merge_description()}; "
+            f"{self._pose_description()}")
+        return SUCCESS
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._deactivate()
+        self.get_logger().info("inactive: cameras unsubscribed (models kept)")
+        return SUCCESS
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        self.get_logger().info("unconfigured: models and publishers freed")
+        return SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._deactivate()
+        self._release()
+        return SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._deactivate()
+        self._release()
+        return SUCCESS  # back to unconfigured
+
+    def _configure(self) -> None:
+        """Check the parameters, build the models on a new worker thread, create budget, cameras and labels."""
+        topics = self._checked_topics(self.param("image_topics"))  # cheap checks before the slow model load
+        reason = startup_refusal({spec.name: self.param(spec.name) for spec in PARAMETERS})
+        if reason:
+            raise StartupError(reason)
+        self._pose_settings = pose_settings(self.param)
+        self._stopping = False
         self._models_built, self._setup_done = threading.Event(), threading.Event()
         self._build_failure: BaseException | None = None
         self._worker = threading.Thread(target=self._work, name="segmerge-worker", daemon=True)
@@ -92,17 +202,39 @@ class SegmergeNode(Node):
             raise self._build_failure
         try:
             self._finish_setup(topics)
-        except BaseException:
-            self._stopping = True  # the worker leaves instead of taking frames
-            raise
         finally:
             self._setup_done.set()
-        outputs = ", ".join(sorted({c.output_namespace for c in self.cameras}))
-        self.get_logger().info(
-            f"ready: {len(self.cameras)} camera(s) [{', '.join(c.topic for c in self.cameras)}] -> "
-            f"segmentation/* in [{outputs}]; {self.param('model')} on {self.engine.device}, backend {self.engine.backend}, "
-            f"input_size {self.param('input_size') or 'camera resolution'}, {self._merge_description()}; "
-            f"{self._pose_description()}")
+        self._configured = True
+
+    def _deactivate(self) -> None:
+        """Unsubscribe and wait for the frame in progress, which publishes nothing more."""
+        with self.frame_ready:
+            was_active, self._active = self._active, False
+        if not was_active:
+            return
+        for camera in self.cameras:
+            camera.unsubscribe()
+        if self._budget_subscription is not None:
+            self.destroy_subscription(self._budget_subscription)
+            self._budget_subscription = None
+        deadline = time.monotonic() + STOP_WAIT_S
+        with self.frame_ready:
+            while self._in_flight is not None and time.monotonic() < deadline:
+                self.frame_ready.wait(0.1)
+
+    def _release(self) -> None:
+        """Back to unconfigured: the worker stopped, cameras and models freed."""
+        self._configured = False
+        self.stop()
+        for camera in self.cameras:
+            camera.destroy()
+        self.cameras = []
+        if self._bodies is not None:
+            self._bodies.destroy()
+            self._bodies = None
+        self.engine = self.pipeline = self._pose = self._threads = None
+        self._pose_state = ""
+        gc.collect()  # the models' memory back before a new configure builds again
 
     def _build_models(self) -> None:
         """Pose (when enabled at start) and segmentation models, built and warmed up on the worker thread that runs
@@ -145,27 +277,34 @@ class SegmergeNode(Node):
         self._pose_work = PoseWork()  # budget mode's cap on the people posed per frame (worker thread only)
         if self.param("budget.mode") != BudgetMode.OFF.value and self.param("preset") != "none":
             self.get_logger().warning(f"preset {self.param('preset')!r} ignored: budget mode chooses merge rates")
-            self.set_parameters([Parameter("preset", value="none")])  # callbacks are not registered yet
+            self._set_internally([Parameter("preset", value="none")])  # not configured yet: callbacks only store it
         self._apply_merge_settings()
         self._set_budget_mode(self.param("budget.mode"))
 
+        self._detection_min_area = int(self.param("detections.min_area"))
+        ids, reason = detection_class_ids(self.param("detections.classes"), list(self.engine.labels.classes),
+                                          self.engine.labels.person_ids)
+        if reason:
+            raise StartupError(reason)
+        self._detection_class_ids = tuple(ids)
+        if self.param("hri.enable"):
+            self._bodies = make_body_publishers(self, self.engine.labels.person_ids)
         self.cameras = self._create_cameras(topics)
         info = model_info(self.param, self.engine)
+        label_info = None
+        if HAVE_VISION_MSGS:
+            from segmerge_ros.ros.detection_msgs import label_info_message  # vision_msgs: only where installed
+
+            label_info = label_info_message(self.engine.labels.classes, Header(stamp=self.get_clock().now().to_msg()),
+                                            float(self.param("instances.score_threshold"))
+                                            if self.engine.family.has_instances else 0.0)
+        else:
+            self.get_logger().warning("vision_msgs is not installed: no segmentation/label_info and no "
+                                      "segmentation/detections (apt install ros-jazzy-vision-msgs)")
         for camera in self.cameras:
-            camera.publish_labels(self.engine.labels, info)
-
-        self.add_pre_set_parameters_callback(self._before_parameters_set)
-        self.add_on_set_parameters_callback(self._validate_parameters)
-        self.add_post_set_parameters_callback(self._after_parameters_set)
-
-        budget_topic = self.param("budget.topic")
-        if budget_topic:
-            self.create_subscription(Float32, budget_topic, self._on_budget_message, 10)
-        self._reflect_rate = self.create_guard_condition(self._reflect_budget_rate)
-        self._pose_failed = self.create_guard_condition(self._disable_failed_pose)
-        self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._last_diagnostics = time.monotonic()
-        self.create_timer(DIAGNOSTICS_PERIOD_S, self._publish_diagnostics)
+            camera.tracker = Tracker(self._track_ids, float(self.param("tracking.min_iou")),
+                                     int(self.param("tracking.max_age")))
+            camera.publish_labels(self.engine.labels, info, label_info)
 
     # -- parameters (the one place that reads them) ---------------------------------------------------------------
     def param(self, name: str):
@@ -183,57 +322,6 @@ class SegmergeNode(Node):
             except ParameterException as error:
                 raise StartupError(f"parameter {spec.name}: {error}") from None
 
-    # -- pose -----------------------------------------------------------------------------------------------------
-    def _build_pose(self) -> str | None:
-        """Build the pose estimator (slow: seconds); returns why it cannot be built, or None. Runs at start-up, or
-        on the pose builder thread after a live enable: never on the executor, which must keep serving."""
-        self._pose_state = "building"
-        try:
-            pose = build_pose(self.param, self.get_logger().warning)
-        except StartupError as error:
-            self._pose_state = f"failed: {error}"
-            return str(error)
-        self._pose = pose
-        if pose.backend_choice is not None:
-            self.get_logger().info(f"pose backend auto: {pose.backend_choice.reason}")
-        if getattr(self, "pipeline", None) is not None:
-            self.pipeline.pose = pose  # the worker runs pose from its next frame on
-        self._pose_state = "ready"
-        return None
-
-    def _start_pose_builder(self) -> None:
-        """First live enable: build the pose model on its own thread; frames run without pose until it is ready."""
-        if self._pose is not None or (self._pose_builder is not None and self._pose_builder.is_alive()):
-            return
-        self.get_logger().info("pose.enable: building the pose model in the background; frames run without pose "
-                               "until it is ready (diagnostics key pose_model)")
-
-        def build() -> None:
-            reason = self._build_pose()
-            if self._stopping:
-                return
-            if reason:
-                self.get_logger().error(f"pose.enable switched back off: {reason}")
-                self._pose_failed.trigger()  # the executor sets the parameter back
-            else:
-                self.get_logger().info("pose model ready: keypoints from the next frame on")
-
-        self._pose_builder = threading.Thread(target=build, name="segmerge-pose-builder", daemon=True)
-        self._pose_builder.start()
-
-    def _disable_failed_pose(self) -> None:
-        """Executor side of a failed pose build: pose.enable shows what runs (off)."""
-        if self._pose is None and self.param("pose.enable"):
-            self._set_internally([Parameter("pose.enable", value=False)])
-
-    def _pose_description(self) -> str:
-        settings = self._pose_settings
-        if not settings.enable:
-            return "pose off"
-        rate = "following segmentation" if settings.merge_rate < 0 else f"{settings.merge_rate:.2f}"
-        return (f"pose on ({self.param('pose.model')}, mode {settings.mode}, at most {settings.max_persons} "
-                f"person(s), merge rate {rate})")
-
     @staticmethod
     def _checked_topics(topics: list[str]) -> list[str]:
         topics, reason = topics_refusal(topics)
@@ -242,10 +330,15 @@ class SegmergeNode(Node):
         return topics
 
     def _create_cameras(self, topics: list[str]) -> list[Camera]:
+        cameras: list[Camera] = []
         try:
-            return [Camera(self, topic, self.frame_ready) for topic in topics]
-        except NameValidationException as error:
+            for topic in topics:
+                cameras.append(Camera(self, topic, self.frame_ready, self._count_bad))
+        except (NameValidationException, RuntimeError) as error:  # rcl's RCLError for a name it cannot expand
+            for camera in cameras:
+                camera.destroy()
             raise StartupError(f"image_topics: {error}") from None
+        return cameras
 
     def _set_internally(self, parameters: list[Parameter]) -> SetParametersResult:
         """Set parameters as the node itself (budget decisions, budget topic): not a manual override."""
@@ -262,10 +355,11 @@ class SegmergeNode(Node):
     def _validate_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
         # Types and ranges were already checked by rclpy against the descriptors; this adds choices and limits.
         values = {p.name: p.value for p in parameters}
-        reason = refusal_reason(values, self.param, self.param("model"))
+        reason = lifecycle_refusal(values, self.lifecycle_state) or refusal_reason(values, self.param,
+                                                                                   self.param("model"))
         if reason:
             return SetParametersResult(successful=False, reason=reason)
-        if values.get("pose.enable") is True and self._pose is None:
+        if values.get("pose.enable") is True and self._pose is None and self._configured:
             weights = self.param("pose.weights")
             if weights and not os.path.exists(weights):  # the one failure known before building: refuse it now
                 return SetParametersResult(successful=False,
@@ -279,8 +373,12 @@ class SegmergeNode(Node):
             self._publish_overlay = bool(self.param("publish_overlay"))
         if "overlay_alpha" in names:
             self._overlay_alpha = float(self.param("overlay_alpha"))
+        if "detections.min_area" in names:
+            self._detection_min_area = int(self.param("detections.min_area"))
         if "threads.adapt" in names and self._threads is not None:
             self._threads.enabled = bool(self.param("threads.adapt")) and self._governs_threads()
+        if not self._configured:
+            return  # stored: configure reads every parameter
         if any(name.startswith("pose.") for name in names):
             was_enabled = self._pose_settings.enable
             self._pose_settings = pose_settings(self.param)  # the worker picks it up from the next frame
@@ -308,57 +406,6 @@ class SegmergeNode(Node):
 
     def _apply_merge_settings(self) -> None:
         apply_merge_settings(self.engine, self.param)
-
-    def _set_budget_mode(self, mode: str) -> None:
-        mode = BudgetMode.parse(mode)
-        was_active = self._budget.active
-        self._budget.set_target(mode=mode, target_fps=self._fps_demand())
-        if mode is BudgetMode.OFF:
-            self._budget_rate = None
-        elif not was_active:
-            self._budget_rate = None
-            if not self._budget.calibrated:
-                self.get_logger().info(
-                    f"budget mode {mode.value}: calibrating merge rates {self._budget.min_rate:.2f}.."
-                    f"{self._budget.max_rate:.2f} on the next frames")
-
-    def _merge_description(self) -> str:
-        if self._budget.active:
-            return (f"budget mode {self._budget.mode.value} (target {self._budget.target_ms:.1f} ms per frame, "
-                    f"merge rate {self._budget.min_rate:.2f}..{self._budget.max_rate:.2f})")
-        if self.param("preset") != "none":
-            return f"merge preset {self.param('preset')}"
-        return f"merge_rate {self.param('merge_rate'):.3f}"
-
-    def _fps_demand(self) -> float:
-        """Frames per second the worker owes the cameras in fps mode: budget.target_fps from each camera, or what it
-        sends when that is less, each camera's rate measured over several seconds (a camera below 1 Hz counts
-        steadily instead of flipping the target every diagnostics window)."""
-        now = time.monotonic()
-        with self.frame_ready:
-            rates = [camera.arrivals.rate(now) for camera in getattr(self, "cameras", [])]
-        return fps_demand(rates, self.param("budget.target_fps"))
-
-    def _on_budget_message(self, msg: Float32) -> None:
-        budget_ms = float(msg.data)
-        low, high = SPECS["budget.target_latency_ms"].float_range
-        if not math.isfinite(budget_ms) or budget_ms <= 0:
-            self.get_logger().warning(f"ignoring compute budget {budget_ms} ms", throttle_duration_sec=5.0)
-            return
-        changes = [Parameter("budget.target_latency_ms", value=min(max(budget_ms, low), high))]
-        if self.param("budget.mode") != BudgetMode.LATENCY.value:
-            changes.append(Parameter("budget.mode", value=BudgetMode.LATENCY.value))
-            self.get_logger().info(f"compute budget {budget_ms:.1f} ms received: budget mode latency")
-        result = self._set_internally(changes)
-        if not result.successful:
-            self.get_logger().warning(f"compute budget not applied: {result.reason}", throttle_duration_sec=5.0)
-
-    def _reflect_budget_rate(self) -> None:
-        """Executor side of a budget decision: show the rate the worker chose as the merge_rate parameter."""
-        with self._budget_lock:
-            rate = self._budget_rate if self._budget.active else None
-        if rate is not None and abs(self.param("merge_rate") - rate) > 1e-9:
-            self._set_internally([Parameter("merge_rate", value=rate)])
 
     # -- the worker -----------------------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -396,6 +443,7 @@ class SegmergeNode(Node):
             finally:
                 with self.frame_ready:
                     self._in_flight = None
+                    self.frame_ready.notify_all()  # deactivate waits for the frame in progress
 
     def _process(self, camera: Camera, msg) -> None:
         settings = FrameSettings(
@@ -403,8 +451,13 @@ class SegmergeNode(Node):
             overlay=self._publish_overlay and camera.has_subscribers("overlay"),
             overlay_alpha=self._overlay_alpha,
             markers=camera.has_subscribers("markers"),
-            pose=self._pose_settings)  # one snapshot for the whole frame
-        outputs = self.pipeline.process(msg, camera.camera_info, settings, publish=self._publisher(camera))
+            pose=self._pose_settings,  # one snapshot for the whole frame
+            detections=camera.has_subscribers(DETECTIONS), track=self._bodies is not None,
+            detection_class_ids=self._detection_class_ids, detection_min_area=self._detection_min_area)
+        outputs = self.pipeline.process(msg, camera.camera_info, settings, publish=self._publisher(camera),
+                                        tracker=camera.tracker)
+        if self._bodies is not None and self._active:
+            self._bodies.publish(camera.topic, outputs)
         times = outputs.times
         stamp = outputs.header.stamp
         stamp_ns = stamp.sec * 1_000_000_000 + stamp.nanosec
@@ -445,7 +498,8 @@ class SegmergeNode(Node):
 
     def _publisher(self, camera: Camera):
         def publish(kind: str, message) -> None:
-            if self.context.ok():  # after SIGINT the frame in progress finishes, but publishes nothing more
+            # after SIGINT or deactivate the frame in progress finishes, but publishes nothing more
+            if self._active and self.context.ok():
                 camera.publish(kind, message)
         return publish
 
@@ -467,49 +521,6 @@ class SegmergeNode(Node):
         if text is not None:
             self.get_logger().error(text)
 
-    # -- diagnostics ----------------------------------------------------------------------------------------------
-    def _publish_diagnostics(self) -> None:
-        now = time.monotonic()
-        window_s = max(now - self._last_diagnostics, 1e-3)
-        self._last_diagnostics = now
-        with self._budget_lock:
-            if self._budget.mode is BudgetMode.FPS:  # follow the cameras' rates as they come and go
-                self._budget.set_target(target_fps=self._fps_demand())
-            budget = BudgetSnapshot(self._budget.mode, self._budget.target_ms, self._budget.max_rate,
-                                    calibrating=self._budget.active and not self._budget.calibrated)
-        array = DiagnosticArray()
-        array.header.stamp = self.get_clock().now().to_msg()
-        with self.frame_ready:
-            snapshots = [c.snapshot(window_s) for c in self.cameras]
-        for snapshot in snapshots:
-            array.status.append(camera_status(self.get_name(), snapshot, budget, self.engine.merge_rate,
-                                              self.engine.merge_config.name, self._pose_settings.enable,
-                                              self._pose_state, {**self._thread_values(), **self._model_values()}))
-        self._diagnostics_pub.publish(array)
-
-    def _model_values(self) -> dict[str, str]:
-        """The backend, precision and ladder in use, and why (backend auto's choice; random weights)."""
-        engine = self.engine
-        choice = engine.backend_choice
-        values = {"backend": engine.backend,
-                  "backend_choice": choice.reason if choice is not None else
-                  ("timing on the first frame" if engine.backend_pending else f"{self.param('backend')} (asked for)"),
-                  "precision_plan": engine.precision_plan,
-                  "ladder": engine.ladder_description()}
-        if engine.randomly_initialised:
-            values["weights"] = "random: the masks are meaningless"
-        return values
-
-    def _thread_values(self) -> dict[str, str]:
-        state = self._threads.state if self._threads is not None else None
-        if state is None:
-            return {}
-        others = state.others_cores
-        cap = self._pose_work.cap
-        return {"pose_people_cap": "max_persons" if cap is None else str(cap), "threads": str(state.threads), "threads_adapt": str(self._threads.enabled).lower(),
-                "cpu_others_cores": f"{others:.2f}" if others is not None else "nan",
-                "thread_choice": state.last_choice, "thread_pools": thread_pool_policy()}
-
     # -- shutdown -------------------------------------------------------------------------------------------------
     def stop(self, timeout_s: float = STOP_WAIT_S) -> None:
         """Stop the worker and wait for it, so nothing uses the node once it is destroyed: a frame in the middle of
@@ -525,6 +536,16 @@ class SegmergeNode(Node):
                 thread.join(timeout_s)
                 if thread.is_alive():
                     self.get_logger().error(f"stopping: {thread.name} still busy after {timeout_s:.0f} s")
+
+
+def make_body_publishers(node: SegmergeNode, person_ids) -> BodyPublishers:
+    """The REP-155 publishers (hri.enable); StartupError where hri_msgs is not installed."""
+    try:
+        from segmerge_ros.ros.bodies import BodyPublishers
+    except ImportError as error:
+        raise StartupError(f"hri.enable needs hri_msgs ({error}): install ros-jazzy-hri-msgs (rosdep key "
+                           "hri_msgs), or set hri.enable false") from None
+    return BodyPublishers(node, person_ids)
 
 
 def main(argv: list[str] | None = None) -> int:

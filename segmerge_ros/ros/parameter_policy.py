@@ -13,7 +13,7 @@ from rclpy.parameter import Parameter
 
 from segmerge_ros.inference.budget import BudgetMode
 from segmerge_ros.ros.topics import output_topic
-from segmerge_ros.ros.params import PARAMETERS, SPECS, check_choice, check_preset
+from segmerge_ros.ros.params import PARAMETERS, REBUILD_PARAMETERS, SPECS, check_choice, check_preset
 
 MAX_MASK_CLASSES = 256  # the mask is mono8: class ids 0..255
 
@@ -56,6 +56,29 @@ def refusal_reason(values: Mapping[str, Any], current: Callable[[str], Any], mod
     if "preset" in values:
         return check_preset(model, values["preset"])
     return None
+
+
+def lifecycle_refusal(names: Iterable[str], state: str) -> str | None:
+    """Why parameters that configure builds from cannot change in lifecycle ``state`` (only while unconfigured:
+    the models, cameras and publishers are built from them), or None."""
+    locked = sorted(set(names) & REBUILD_PARAMETERS)
+    if not locked or state == "unconfigured":
+        return None
+    return (f"{', '.join(locked)} can change only while the node is unconfigured (it is {state}): "
+            "`ros2 lifecycle set /segmerge deactivate` (when active), then `cleanup`, set it, then `configure` and "
+            "`activate`")
+
+
+def detection_class_ids(spec: str, classes: list[str], person_ids: Iterable[int]) -> tuple[list[int], str | None]:
+    """The class ids a ``detections.classes`` value names (comma-separated names; empty: the person classes), and
+    why it is refused (an unknown name), or None."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if not names:
+        return sorted(person_ids), None
+    unknown = [name for name in names if name not in classes]
+    if unknown:
+        return [], f"detections.classes: {', '.join(unknown)} not in the model's classes ({', '.join(classes)})"
+    return sorted({classes.index(name) for name in names}), None
 
 
 def startup_refusal(values: Mapping[str, Any]) -> str | None:

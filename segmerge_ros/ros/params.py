@@ -24,12 +24,17 @@ PRECISION_NAMES = PRECISION_CHOICES
 POSE_FOLLOW_SEGMENTATION = -1.0  # pose.merge_rate value: use the segmentation's merge configuration
 
 
+REBUILD_NOTE = ("Set while the node is unconfigured (ros2 lifecycle set /segmerge deactivate, cleanup; then configure, "
+                "activate); refused otherwise.")
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     name: str
     default: Any
     description: str
     read_only: bool = False
+    rebuild: bool = False  # what configure builds from: writable only while the node is unconfigured (lifecycle)
     float_range: tuple[float, float] | None = None
     int_range: tuple[int, int] | None = None
     choices: tuple[str, ...] | None = None
@@ -40,7 +45,8 @@ class ParamSpec:
         """The rcl_interfaces ParameterDescriptor: ranges are enforced by rclpy itself, choices by the node."""
         from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
-        descriptor = ParameterDescriptor(description=self.description, read_only=self.read_only)
+        description = self.description + (f" {REBUILD_NOTE}" if self.rebuild else "")
+        descriptor = ParameterDescriptor(description=description, read_only=self.read_only)
         if self.float_range is not None:
             descriptor.floating_point_range = [
                 FloatingPointRange(from_value=float(self.float_range[0]), to_value=float(self.float_range[1]), step=0.0)
@@ -59,27 +65,31 @@ class ParamSpec:
 
 
 PARAMETERS: tuple[ParamSpec, ...] = (
+    ParamSpec("autostart", True,
+              "Configure and activate at start (ros2 run, ros2 launch); a configure failure then exits with status 1. "
+              "False: the node waits unconfigured for a lifecycle manager or `ros2 lifecycle set /segmerge "
+              "configure`, then `activate`.", read_only=True),
     ParamSpec("image_topics", ["image"],
               "Camera topics. Each takes sensor_msgs/Image, or sensor_msgs/CompressedImage (JPEG/PNG) when the name "
               "ends in /compressed. Outputs go to <ns>/segmentation/* beside each (<ns> = the topic's namespace).",
-              read_only=True),
+              rebuild=True),
     ParamSpec("model", "segformer-b0",
               "Model family and size: segformer-b0 .. segformer-b5 (Segformer++ token merging: the merge_rate "
               f"ladder and the presets), a plain ViT {VIT_MODEL_PATTERN} (e.g. algm-vit-s-linear; merge_rate "
               f"drives the method's own control, no presets), or a Mask2Former {MASK2FORMER_MODEL_PATTERN} (e.g. "
               "mask2former-swin-t, mask2former-mit-b0-proscale; merge_rate runs the first encoder layers on the "
               "coarse scales, no presets; also publishes instances; eager only). Unknown names stop the node.",
-              read_only=True,
+              rebuild=True,
               constraints=f"segformer-b0 .. segformer-b5, {VIT_MODEL_PATTERN}, or {MASK2FORMER_MODEL_PATTERN}"),
     ParamSpec("weights", "",
               "Checkpoint: a Hugging Face hub folder (config.json + model.safetensors), a .safetensors or an mmseg "
               ".pth; Mask2Former: a hub folder or a detectron2 .pth/.pkl (Mask2Former or PRO-SCALE). Required: "
               "empty is refused at start; 'random' runs a randomly initialised model (meaningless outputs, for "
               "plumbing tests only; said in the log and diagnostics).",
-              read_only=True),
+              rebuild=True),
     ParamSpec("device", "cpu",
               "Torch device: cpu, cuda or cuda:N (falls back to cpu without CUDA). With backend openvino: an OpenVINO "
-              "device (CPU, GPU = Intel graphics, NPU, AUTO).", read_only=True),
+              "device (CPU, GPU = Intel graphics, NPU, AUTO).", rebuild=True),
     ParamSpec("backend", "auto",
               "Inference backend: auto, eager, compile (torch.compile per ladder rung), openvino (one compiled "
               "OpenVINO model per rung) or tensorrt (NVIDIA GPUs). auto: on a CPU, OpenVINO where it is installed "
@@ -87,23 +97,23 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "with input_size; remembered in engine_cache_dir), else eager; on CUDA TensorRT, else compile, else "
               "eager. Compiled models are cached in engine_cache_dir. An unknown name is refused at start; one that "
               "cannot run here falls back to eager with a warning; plain-ViT and Mask2Former models run eagerly.",
-              read_only=True, choices=BACKEND_CHOICES),
+              rebuild=True, choices=BACKEND_CHOICES),
     ParamSpec("precision", "auto",
               "Compute precision: fp32, bf16, fp16 or auto. bf16 runs on CUDA GPUs that support it and on CPUs with "
               "native bf16 (AVX512-BF16/AMX; eager and openvino); fp16 needs CUDA. auto: merge_rate 0 in fp32 "
               "(exact), every faster rung in bf16 (CPU) or fp16 (CUDA), kept only if it agrees with fp32 on at "
               "least 99.5 % of the first frame's pixels. Elsewhere the node runs fp32 with a warning.",
-              read_only=True, choices=PRECISION_NAMES),
+              rebuild=True, choices=PRECISION_NAMES),
     ParamSpec("engine_cache_dir", "",
               "Folder for compiled models: TensorRT engines, OpenVINO models and torch.compile's cache (segmerge-"
-              "build-engines fills it ahead of time). Empty = ~/.cache/segmerge_ros/engines.", read_only=True),
+              "build-engines fills it ahead of time). Empty = ~/.cache/segmerge_ros/engines.", rebuild=True),
     ParamSpec("engine_cache_max_mb", 4096.0,
               "Size bound of engine_cache_dir's OpenVINO models and TensorRT engines (MB): after each build the least "
-              "recently used entries are deleted until the cache fits.", read_only=True,
+              "recently used entries are deleted until the cache fits.", rebuild=True,
               float_range=(10.0, 1.0e7)),
     ParamSpec("input_size", "",
               "Network input size HEIGHTxWIDTH (e.g. 288x384); empty = the camera's resolution. Outputs are always "
-              "at the camera's resolution.", read_only=True),
+              "at the camera's resolution.", rebuild=True),
     ParamSpec("merge_rate", 0.0,
               "Token-merge rate in [0, 0.95]: 0 = unmerged (best quality), higher = faster. Applied from the next "
               "frame. Setting it by hand switches budget mode off; in budget mode the node sets it itself.",
@@ -135,11 +145,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("budget.skip_slow_steps", True,
               "Budget mode times the ladder's steps once per frame size and never chooses one that is no faster than "
               "a step with less merging (it would cost accuracy for nothing); false: every step is a candidate. A "
-              "manual merge_rate runs every step either way.", read_only=True),
+              "manual merge_rate runs every step either way.", rebuild=True),
     ParamSpec("budget.topic", "",
               "std_msgs/Float32 topic carrying a compute budget in ms (e.g. from an onboard compute manager); each "
               "message sets budget.target_latency_ms and switches budget mode to latency. Empty = not subscribed.",
-              read_only=True),
+              rebuild=True),
     ParamSpec("threads.adapt", True,
               "Re-choose the thread count (torch's, and OpenVINO's on the CPU) when other processes load the CPU (and "
               "again when it calms): a few frames at each count, the fastest kept; shown in /diagnostics as threads "
@@ -147,15 +157,35 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("instances.score_threshold", 0.5,
               "Mask2Former: instances scoring below this (class probability x mean mask probability) are not "
               "published on <ns>/segmentation/instances (mono16 ids) and <ns>/segmentation/instances/info (JSON).",
-              read_only=True, float_range=(0.0, 1.0)),
+              rebuild=True, float_range=(0.0, 1.0)),
     ParamSpec("instances.max_instances", 100,
               "Mask2Former: the best (query, class) pairs considered per frame (detectron2's detections per image).",
-              read_only=True, int_range=(1, 1000)),
+              rebuild=True, int_range=(1, 1000)),
     ParamSpec("panoptic.enable", False,
               "Mask2Former (panoptic checkpoints): also publish detectron2's panoptic segmentation on "
               "<ns>/segmentation/panoptic (mono16 segment ids, 0 = none) and <ns>/segmentation/panoptic/info (JSON: "
               "class, thing or stuff, score); stuff merges into one segment per class (Cityscapes and COCO panoptic "
-              "label sets; every class is a thing otherwise).", read_only=True),
+              "label sets; every class is a thing otherwise).", rebuild=True),
+    ParamSpec("detections.classes", "",
+              "Classes published as vision_msgs/Detection2DArray on <ns>/segmentation/detections (one box per "
+              "connected region of the class, or per instance with Mask2Former; computed only while subscribed or "
+              "with hri.enable): comma-separated class names of the model's label set; empty = its person classes.",
+              rebuild=True),
+    ParamSpec("detections.min_area", 400, "Smallest region in pixels (camera resolution) published as a detection.",
+              int_range=(1, 100_000_000)),
+    ParamSpec("tracking.max_age", 10,
+              "Frames a tracked object may go unseen before its id is dropped (ids are unique per node, across "
+              "cameras).", rebuild=True, int_range=(0, 10_000)),
+    ParamSpec("tracking.min_iou", 0.3, "Box overlap (IoU) a detection needs to keep a track's id.", rebuild=True,
+              float_range=(0.01, 1.0)),
+    ParamSpec("hri.enable", False,
+              "REP-155 (ROS4HRI) bodies: /humans/bodies/tracked (hri_msgs/IdsList) and per tracked person "
+              "/humans/bodies/<id>/roi and, with pose.enable, /humans/bodies/<id>/skeleton2d. Needs hri_msgs.",
+              rebuild=True),
+    ParamSpec("diagnostics.expected_fps", 0.0,
+              "Frame rate each camera is expected to send: /diagnostics grades the received rate as "
+              "diagnostic_updater's frequency status does (10 % tolerance: WARN outside, ERROR for none); 0 = not "
+              "checked.", float_range=(0.0, 1000.0)),
     ParamSpec("publish_overlay", True,
               "Publish <ns>/segmentation/overlay (class colours blended over the camera image); it is computed only "
               "while someone subscribes."),
@@ -165,18 +195,18 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "while subscribed and with a known camera_info, <ns>/pose/markers, and draws skeletons on the "
               "overlay. The pose model is built in the background on first enable (frames run without pose until "
               "the diagnostics key pose_model says ready); its time counts toward the budget."),
-    ParamSpec("pose.model", "segformer-b0", "Pose model (Segformer++ top-down pose, MiT size).", read_only=True,
+    ParamSpec("pose.model", "segformer-b0", "Pose model (Segformer++ top-down pose, MiT size).", rebuild=True,
               choices=MODELS),
     ParamSpec("pose.weights", "",
               "Segformer++ mmpose pose checkpoint (.pth). Empty: a randomly initialised pose model (keypoints are "
               "meaningless; the node warns loudly once). A missing file refuses pose.enable; one that fails to load "
               "switches it back off, with the reason logged and in the diagnostics key pose_model (at start-up "
               "both stop the node).",
-              read_only=True),
+              rebuild=True),
     ParamSpec("pose.input_size", "384x288",
               "Pose crop size HEIGHTxWIDTH, multiples of 32. 384x288 is the Segformer++ setting the checkpoints are "
               "trained at; smaller crops (e.g. 256x192) run faster on a CPU robot: the shared vtest student keeps "
-              "its vtest accuracy there but loses some on other scenes (docs/pose.md).", read_only=True),
+              "its vtest accuracy there but loses some on other scenes (docs/pose.md).", rebuild=True),
     ParamSpec("pose.mode", "segmentation",
               "segmentation: one crop per connected region of the label set's person classes (largest first; with a "
               "Mask2Former one per person instance, so people who touch get a crop each); full_frame: the whole "
@@ -195,6 +225,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
 )
 
 SPECS: dict[str, ParamSpec] = {spec.name: spec for spec in PARAMETERS}
+REBUILD_PARAMETERS = frozenset(spec.name for spec in PARAMETERS if spec.rebuild)
 DEFAULTS: dict[str, Any] = {spec.name: spec.default for spec in PARAMETERS}
 
 
