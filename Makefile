@@ -10,8 +10,11 @@ STAMP := $(VENV)/.segmerge-setup.stamp
 # The real ROS 2 command line (ros2 launch/param/topic/run) from the Jazzy sources in ../shared, where it exists;
 # test/test_ros2_cli.py uses it (and skips, saying why, without ../shared).
 ROS2_CLI := ../shared/ros2-jazzy-cli
+# vision_msgs and hri_msgs (not on PyPI) built from their Jazzy sources in ../shared: the node's detections,
+# label_info and REP-155 outputs; without them those outputs are left out (hri.enable fails at configure).
+ROS2_MSGS := ../shared/ros2-msgs
 SETUP_INPUTS := requirements.txt requirements-test.txt requirements-nodeps.txt setup.py setup.cfg package.xml \
-	$(wildcard $(ROS2_CLI)/install.sh $(ROS2_CLI)/sources.tgz)
+	$(wildcard $(ROS2_CLI)/install.sh $(ROS2_CLI)/sources.tgz $(ROS2_MSGS)/install.sh $(ROS2_MSGS)/sources.tgz)
 
 TESTS ?= test
 PYTEST_FLAGS ?= -q
@@ -31,6 +34,8 @@ $(STAMP): $(SETUP_INPUTS)
 	# After the pip installs (it needs rclpy); a no-op when its sources are already installed.
 	@if [ -f $(ROS2_CLI)/install.sh ]; then bash $(ROS2_CLI)/install.sh $(VENV); \
 	else echo "no $(ROS2_CLI): the ros2 CLI tests will skip"; fi
+	@if [ -f $(ROS2_MSGS)/install.sh ]; then bash $(ROS2_MSGS)/install.sh $(VENV); \
+	else echo "no $(ROS2_MSGS): no vision_msgs/hri_msgs (detections, label_info and REP-155 outputs left out)"; fi
 	touch $@
 
 # Keep DDS discovery on this host: tests must not see (or disturb) other machines' ROS graphs.

@@ -95,6 +95,7 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, Lifecy
         self._configure_failure = ""  # why the last configure failed (diagnostics), "" after one that worked
         self._autostarting = False
         self.cameras: list[Camera] = []
+        self.engine = self.pipeline = None  # from configure to cleanup
         self._worker: threading.Thread | None = None
         self._stopping = False  # the current worker is to leave
         self._pose: PoseEstimator | None = None  # built on first enable: no cost while pose is off
