@@ -181,14 +181,14 @@ def test_ros2_param_set_and_get_merge_rate(ros2, system):
 
 
 def test_ros2_param_describe_shows_the_declared_range_and_read_only_flag(ros2, system):
-    described = ros2("param", "describe", *FIND, NODE, "merge_rate", "model").stdout
-    merge_rate, model = described.split("Parameter name: model")
+    described = ros2("param", "describe", *FIND, NODE, "merge_rate", "autostart").stdout
+    merge_rate, autostart = described.split("Parameter name: autostart")
     low, high = SPEC["merge_rate"].float_range
     assert "Type: double" in merge_rate
     assert f"Description: {SPEC['merge_rate'].description}" in merge_rate
     assert f"Min value: {low}" in merge_rate and f"Max value: {high}" in merge_rate
     assert "Read only: true" not in merge_rate
-    assert SPEC["model"].read_only and "Read only: true" in model and "Type: string" in model
+    assert SPEC["autostart"].read_only and "Read only: true" in autostart and "Type: boolean" in autostart
 
 
 def test_ros2_param_set_out_of_range_is_refused(ros2, system):
@@ -199,10 +199,13 @@ def test_ros2_param_set_out_of_range_is_refused(ros2, system):
     assert ros2("param", "get", *FIND, NODE, "merge_rate").stdout == before
 
 
-def test_ros2_param_set_read_only_is_refused(ros2, system):
+def test_ros2_param_set_of_a_rebuild_parameter_on_an_active_node_is_refused_with_the_reason(ros2, system):
     result = ros2("param", "set", *FIND, NODE, "model", "segformer-b1")
-    assert "Setting parameter failed" in result.stderr and "read-only" in result.stderr, result.stderr
+    assert "Setting parameter failed" in result.stderr and "only while the node is unconfigured" in result.stderr, (
+        result.stderr)
     assert "String value is: segformer-b0" in ros2("param", "get", *FIND, NODE, "model").stdout
+    result = ros2("param", "set", *FIND, NODE, "autostart", "false")
+    assert "Setting parameter failed" in result.stderr and "read-only" in result.stderr, result.stderr
 
 
 def test_ros2_topic_hz_measures_the_mask(ros2, system):
@@ -253,6 +256,62 @@ def test_ros2_run_with_the_params_file_accepts_every_parameter(ros2, system):
     assert interrupt(system.run_node) == 0
     log = log_text(system.run_node)
     assert "Traceback" not in log and "FATAL" not in log and "ERROR" not in log, log
+
+
+def lifecycle(ros2: Ros2, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
+    """`ros2 lifecycle ...`, retried while discovery has not found the node yet."""
+    end = time.monotonic() + timeout_s
+    while True:
+        result = ros2("lifecycle", *args, "--no-daemon", "--spin-time", "0.5", timeout_s=120)
+        if "Node not found" not in result.stdout + result.stderr or time.monotonic() > end:
+            return result
+        time.sleep(0.5)
+
+
+def test_ros2_lifecycle_moves_the_launched_node_through_its_states(ros2, system, shared_data, tmp_path):
+    """`ros2 launch ... autostart:=false`, then `ros2 lifecycle set` as a user (or a lifecycle manager) does: a
+    configure with a missing checkpoint fails with the reason and is retried after `ros2 param set`, without a
+    restart; masks flow only while active."""
+    node, camera_topic, mask = "/lc/segmerge", "/lc_cam/image", "/lc_cam/segmentation/mask"
+    missing = tmp_path / "missing.safetensors"
+    launch = ros2.start("lifecycle_launch", "launch", "segmerge_ros", "segmerge.launch.py", "namespace:=lc",
+                        f"image_topics:={camera_topic}", f"weights:={missing}", "autostart:=false",
+                        env=ros2.domain_env(LAUNCH_DOMAIN_ID))
+    camera = ros2.start("lifecycle_camera", "run", "segmerge_ros", "segmerge_camera", "--source",
+                        str(shared_data / "opencv_samples" / "vtest.avi"), "--fps", "10", "--resize", "96x128",
+                        "--loop", "--topic", camera_topic, env=ros2.domain_env(LAUNCH_DOMAIN_ID))
+
+    def echo_mask(timeout: str) -> subprocess.CompletedProcess:
+        return ros2("topic", "echo", "--once", "--timeout", timeout, "--no-daemon", "--field", "header", mask,
+                    "sensor_msgs/msg/Image", timeout_s=120)
+
+    try:
+        assert "unconfigured" in lifecycle(ros2, "get", node).stdout
+        failed = lifecycle(ros2, "set", node, "configure")
+        assert "Transitioning failed" in failed.stderr, failed.stdout + failed.stderr
+        assert "cannot load weights" in log_text(launch) and "unconfigured" in lifecycle(ros2, "get", node).stdout
+        assert "Set parameter successful" in ros2("param", "set", *FIND, node, "weights", "random").stdout
+
+        configured = lifecycle(ros2, "set", node, "configure")
+        assert "Transitioning successful" in configured.stdout, configured.stdout + configured.stderr
+        assert "inactive" in lifecycle(ros2, "get", node).stdout
+        refused = ros2("param", "set", *FIND, node, "model", "segformer-b1")
+        assert "Setting parameter failed" in refused.stderr and "unconfigured" in refused.stderr, refused.stderr
+        assert "stamp" not in echo_mask("5").stdout, "masks from an inactive node"
+
+        assert "Transitioning successful" in lifecycle(ros2, "set", node, "activate").stdout
+        assert "stamp" in echo_mask("60").stdout, f"no mask while active\n{log_text(launch)}"
+
+        assert "Transitioning successful" in lifecycle(ros2, "set", node, "deactivate").stdout
+        time.sleep(1.0)
+        assert "stamp" not in echo_mask("5").stdout, "masks after deactivate"
+        assert "Transitioning successful" in lifecycle(ros2, "set", node, "cleanup").stdout
+        assert "unconfigured" in lifecycle(ros2, "get", node).stdout
+    finally:
+        interrupt(camera)
+        assert interrupt(launch) == 0, log_text(launch)
+    log = log_text(launch)
+    assert "Traceback" not in log and "frame failed" not in log, log
 
 
 def test_sigint_stops_the_launch_cleanly(ros2, system):
