@@ -222,3 +222,23 @@ class TestBuilders:
         for _ in range(5):
             rgb8_image(frame)
         assert (time.perf_counter() - start) / 5 < 0.015
+
+
+def test_check_message_refuses_without_decoding_what_decoding_would_refuse():
+    from segmerge_ros.ros.conversions import check_message
+
+    good = rgb8_image(np.zeros((4, 6, 3), np.uint8))
+    check_message(good)
+    short = rgb8_image(np.zeros((4, 6, 3), np.uint8))
+    short.data = bytes(short.data)[:-1]
+    with pytest.raises(BadFrame, match="data length"):
+        check_message(short)
+    wrong = rgb8_image(np.zeros((4, 6, 3), np.uint8))
+    wrong.encoding = "32FC1"
+    with pytest.raises(BadFrame, match="unsupported encoding"):
+        check_message(wrong)
+    jpeg = jpeg_image(np.zeros((8, 8, 3), np.uint8))
+    check_message(jpeg)
+    jpeg.data = bytes(jpeg.data)[: len(jpeg.data) // 2]
+    with pytest.raises(BadFrame, match="truncated JPEG"):
+        check_message(jpeg)

@@ -110,3 +110,42 @@ def test_failure_log_gives_a_traceback_once_per_cause_then_throttled_counts():
     now[0] += 5.0
     repeat = log.record("/cam/image", caught(RuntimeError("out of memory")))
     assert repeat is not None and "3 times so far" in repeat and "Traceback" not in repeat
+
+
+def test_received_rate_is_graded_against_the_expected_rate_like_diagnostic_updater():
+    from segmerge_ros.ros.diagnostics import NodeState
+
+    def graded(received: int, expected: float) -> DiagnosticStatus:
+        return camera_status("segmerge", snapshot(new_received=received), OFF, 0.45, "head2", False,
+                             node=NodeState("active", expected, 0))
+
+    assert graded(10, 10.0).level == DiagnosticStatus.OK and values(graded(10, 10.0))["received_fps"] == "10.00"
+    low = graded(8, 10.0)
+    assert low.level == DiagnosticStatus.WARN and "too low" in low.message
+    assert graded(12, 10.0).level == DiagnosticStatus.WARN and "too high" in graded(12, 10.0).message
+    none = graded(0, 10.0)
+    assert none.level == DiagnosticStatus.ERROR and "no frames received" in none.message
+    assert graded(0, 0.0).level == DiagnosticStatus.OK  # 0: not checked
+    assert graded(9, 10.0).level == DiagnosticStatus.OK  # within 10 %
+
+
+def test_stamp_age_lifecycle_state_and_an_inactive_camera():
+    from segmerge_ros.ros.diagnostics import NodeState
+
+    now_ns = 5_000_000_000
+    active = camera_status("segmerge", snapshot(last_stamp_ns=now_ns - 250_000_000), OFF, 0.45, "head2", False,
+                           node=NodeState("active", 0.0, now_ns))
+    assert values(active)["stamp_age_s"] == "0.250" and values(active)["lifecycle_state"] == "active"
+    idle = camera_status("segmerge", snapshot(processing_ms=()), OFF, 0.45, "head2", False,
+                         node=NodeState("inactive", 10.0, now_ns))
+    assert idle.level == DiagnosticStatus.OK and idle.message.startswith("inactive")
+    assert values(idle)["stamp_age_s"] == "nan"
+
+
+def test_unconfigured_status_shows_why_configure_failed():
+    from segmerge_ros.ros.diagnostics import unconfigured_status
+
+    ok = unconfigured_status("segmerge", "unconfigured", "")
+    assert ok.level == DiagnosticStatus.OK and values(ok)["lifecycle_state"] == "unconfigured"
+    failed = unconfigured_status("segmerge", "unconfigured", "cannot load weights 'x'")
+    assert failed.level == DiagnosticStatus.ERROR and "cannot load weights" in failed.message

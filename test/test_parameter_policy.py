@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from rclpy.parameter import Parameter
 
-from segmerge_ros.ros.parameter_policy import (complete_parameter_set, label_count_refusal, refusal_reason,
-                                               startup_refusal, topics_refusal)
+from segmerge_ros.ros.parameter_policy import (complete_parameter_set, detection_class_ids, label_count_refusal,
+                                               lifecycle_refusal, refusal_reason, startup_refusal, topics_refusal)
 from segmerge_ros.ros.params import DEFAULTS
 
 
@@ -71,3 +71,24 @@ def test_camera_topics_need_their_own_namespaces():
 def test_more_classes_than_a_mono8_mask_holds_are_refused():
     assert label_count_refusal(256) is None and label_count_refusal(19) is None
     assert "257 classes" in label_count_refusal(257)
+
+
+def test_rebuild_parameters_change_only_while_unconfigured():
+    from segmerge_ros.ros.params import REBUILD_PARAMETERS, SPECS
+
+    assert {"model", "weights", "backend", "precision", "input_size", "engine_cache_dir", "pose.model",
+            "pose.weights", "device"} <= REBUILD_PARAMETERS
+    assert not any(SPECS[name].read_only for name in REBUILD_PARAMETERS)  # rclpy would refuse them in any state
+    assert lifecycle_refusal({"weights": "x"}, "unconfigured") is None
+    reason = lifecycle_refusal({"weights": "x", "merge_rate": 0.3}, "active")
+    assert reason and reason.startswith("weights can change only") and "merge_rate" not in reason
+    assert "cleanup" in lifecycle_refusal({"model": "segformer-b1"}, "inactive")
+    assert lifecycle_refusal({"merge_rate": 0.3, "pose.enable": True}, "active") is None
+
+
+def test_detection_classes_name_the_model_classes():
+    classes = ["road", "person", "rider", "car"]
+    assert detection_class_ids("", classes, (1, 2)) == ([1, 2], None)
+    assert detection_class_ids(" car , person", classes, (1, 2)) == ([1, 3], None)
+    ids, reason = detection_class_ids("car,truck", classes, (1, 2))
+    assert ids == [] and "truck" in reason and "car" not in reason.split(" not in")[0]
