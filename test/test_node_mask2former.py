@@ -23,6 +23,7 @@ from rclpy.context import Context
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image, PointCloud2
 from std_msgs.msg import Header, String
+from vision_msgs.msg import Detection2DArray
 
 from conftest import ros_domain_id
 from mask2former_fixtures import hf_mask2former, write_hub_folder
@@ -75,6 +76,7 @@ def client():
     ros.panoptic = Collector(ros.node, Image, "/m2f_cam/segmentation/panoptic")
     ros.panoptic_info = Collector(ros.node, String, "/m2f_cam/segmentation/panoptic/info")
     ros.clouds = Collector(ros.node, PointCloud2, "/m2f_cam/pose/keypoints")
+    ros.detections = Collector(ros.node, Detection2DArray, "/m2f_cam/segmentation/detections")
     yield ros
     ros.close()
     rclpy.try_shutdown(context=context)
@@ -85,7 +87,7 @@ def node(client, weights, tmp_path_factory):
     logs = tmp_path_factory.mktemp("m2f_node")
     params = {"image_topics": [CAM], "model": "mask2former-swin-t", "weights": str(weights), "input_size": "96x128", "precision": "fp32",
               "instances.score_threshold": 0.3, "panoptic.enable": True, "pose.enable": True,
-              "pose.min_person_area": 1, "pose.max_persons": 32}
+              "pose.min_person_area": 1, "pose.max_persons": 32, "detections.min_area": 1}
     env = ros_env(domain_id(__name__))
     env["OMP_NUM_THREADS"] = "1"
     stderr = open(logs / "stderr", "w")
@@ -168,6 +170,21 @@ def test_pose_takes_one_crop_per_person_instance(client, node, street):
         info = next(json.loads(m.data) for m in client.info if info_stamp(m) == stamp_ns(cloud.header))
         persons = sum(entry["class"] == "person" for entry in info["instances"].values())
         assert cloud.height == persons  # one keypoint row per person instance
+
+
+def test_detections_are_the_person_instances_in_the_order_of_the_keypoint_rows(client, node, street):
+    sent = send(client, street, 2)
+    assert client.spin_until(lambda: sum(stamp_ns(d.header) in sent for d in client.detections) == 2 and
+                             sum(stamp_ns(c.header) in sent for c in client.clouds) == 2, 20)
+    for detections in [d for d in client.detections if stamp_ns(d.header) in sent]:
+        info = next(json.loads(m.data) for m in client.info if info_stamp(m) == stamp_ns(detections.header))
+        persons = sorted(entry["score"] for entry in info["instances"].values() if entry["class"] == "person")
+        assert len(detections.detections) == len(persons) > 0  # one per instance, though people touch
+        scores = sorted(d.results[0].hypothesis.score for d in detections.detections)
+        np.testing.assert_allclose(scores, persons, atol=1e-4)  # the instance's own score (info rounds to 4)
+        assert all(d.results[0].hypothesis.class_id == "person" and d.id for d in detections.detections)
+        cloud = next(c for c in client.clouds if stamp_ns(c.header) == stamp_ns(detections.header))
+        assert cloud.height == len(detections.detections)
 
 
 def test_merge_rate_selects_the_encoder_knob(client, node, street):
