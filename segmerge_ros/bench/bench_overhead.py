@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     topic = TOPIC + ("/compressed" if args.encoding == "jpeg" else "")
     listener = None
     node = SegmergeNode(context=context, parameter_overrides=[
-        Parameter("image_topics", value=[topic]), Parameter("input_size", value="64x64")])
+        Parameter("image_topics", value=[topic]), Parameter("input_size", value="64x64"),
+        Parameter("weights", value="random"), Parameter("backend", value="eager"), Parameter("precision", value="fp32")])
     try:
         camera = node.cameras[0]
         outputs = (camera.mask_pub, camera.confidence_pub, camera.overlay_pub)
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError("the listener process did not subscribe within 30 s")
 
         result = node.engine.infer(message_to_rgb(messages[0]))  # real maps at camera resolution, computed once
-        node.engine.infer = lambda rgb: result  # what remains is the node's own work
+        node.engine.infer = lambda rgb, **options: result  # what remains is the node's own work
         node.stop()  # the bench drives _process itself
 
         frame = message_to_rgb(messages[0])
