@@ -219,8 +219,9 @@ class FramePipeline:
         person_ids = self.engine.labels.person_ids
         classes = set(settings.detection_class_ids or person_ids)
         min_area = settings.detection_min_area
-        if pose_on:
+        if pose_on or settings.track:  # pose crops and REP-155 bodies are people, whatever detections.classes says
             classes |= set(person_ids)
+        if pose_on:
             min_area = min(min_area, settings.pose.min_person_area)
         if result.instances is not None:  # one box per instance: people who touch are still two
             return objects_from_instances(result.instances, sorted(classes), min_area)

@@ -78,13 +78,13 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               f"ladder and the presets), a plain ViT {VIT_MODEL_PATTERN} (e.g. algm-vit-s-linear; merge_rate "
               f"drives the method's own control, no presets), or a Mask2Former {MASK2FORMER_MODEL_PATTERN} (e.g. "
               "mask2former-swin-t, mask2former-mit-b0-proscale; merge_rate runs the first encoder layers on the "
-              "coarse scales, no presets; also publishes instances; eager only). Unknown names stop the node.",
+              "coarse scales, no presets; also publishes instances; eager only). An unknown name fails configure.",
               rebuild=True,
               constraints=f"segformer-b0 .. segformer-b5, {VIT_MODEL_PATTERN}, or {MASK2FORMER_MODEL_PATTERN}"),
     ParamSpec("weights", "",
               "Checkpoint: a Hugging Face hub folder (config.json + model.safetensors), a .safetensors or an mmseg "
               ".pth; Mask2Former: a hub folder or a detectron2 .pth/.pkl (Mask2Former or PRO-SCALE). Required: "
-              "empty is refused at start; 'random' runs a randomly initialised model (meaningless outputs, for "
+              "empty fails configure; 'random' runs a randomly initialised model (meaningless outputs, for "
               "plumbing tests only; said in the log and diagnostics).",
               rebuild=True),
     ParamSpec("device", "cpu",
@@ -95,7 +95,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "OpenVINO model per rung) or tensorrt (NVIDIA GPUs). auto: on a CPU, OpenVINO where it is installed "
               "and measured faster than eager on this CPU at the input size (timed on the first frame, or at start "
               "with input_size; remembered in engine_cache_dir), else eager; on CUDA TensorRT, else compile, else "
-              "eager. Compiled models are cached in engine_cache_dir. An unknown name is refused at start; one that "
+              "eager. Compiled models are cached in engine_cache_dir. An unknown name fails configure; one that "
               "cannot run here falls back to eager with a warning; plain-ViT and Mask2Former models run eagerly.",
               rebuild=True, choices=BACKEND_CHOICES),
     ParamSpec("precision", "auto",
@@ -200,8 +200,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("pose.weights", "",
               "Segformer++ mmpose pose checkpoint (.pth). Empty: a randomly initialised pose model (keypoints are "
               "meaningless; the node warns loudly once). A missing file refuses pose.enable; one that fails to load "
-              "switches it back off, with the reason logged and in the diagnostics key pose_model (at start-up "
-              "both stop the node).",
+              "switches it back off, with the reason logged and in the diagnostics key pose_model (at configure "
+              "both fail configure).",
               rebuild=True),
     ParamSpec("pose.input_size", "384x288",
               "Pose crop size HEIGHTxWIDTH, multiples of 32. 384x288 is the Segformer++ setting the checkpoints are "
