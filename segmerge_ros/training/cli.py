@@ -20,7 +20,8 @@ evaluations. A plain-text progress bar goes to stderr.
 
 Subcommands (the first argument; the rest are the subcommand's own): ``segmerge-train pose ...`` distils a
 Segformer++ pose student from MoveNet and ``segmerge-train pose-eval --weights DIR/pose.pth`` evaluates one
-(``training/pose_cli.py``, docs/pose.md); ``segmerge-train mask2former ...`` distils a Mask2Former
+(``training/pose_cli.py``, docs/pose.md); ``segmerge-train pose-teachers`` measures the pose teachers against
+ground truth (``training/teacher_eval.py``); ``segmerge-train mask2former ...`` distils a Mask2Former
 (``training/train_mask2former.py``, docs/mask2former.md).
 
 The pieces: ``segmentation_data`` (datasets, teacher-labelled frames, augmentation), ``segmentation_teachers``,
@@ -42,7 +43,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from segmerge_ros.training import pose_cli, train_mask2former
+from segmerge_ros.training import pose_cli, teacher_eval, train_mask2former
 from segmerge_ros.training.arguments import parse_crop, parse_range
 from segmerge_ros.training.segmentation_data import (
     PairDataset,
@@ -111,12 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "pose": pose_cli.main_train,
     "pose-eval": pose_cli.main_eval,
+    "pose-teachers": teacher_eval.main,
     "mask2former": train_mask2former.main,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``segmerge-train [pose | pose-eval | mask2former] ARGS``: a subcommand, else a segmentation training run."""
+    """``segmerge-train [pose | pose-eval | pose-teachers | mask2former] ARGS``: a subcommand, else a segmentation
+    training run."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])

@@ -24,40 +24,20 @@ MOVENET_INPUT = 192
 TEACHER_PADDING = 1.15
 
 
-class MoveNetTeacher:
-    """``ai_edge_litert`` interpreter of a MoveNet SinglePose ``.tflite``."""
+class SquareCropTeacher:
+    """What every pose teacher shares: ``run`` one ``input_size`` square RGB crop to COCO-17 (y, x, score)
+    normalised to the crop; whole images and square frame regions go through it (``BlazePoseTeacher`` too)."""
 
-    def __init__(self, path: str | Path, threads: int = 1) -> None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"MoveNet teacher {path} does not exist")
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError as error:
-            raise ImportError("the MoveNet teacher needs ai-edge-litert (pip install -r requirements-test.txt)") from error
-        self.path = path
-        self._interpreter = Interpreter(model_path=str(path), num_threads=int(threads))
-        self._interpreter.allocate_tensors()
-        detail = self._interpreter.get_input_details()[0]
-        if tuple(detail["shape"]) != (1, MOVENET_INPUT, MOVENET_INPUT, 3) or detail["dtype"] != np.uint8:
-            raise ValueError(f"{path}: expected a uint8 [1,192,192,3] input, got {detail['dtype']} {detail['shape']}")
-        self._input = detail["index"]
-        out = self._interpreter.get_output_details()[0]
-        if tuple(out["shape"]) != (1, 1, 17, 3):
-            raise ValueError(f"{path}: expected a [1,1,17,3] output (MoveNet SinglePose), got {out['shape']}")
-        self._output = out["index"]
+    input_size = MOVENET_INPUT
 
-    def run(self, rgb192: np.ndarray) -> np.ndarray:
-        """(17, 3) normalised (y, x, score) for one 192x192x3 uint8 RGB image."""
-        if rgb192.shape != (MOVENET_INPUT, MOVENET_INPUT, 3) or rgb192.dtype != np.uint8:
-            raise ValueError(f"MoveNet needs a 192x192x3 uint8 image, got {rgb192.dtype} {rgb192.shape}")
-        self._interpreter.set_tensor(self._input, np.ascontiguousarray(rgb192)[None])
-        self._interpreter.invoke()
-        return self._interpreter.get_tensor(self._output)[0, 0].copy()
+    def run(self, rgb: np.ndarray) -> np.ndarray:
+        """(17, 3) normalised (y, x, score) for one ``input_size`` square uint8 RGB image (a subclass's model)."""
+        raise NotImplementedError
 
     def on_image(self, rgb: np.ndarray) -> np.ndarray:
-        """(17, 3) normalised (y, x, score) of the whole image resized (bilinear, aspect not kept) to 192x192."""
-        return self.run(cv2.resize(rgb, (MOVENET_INPUT, MOVENET_INPUT), interpolation=cv2.INTER_LINEAR))
+        """(17, 3) normalised (y, x, score) of the whole image resized (bilinear, aspect not kept) to the input."""
+        side = self.input_size
+        return self.run(cv2.resize(rgb, (side, side), interpolation=cv2.INTER_LINEAR))
 
     def on_boxes(self, rgb: np.ndarray, boxes: np.ndarray,
                  padding: float = TEACHER_PADDING) -> tuple[np.ndarray, np.ndarray]:
@@ -76,11 +56,49 @@ class MoveNetTeacher:
         scale = np.asarray(scale, dtype=np.float64).reshape(-1, 2)
         if len(center) == 0:
             return np.zeros((0, 17, 2), np.float32), np.zeros((0, 17), np.float32)
-        size = (MOVENET_INPUT, MOVENET_INPUT)
+        size = (self.input_size, self.input_size)
         crops = crop_people(np.ascontiguousarray(rgb), center, scale, size)
         raw = np.stack([self.run(crop) for crop in crops])  # (N, 17, 3) y, x, score
-        crop_xy = raw[..., [1, 0]] * MOVENET_INPUT
+        crop_xy = raw[..., [1, 0]] * self.input_size
         return crop_to_image(crop_xy, center, scale, size).astype(np.float32), raw[..., 2].astype(np.float32)
+
+
+class MoveNetTeacher(SquareCropTeacher):
+    """``ai_edge_litert`` interpreter of a MoveNet SinglePose ``.tflite``."""
+
+    def __init__(self, path: str | Path, threads: int = 1) -> None:
+        self.path = path = Path(path)
+        self._interpreter = tflite_interpreter(path, threads, "MoveNet")
+        detail = self._interpreter.get_input_details()[0]
+        if tuple(detail["shape"]) != (1, MOVENET_INPUT, MOVENET_INPUT, 3) or detail["dtype"] != np.uint8:
+            raise ValueError(f"{path}: expected a uint8 [1,192,192,3] input, got {detail['dtype']} {detail['shape']}")
+        self._input = detail["index"]
+        out = self._interpreter.get_output_details()[0]
+        if tuple(out["shape"]) != (1, 1, 17, 3):
+            raise ValueError(f"{path}: expected a [1,1,17,3] output (MoveNet SinglePose), got {out['shape']}")
+        self._output = out["index"]
+
+    def run(self, rgb192: np.ndarray) -> np.ndarray:
+        """(17, 3) normalised (y, x, score) for one 192x192x3 uint8 RGB image."""
+        if rgb192.shape != (MOVENET_INPUT, MOVENET_INPUT, 3) or rgb192.dtype != np.uint8:
+            raise ValueError(f"MoveNet needs a 192x192x3 uint8 image, got {rgb192.dtype} {rgb192.shape}")
+        self._interpreter.set_tensor(self._input, np.ascontiguousarray(rgb192)[None])
+        self._interpreter.invoke()
+        return self._interpreter.get_tensor(self._output)[0, 0].copy()
+
+
+def tflite_interpreter(path: Path, threads: int, what: str):
+    """An allocated ``ai_edge_litert`` interpreter of the ``what`` teacher's ``.tflite`` at ``path``, with clear
+    errors for a missing file or a missing ai-edge-litert."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} teacher {path} does not exist")
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as error:
+        raise ImportError(f"the {what} teacher needs ai-edge-litert (pip install -r requirements-test.txt)") from error
+    interpreter = Interpreter(model_path=str(path), num_threads=int(threads))
+    interpreter.allocate_tensors()
+    return interpreter
 
 
 def square_regions(boxes: np.ndarray, padding: float = TEACHER_PADDING) -> tuple[np.ndarray, np.ndarray]:
