@@ -17,6 +17,15 @@ Distillation (``pose``):
   ``pose.keypoint_threshold``) learns the teacher's confidence. Keypoints the teacher scores at or below
   ``--min-score``, or outside the crop, do not teach (weight 0), and people with fewer than ``--min-keypoints``
   such keypoints are never drawn. Loss: weighted MSE.
+* ``--augmented K`` (issue 22, ``pose_augmented``): many more kinds of people. ``--source`` takes
+  ``PATH@START:END[:STEP]`` and folders of videos (one sampling group); video people come from the segmentation
+  or, where it finds no plausible number of people on a few probe frames (none, or its ``--max-persons`` cap:
+  clutter), from the teacher's own boxes on the whole frame and on overlapping squares (``--finder``);
+  ``--coco-train FOLDER`` adds COCO ground-truth boxes except the frozen test images (``pose_split``). Per person
+  the node's crop and K strongly augmented crops (rotation, scale, shift, flip, occlusion, blur, low resolution,
+  colour: ``pose_augment``), each labelled by the teacher as it looks (no label is moved); records and
+  augmentation parameters are cached per key in ``--data-cache`` and the crops are regenerated when drawn (the
+  jitter and flip options above do not apply). ``--teacher-kind`` (or the file name) picks MoveNet or BlazePose.
 * Sources are sampled in proportion to the square root of their number of people, so a few still images are not
   drowned by a long video.
 * Model: ``SegformerPose`` with the encoder of the segmentation checkpoint (``--init-encoder``, default the
@@ -35,6 +44,9 @@ the score calibration) and ``pose_eval`` (the figures).
     segmerge-train pose --teacher ../shared/data/coral_movenet_pose/movenet_single_pose_lightning_ptq.tflite \\
         --source ../shared/data/opencv_samples/vtest.avi --frames 0:640 \\
         --seg-weights ../shared/data/segformer_b0_vtest_student --steps 1000 --batch 8 --out runs/pose
+    segmerge-train pose --augmented 4 --source ../shared/data/opencv_samples/vtest.avi@0:640:4 \\
+        --source ../shared/data/pose2sim_videos@0::5 --source ../shared/data/sports2d_videos@0::5 \\
+        --coco-train ../shared/data/coco_mini_train --data-cache /tmp/pose_data --out runs/pose_augmented
     segmerge-train pose-eval --weights runs/pose/pose.pth
 """
 
@@ -44,6 +56,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -60,8 +73,21 @@ from segmerge_ros.models.pose.model import (
 from segmerge_ros.inference.sources import shared_data_dir
 from segmerge_ros.training.arguments import parse_range
 from segmerge_ros.training.movenet import MoveNetTeacher
+from segmerge_ros.training.pose_augment import AugmentSettings
+from segmerge_ros.training.pose_augmented import (
+    FinderSettings,
+    augmented_batches,
+    augmented_key,
+    cached_augmented,
+    collect_augmented,
+    plain_people,
+    source_groups,
+)
 from segmerge_ros.training.pose_eval import evaluate_pose
 from segmerge_ros.training.pose_people import TEACHER_CROPS, PersonFinder, cached_people
+from segmerge_ros.training.pose_sources import FINDERS, coco_source, parse_source
+from segmerge_ros.training.pose_split import COCO_MINI_TRAIN_TEST_IMAGES
+from segmerge_ros.training.pose_teachers import TEACHER_KINDS, build_teacher
 from segmerge_ros.training.train_pose import (
     PoseTrainSettings,
     calibrate_scores,
@@ -69,6 +95,8 @@ from segmerge_ros.training.train_pose import (
     train_pose,
     write_metrics,
 )
+
+TEST_ONLY_FOLDERS = ("mmpose_coco_keypoints",)  # test-only ground truth (pose_split): never a --coco-train
 
 
 def default_path(*parts: str) -> str | None:
@@ -81,9 +109,26 @@ def build_train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segmerge-train pose", description="Distil a Segformer++ pose student "
                                 "from MoveNet on person crops found by the node's pipeline.")
     p.add_argument("--teacher", default=default_path("coral_movenet_pose", "movenet_single_pose_lightning_ptq.tflite"),
-                   help="MoveNet SinglePose .tflite")
-    p.add_argument("--source", action="append", required=True, help="video, image folder or image (repeatable)")
+                   help="MoveNet SinglePose or BlazePose landmark .tflite")
+    p.add_argument("--teacher-kind", choices=TEACHER_KINDS, default="auto",
+                   help="teacher class; auto: from the file name (movenet* or pose_landmark*)")
+    p.add_argument("--source", action="append", default=[],
+                   help="video, image folder or image (repeatable); with --augmented also PATH@START:END[:STEP] "
+                        "and folders of videos (one sampling group)")
     p.add_argument("--frames", default="0:", help="START:END[:STEP] of the videos (images: all)")
+    p.add_argument("--augmented", type=int, metavar="K",
+                   help="teacher-labelled augmented people (pose_augmented): per person the node's crop and K "
+                        "augmented crops, each labelled by the teacher as it looks")
+    p.add_argument("--coco-train", help="with --augmented: COCO keypoint folder whose ground-truth boxes are "
+                   "people too (never the frozen test images of pose_split)")
+    p.add_argument("--finder", choices=FINDERS, default="auto", help="with --augmented: how video people are "
+                   "found (auto: the segmentation where it finds a plausible number of people on a few probe "
+                   "frames, else the teacher's own boxes)")
+    p.add_argument("--max-side", type=int, default=1280,
+                   help="with --augmented: frames are resized down to this longer side first (0: never)")
+    p.add_argument("--data-seed", type=int, default=0, help="with --augmented: seed of the augmentations")
+    p.add_argument("--data-cache", help="with --augmented: folder of the records cache (default --out)")
+    p.add_argument("--prepare-only", action="store_true", help="build or load the people and stop")
     p.add_argument("--seg-weights", default=default_path("segformer_b0_vtest_student"),
                    help="segmentation checkpoint that finds the people")
     p.add_argument("--init-encoder", help="segmentation checkpoint whose encoder starts the student "
@@ -152,33 +197,92 @@ def require(value: str | None, what: str) -> str:
     return value
 
 
+@dataclass
+class PoseData:
+    """What a ``segmerge-train pose`` run trains on: people (or augmented records), their frames, the cache key,
+    people per source, the batches (None: ``train_pose``'s plain ones) and the people the scores calibrate on."""
+
+    people: object
+    frames: dict
+    key: dict
+    per_source: dict
+    from_cache: bool
+    batches: object = None
+    calibration: object = None
+
+
+def plain_data(args, teacher_path: str, seg_weights: str, out: Path) -> PoseData:
+    """The people of the plain pipeline (``pose_people``): segmentation boxes, teacher keypoints, ``OUT`` cache."""
+    if not args.source:
+        raise SystemExit("--source is required (or --augmented with --coco-train)")
+    frame_range = parse_range(args.frames)
+    sources = [str(Path(s).resolve()) for s in args.source]
+    key = {"sources": sources, "frames": args.frames, "seg_weights": str(Path(seg_weights).resolve()),
+           "teacher": str(Path(teacher_path).resolve()), "teacher_crop": args.teacher_crop,
+           "min_person_area": args.min_person_area, "max_persons": args.max_persons}
+    if args.teacher_kind != "auto":
+        key["teacher_kind"] = args.teacher_kind
+    people, frames, from_cache = cached_people(
+        out / "pose_cache.npz", key, sources, frame_range,
+        lambda: PersonFinder(seg_weights, min_area=args.min_person_area, max_persons=args.max_persons),
+        lambda: build_teacher(teacher_path, args.teacher_kind), args.teacher_crop)
+    per_source = {Path(s).name: int((people.source == i).sum()) for i, s in enumerate(sources)}
+    return PoseData(people, frames, key, per_source, from_cache, calibration=people)
+
+
+def augmented_data(args, teacher_path: str, seg_weights: str, out: Path, settings: PoseTrainSettings) -> PoseData:
+    """The records of the augmented pipeline (``pose_augmented``), from their cache when the key matches."""
+    specs = [spec for text in args.source for spec in parse_source(text, args.frames, args.finder)]
+    if args.coco_train:
+        if Path(args.coco_train).resolve().name in TEST_ONLY_FOLDERS:
+            raise SystemExit(f"{args.coco_train} is test-only ground truth (pose_split); it is never trained on")
+        specs.append(coco_source(args.coco_train))
+    if not specs:
+        raise SystemExit("--augmented needs people: --source and/or --coco-train")
+    teacher, augment = build_teacher(teacher_path, args.teacher_kind), AugmentSettings()
+    finder = FinderSettings(str(Path(seg_weights).resolve()), args.min_person_area, args.max_persons)
+    key = augmented_key(specs, teacher, args.augmented, args.data_seed, augment, finder, args.max_side,
+                        COCO_MINI_TRAIN_TEST_IMAGES)
+    records, frames, info, from_cache = cached_augmented(
+        args.data_cache or out, key, specs, lambda: collect_augmented(
+            specs, lambda: PersonFinder(seg_weights, min_area=args.min_person_area, max_persons=args.max_persons),
+            teacher, args.augmented, args.data_seed, augment, finder, args.max_side,
+            COCO_MINI_TRAIN_TEST_IMAGES))
+    print(json.dumps({"augmented_data": info}), file=sys.stderr, flush=True)
+    people_of = np.bincount(records.source[records.variant == 0], minlength=len(specs))
+    per_source = {str(Path(s.path).relative_to(Path(s.group).parent)) if s.group else Path(s.path).name:
+                  int(people_of[i]) for i, s in enumerate(specs)}
+    batches = augmented_batches(records, frames, source_groups(specs), settings) if len(records) else None
+    return PoseData(records, frames, {**key, "cache": info["cache"]}, per_source, from_cache, batches,
+                    plain_people(records))
+
+
 def main_train(argv: Sequence[str]) -> int:
+    """``segmerge-train pose``: prepare the people (plain or ``--augmented``), train, calibrate, evaluate."""
     args = build_train_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     teacher_path = require(args.teacher, "--teacher")
     seg_weights = require(args.seg_weights, "--seg-weights")
-    frame_range = parse_range(args.frames)
     out = Path(args.out)
-    sources = [str(Path(s).resolve()) for s in args.source]
-    key = {"sources": sources, "frames": args.frames, "seg_weights": str(Path(seg_weights).resolve()),
-           "teacher": str(Path(teacher_path).resolve()), "teacher_crop": args.teacher_crop,
-           "min_person_area": args.min_person_area, "max_persons": args.max_persons}
-    began = time.perf_counter()
-    people, frames, from_cache = cached_people(
-        out / "pose_cache.npz", key, sources, frame_range,
-        lambda: PersonFinder(seg_weights, min_area=args.min_person_area, max_persons=args.max_persons),
-        lambda: MoveNetTeacher(teacher_path), args.teacher_crop)
-    prepare_seconds = time.perf_counter() - began
-    per_source = {Path(s).name: int((people.source == i).sum()) for i, s in enumerate(sources)}
-    print(json.dumps({"people": len(people), "per_source": per_source, "from_cache": from_cache,
-                      "prepare_seconds": round(prepare_seconds, 1)}), file=sys.stderr, flush=True)
     settings = PoseTrainSettings(
         steps=args.steps, batch=args.batch, lr_encoder=args.lr_encoder, lr_head=args.lr_head, warmup=args.warmup,
         sigma=args.sigma, min_score=args.min_score, min_keypoints=args.min_keypoints, calibrated=args.calibrated,
         scale_jitter=args.scale_jitter, shift_jitter=args.shift_jitter, flip=args.flip, save_every=args.save_every,
         seed=args.seed,
         time_budget=args.time_budget, bf16=args.bf16)
+    began = time.perf_counter()
+    if args.augmented is not None:
+        data = augmented_data(args, teacher_path, seg_weights, out, settings)
+    else:
+        data = plain_data(args, teacher_path, seg_weights, out)
+    people, frames, key, per_source = data.people, data.frames, data.key, data.per_source
+    prepare_seconds = time.perf_counter() - began
+    print(json.dumps({"people": len(data.calibration), "records": len(people), "per_source": per_source,
+                      "from_cache": data.from_cache, "prepare_seconds": round(prepare_seconds, 1)}),
+          file=sys.stderr, flush=True)
+    if args.prepare_only:
+        return 0
     model = SegformerPose("b0")
     if args.init_pose and args.init_encoder:
         raise SystemExit("--init-pose and --init-encoder both set: the student starts from one of them")
@@ -193,7 +297,7 @@ def main_train(argv: Sequence[str]) -> int:
             "teacher_keypoints_above_min_score": float((people.scores > args.min_score).mean()) if len(people) else 0,
             "prepare_seconds": round(prepare_seconds, 1), "encoder_init": init,
             "init": "pose checkpoint" if args.init_pose else "encoder"}
-    records = train_pose(model, people, frames, settings, out, args.resume, info)
+    records = train_pose(model, people, frames, settings, out, args.resume, info, batches=data.batches)
     losses = [r["loss"] for r in records]
     window = max(1, min(50, len(losses) // 4))
     # A resumed run that had nothing left to train (e.g. only to calibrate) keeps the losses already recorded.
@@ -201,13 +305,13 @@ def main_train(argv: Sequence[str]) -> int:
         if losses else {}
     if args.calibrate > 0:
         stats: dict = {}
-        calibrate_scores(model, people, frames, args.calibrate, args.seed, stats)
+        calibrate_scores(model, data.calibration, frames, args.calibrate, args.seed, stats)
         save_pose_checkpoint(model, out / "pose.pth.tmp")
         (out / "pose.pth.tmp").replace(out / "pose.pth")
         summary["score_calibration"] = stats
         print(json.dumps({"score_calibration": summary["score_calibration"]}), file=sys.stderr, flush=True)
     if args.eval:
-        teacher = MoveNetTeacher(teacher_path)
+        teacher = build_teacher(teacher_path, args.teacher_kind)
         summary["eval"] = evaluate_pose(out / "pose.pth", teacher, seg_weights,
                                         require(default_path("opencv_samples", "vtest.avi"), "vtest.avi"),
                                         coco=default_path("mmpose_coco_keypoints"), rungs=False)

@@ -91,14 +91,34 @@ def make_sample(rgb: np.ndarray, box: np.ndarray, keypoints: np.ndarray, scores:
     if rng is not None and settings.colour_jitter:
         contrast, brightness = rng.uniform(0.8, 1.2), rng.uniform(-20, 20)
         crop = np.clip(crop.astype(np.float32) * contrast + brightness, 0, 255).astype(np.uint8)
-    inside = ((points[:, 0] >= 0) & (points[:, 0] <= input_size[0] - 1)
-              & (points[:, 1] >= 0) & (points[:, 1] <= input_size[1] - 1))
-    valid = (scores > settings.min_score) & inside
+    target, valid = heatmap_targets(points, scores, settings, input_size, stride)
+    return crop, target, valid
+
+
+def teaching_keypoints(points: np.ndarray, scores: np.ndarray, min_score: float,
+                       input_size: tuple[int, int] = POSE_INPUT_SIZE) -> np.ndarray:
+    """(..., 17) bool: keypoints (..., 17, 2) in crop pixels that teach: scored above ``min_score`` and inside
+    the crop."""
+    points = np.asarray(points, dtype=np.float64)
+    inside = ((points[..., 0] >= 0) & (points[..., 0] <= input_size[0] - 1)
+              & (points[..., 1] >= 0) & (points[..., 1] <= input_size[1] - 1))
+    return (np.asarray(scores) > min_score) & inside
+
+
+def heatmap_targets(points: np.ndarray, scores: np.ndarray, settings: PoseTrainSettings,
+                    input_size: tuple[int, int] = POSE_INPUT_SIZE,
+                    stride: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Target heatmaps (17, h, w) float32 and keypoint weights (17,) float32 of teacher keypoints (17, 2) in crop
+    pixels: Gaussians at the keypoints that teach (``teaching_keypoints``), peaks at the teacher's scores when
+    ``settings.calibrated``."""
+    scores = np.asarray(scores, dtype=np.float64)
+    valid = teaching_keypoints(points, scores, settings.min_score, input_size)
     heatmap_size = (input_size[0] // stride, input_size[1] // stride)
-    target = render_heatmaps(points[None] / stride, heatmap_size, settings.sigma, valid[None])[0]
+    target = render_heatmaps(np.asarray(points, dtype=np.float64)[None] / stride, heatmap_size, settings.sigma,
+                             valid[None])[0]
     if settings.calibrated:
         target *= scores.astype(np.float32)[:, None, None]
-    return crop, target, valid.astype(np.float32)
+    return target, valid.astype(np.float32)
 
 
 def source_sampling_weights(people: People, min_score: float = 0.3, min_keypoints: int = 3) -> np.ndarray:
@@ -108,9 +128,16 @@ def source_sampling_weights(people: People, min_score: float = 0.3, min_keypoint
     teaches = (people.scores > min_score).sum(axis=1) >= min_keypoints
     if not teaches.any():
         raise ValueError(f"no person has {min_keypoints} keypoints the teacher scores above {min_score}")
-    counts = np.bincount(people.source[teaches], minlength=int(people.source.max()) + 1).astype(np.float64)
-    per_person = np.sqrt(counts[people.source]) / np.maximum(counts[people.source], 1)
-    p = np.where(teaches, per_person, 0.0)
+    return sqrt_group_weights(people.source, teaches)
+
+
+def sqrt_group_weights(groups: np.ndarray, teaches: np.ndarray) -> np.ndarray:
+    """Sampling probabilities of records (N,) in groups (N,) int: rows that do not teach get 0, each group in
+    proportion to sqrt(its teaching rows), uniform within it."""
+    groups = np.asarray(groups, dtype=np.int64)
+    counts = np.bincount(groups[teaches], minlength=int(groups.max()) + 1).astype(np.float64)
+    per_row = np.sqrt(counts[groups]) / np.maximum(counts[groups], 1)
+    p = np.where(teaches, per_row, 0.0)
     return p / p.sum()
 
 
@@ -130,6 +157,12 @@ def sample_batch(people: People, frames, probabilities: np.ndarray, settings: Po
                            people.keypoints[r], people.scores[r], settings, rng, input_size) for r in rows]
     crops, targets, weights = (np.stack(parts) for parts in zip(*samples))
     return to_pixels(crops), torch.from_numpy(targets), torch.from_numpy(weights)
+
+
+def plain_batches(people: People, frames, settings: PoseTrainSettings, input_size: tuple[int, int] = POSE_INPUT_SIZE):
+    """step -> ``sample_batch`` of ``people``, each source weighted by sqrt(its people that teach)."""
+    probabilities = source_sampling_weights(people, settings.min_score, settings.min_keypoints)
+    return lambda step: sample_batch(people, frames, probabilities, settings, step, input_size)
 
 
 def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -171,8 +204,13 @@ def build_optimizer(model: SegformerPose, settings: PoseTrainSettings) -> torch.
 
 
 def train_pose(model: SegformerPose, people: People, frames, settings: PoseTrainSettings, out: Path,
-               resume: bool = False, info: dict | None = None, progress: bool = True) -> list[dict]:
-    """Distil ``model`` on ``people``; checkpoints in ``out``; returns the log records of this call."""
+               resume: bool = False, info: dict | None = None, progress: bool = True,
+               batches=None) -> list[dict]:
+    """Distil ``model`` on ``people``; checkpoints in ``out``; returns the log records of this call.
+
+    ``batches`` (step -> (pixels, targets, weights)), when given, draws the batches instead of ``sample_batch``
+    (the augmented records of ``pose_augmented``; ``people`` then only needs a length).
+    """
     if len(people) == 0:
         raise ValueError("no people to train on: the segmentation found none in the sources")
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +224,7 @@ def train_pose(model: SegformerPose, people: People, frames, settings: PoseTrain
         load_pose_checkpoint(model, out / "pose.pth")
         restore_optimizer(optimizer, load_file(str(out / "optimizer.safetensors")), state["optimizer"])
         start, seconds_before = int(state["step"]), float(state.get("seconds", 0.0))
-    probabilities = source_sampling_weights(people, settings.min_score, settings.min_keypoints)
+    draw = batches or plain_batches(people, frames, settings, model.input_size)
     records: list[dict] = []
     log_file = (out / "train_log.jsonl").open("a")
     bar = Progress(settings.steps, "pose", start=start) if progress else None
@@ -214,7 +252,7 @@ def train_pose(model: SegformerPose, people: People, frames, settings: PoseTrain
         factor = learning_rate_factor(step, settings, progress)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
-        pixels, targets, weights = sample_batch(people, frames, probabilities, settings, step, model.input_size)
+        pixels, targets, weights = draw(step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
             heatmaps = model(pixels)
         loss = heatmap_loss(heatmaps.float(), targets, weights)
