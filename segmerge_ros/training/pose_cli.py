@@ -83,7 +83,8 @@ from segmerge_ros.training.pose_augmented import (
     plain_people,
     source_groups,
 )
-from segmerge_ros.training.pose_eval import evaluate_pose
+from segmerge_ros.training.pose_eval import EVAL_COLLECT_PERSONS, evaluate_pose
+from segmerge_ros.training.pose_gt_eval import ground_truth_report, report_table
 from segmerge_ros.training.pose_people import TEACHER_CROPS, PersonFinder, cached_people
 from segmerge_ros.training.pose_sources import FINDERS, coco_source, parse_source
 from segmerge_ros.training.pose_split import COCO_MINI_TRAIN_TEST_IMAGES
@@ -177,7 +178,18 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--seg-weights", default=default_path("segformer_b0_vtest_student"))
     p.add_argument("--video", default=default_path("opencv_samples", "vtest.avi"))
     p.add_argument("--frames", default="660:796", help="held-out frames START:END[:STEP]")
-    p.add_argument("--coco", default=default_path("mmpose_coco_keypoints"), help="folder with a COCO keypoint json")
+    p.add_argument("--coco", action="append", help="COCO keypoint folder (one .json + images), repeatable: the "
+                   "student (each rung, backend, precision) and the teachers against its ground truth, on its boxes "
+                   "and on the node's (default: mmpose_coco_keypoints)")
+    p.add_argument("--backends", default="eager", help="comma-separated backends the student runs on (with --coco)")
+    p.add_argument("--precisions", default="fp32", help="comma-separated precisions (with --coco)")
+    p.add_argument("--teachers", default="movenet", help="comma-separated teachers on the same boxes (movenet, "
+                   "blazepose-heavy, blazepose-full; '' for none)")
+    p.add_argument("--no-node-boxes", dest="node_boxes", action="store_false",
+                   help="only ground-truth boxes (else also the people --seg-weights finds)")
+    p.add_argument("--png", help="draw predicted beside true skeletons of a few persons of the first --coco folder")
+    p.add_argument("--no-video", dest="use_video", action="store_false",
+                   help="skip the held-out video figures against the teacher")
     p.add_argument("--no-rungs", dest="rungs", action="store_false", help="only the unmerged model")
     p.add_argument("--max-persons", type=int, default=4, help="people per frame, largest first (the node's "
                    "pose.max_persons default)")
@@ -189,6 +201,11 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="npz cache of the held-out people and teacher keypoints (reused when it matches)")
     p.add_argument("--json", help="also write the figures to this file")
     return p
+
+
+def split_list(text: str) -> list[str]:
+    """'a, b' -> ['a', 'b']; '' -> []."""
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def require(value: str | None, what: str) -> str:
@@ -329,10 +346,19 @@ def main_eval(argv: Sequence[str]) -> int:
     model = None
     if (width, height) != POSE_INPUT_SIZE:
         model = build_pose_model("segformer-b0", args.weights, (width, height))
-    result = evaluate_pose(args.weights, teacher, require(args.seg_weights, "--seg-weights"),
-                           require(args.video, "--video"), parse_range(args.frames), args.coco,
-                           rungs=args.rungs, rung_frame_step=args.rung_frame_step, cache=args.cache, model=model,
-                           max_persons=args.max_persons, min_person_area=args.min_person_area)
+    folders = args.coco or [require(default_path("mmpose_coco_keypoints"), "--coco")]
+    result: dict = {}
+    if args.use_video:
+        result = evaluate_pose(args.weights, teacher, require(args.seg_weights, "--seg-weights"),
+                               require(args.video, "--video"), parse_range(args.frames), folders[0],
+                               rungs=args.rungs, rung_frame_step=args.rung_frame_step, cache=args.cache, model=model,
+                               max_persons=args.max_persons, min_person_area=args.min_person_area)
+    finder = PersonFinder(require(args.seg_weights, "--seg-weights"), min_area=args.min_person_area,
+                          max_persons=EVAL_COLLECT_PERSONS) if args.node_boxes else None
+    result["ground_truth"] = ground_truth_report(
+        folders, args.weights, (width, height), split_list(args.backends), split_list(args.precisions),
+        split_list(args.teachers), shared_data_dir(), finder, args.rungs, args.png)
+    print(report_table(result["ground_truth"]), file=sys.stderr)
     result["input_size"] = [width, height]
     result["seconds"] = round(time.perf_counter() - began, 1)
     text = json.dumps(result, indent=2)

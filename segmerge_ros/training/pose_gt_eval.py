@@ -157,3 +157,53 @@ def side_by_side_png(path: str | Path, estimate: Estimate, persons: Sequence[dic
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
     return path
+
+
+def ground_truth_report(folders: Sequence[str | Path], weights: str | None, input_size: tuple[int, int],
+                        backends: Sequence[str] = ("eager",), precisions: Sequence[str] = ("fp32",),
+                        teachers: Sequence[str] = (), shared: str | Path | None = None,
+                        finder: Callable[[np.ndarray], np.ndarray] | None = None, rungs: bool = True,
+                        png: str | Path | None = None, cache_dir: str | None = None) -> dict:
+    """``pose-eval --coco FOLDER ...``: per folder, the student's rows (backend x precision x rung) and each
+    teacher's, on ground-truth boxes and (with ``finder``, the node's people) on found boxes; ``png`` draws the
+    student's (unmerged, first backend) skeletons beside the truth for a few persons of the first folder."""
+    from segmerge_ros.inference.pose import PoseEstimator
+    from segmerge_ros.training.pose_eval import coco_persons
+    from segmerge_ros.training.pose_split import split_persons
+    from segmerge_ros.training.teacher_eval import named_teacher
+
+    def make_estimator(backend: str, precision: str):
+        return PoseEstimator("segformer-b0", weights, input_size=input_size, backend=backend, precision=precision,
+                             cache_dir=cache_dir)
+
+    report: dict = {"weights": weights, "input_size": list(input_size), "folders": {}}
+    for folder in folders:
+        persons = coco_persons(folder)
+        train, test = split_persons(persons)
+        if test:  # coco_mini_train: the student trained on the other images; only its frozen test split counts
+            persons = test
+        images = load_images(persons)
+        found = found_boxes(finder, images) if finder is not None else None
+        rows = evaluate_student(make_estimator, persons, images, found, backends, precisions, rungs)
+        rows += [evaluate_teacher(name, named_teacher(name, Path(shared)), persons, images, found)
+                 for name in teachers]
+        report["folders"][str(folder)] = {"persons": len(persons), "images": len(images), "rows": rows,
+                                          "part": "frozen test split" if test else "all"}
+        if png and folder == folders[0]:
+            estimator = make_estimator(backends[0], precisions[0])
+            report["png"] = str(side_by_side_png(png, student_estimate(estimator), persons, images))
+    return report
+
+
+def report_table(report: dict) -> str:
+    """A markdown table of a ``ground_truth_report``: one row per folder and model setting."""
+    lines = ["| folder | model | backend-precision | rungs | GT boxes PCK@0.2 | GT boxes AP | node boxes PCK@0.2 | "
+             "node boxes AP |", "|---|---|---|---|---:|---:|---:|---:|"]
+    for folder, entry in report["folders"].items():
+        for row in entry["rows"]:
+            gt, node = row["gt_boxes"], row.get("node_boxes", {})
+            setting = f"{row['backend']}-{row['precision']}" if "backend" in row else "tflite"
+            lines.append(f"| {Path(folder).name} ({entry['persons']}) | {row['model']} | {setting} | "
+                         f"{' '.join(row.get('rungs', ['-']))} | {gt['pck']:.3f} | {gt['ap']:.3f} | "
+                         f"{node.get('pck', float('nan')):.3f} | {node.get('ap', float('nan')):.3f} |")
+    return "\n".join(lines)
