@@ -16,6 +16,8 @@ setup(
         # Globs, so launch and config files added later are installed without touching this file.
         (f"share/{PACKAGE}/launch", sorted(glob("launch/*.launch.py"))),
         (f"share/{PACKAGE}/config", sorted(glob("config/*.yaml") + glob("config/*.rviz") + glob("config/*.xml"))),
+        # the pose student the package ships (pose.weights empty), with its README
+        (f"share/{PACKAGE}/weights", sorted(glob("weights/*.safetensors") + glob("weights/*.md"))),
     ],
     # Unbounded on purpose: requirements.txt pins the tested versions; bounds here would fight those pins.
     install_requires=["numpy", "opencv-python-headless", "safetensors", "torch"],

@@ -1,7 +1,7 @@
 """segmerge_node with pose (issue #4) and plain-ViT models (issue #5), in its own process over DDS with real rclpy.
 
 The pose node runs the trained SegFormer-B0 (it finds the pedestrians of vtest.avi) with a randomly initialised pose
-model: no pose weights exist here, so these tests check the plumbing (messages, headers, layout, rays, live
+model (pose.weights: random), so these tests check the plumbing (messages, headers, layout, rays, live
 parameters, diagnostics), never keypoint accuracy. Frames are real: a COCO person photo for full_frame mode, vtest
 frames for segmentation mode. Every ROS process is on localhost discovery and a private ROS_DOMAIN_ID in 200..229
 (test_node.py uses 100..199).
@@ -101,7 +101,8 @@ def client():
 def node(client, student_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("pose_node")
     params = {"image_topics": [CAM], "weights": str(student_dir), "input_size": f"{SIZE[0]}x{SIZE[1]}",
-              "backend": "eager", "precision": "fp32", "pose.enable": True, "pose.mode": "full_frame", "pose.min_person_area": 300}
+              "backend": "eager", "precision": "fp32", "pose.enable": True, "pose.mode": "full_frame", "pose.min_person_area": 300,
+              "pose.weights": "random"}  # plumbing: a random pose model (the packaged student: test_pose_weights.py)
     stderr = open(logs / "stderr", "w")
     process = subprocess.Popen(node_command(params), env=quiet_env(__name__), stdout=subprocess.DEVNULL,
                                stderr=stderr)
@@ -315,8 +316,8 @@ def test_budget_mode_poses_fewer_people_when_pose_keeps_it_from_its_target(clien
     ("pose.keypoint_threshold", 1.5),
     ("pose.max_persons", 33),
     ("pose.max_persons", 2.0),       # an integer parameter
-    ("pose.weights", "/tmp/x.pth"),  # read-only
-    ("pose.model", "segformer-b1"),  # read-only
+    ("pose.weights", "/tmp/x.pth"),  # unconfigured only
+    ("pose.model", "segformer-b1"),  # unconfigured only
 ])
 def test_invalid_pose_values_are_rejected(client, node, name, value):
     before = client.get_parameters(name)
@@ -406,7 +407,8 @@ def test_vit_model_segments_refuses_presets_and_enables_pose_live(tmp_path, pers
         rclpy.try_shutdown(context=context)
     err.seek(0)
     stderr = err.read()
-    assert stderr.count("POSE MODEL IS RANDOMLY INITIALISED") == 1
+    # pose.weights left empty: the packaged student (weights/), not a random pose model
+    assert "POSE MODEL IS RANDOMLY INITIALISED" not in stderr and "pose model ready" in stderr
     assert "Traceback" not in stderr and "frame failed" not in stderr
 
 

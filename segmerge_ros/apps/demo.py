@@ -37,6 +37,7 @@ from rclpy.context import Context
 from sensor_msgs.msg import Image
 
 from segmerge_ros.inference.sources import default_video, shared_data_dir
+from segmerge_ros.ros.startup import StartupError, packaged_pose_weights
 from segmerge_ros.apps.client import (FASTDDS_PROFILE_VARIABLE, DiagnosticsWindow, SegmergeClient, camera_command, node_command,
                      ros_env, stop_process, with_fastdds_profile)
 
@@ -85,9 +86,13 @@ def default_weights() -> Path | None:
 
 
 def default_pose_weights() -> Path | None:
-    shared = shared_data_dir()
-    path = shared / POSE_STUDENT / "pose.pth" if shared else None
-    return path if path and path.is_file() else None
+    """The package's own pose student (no shared data needed), else the shared one."""
+    try:
+        return packaged_pose_weights()
+    except StartupError:
+        shared = shared_data_dir()
+        path = shared / POSE_STUDENT / "pose.pth" if shared else None
+        return path if path and path.is_file() else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,12 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", default=None,
                         help=f"checkpoint (default: shared data's {STUDENT}; 'none' forces random weights)")
     parser.add_argument("--pose-weights", default=None,
-                        help="Segformer++ pose checkpoint (default: the distilled student in the shared data when "
-                             "present; 'none': pose off)")
+                        help="Segformer++ pose checkpoint (default: the package's student, weights/; 'none': "
+                             "pose off)")
     parser.add_argument("--pose-max-persons", type=int, default=3, help="pose.max_persons (default 3)")
-    parser.add_argument("--pose-threshold", type=float, default=0.15,
-                        help="pose.keypoint_threshold for the overlays (default 0.15: the shared student's heatmap "
-                             "maxima are low, and at the node's default 0.3 most joints are not drawn)")
+    parser.add_argument("--pose-threshold", type=float, default=0.3,
+                        help="pose.keypoint_threshold for the overlays (default 0.3, the node's: the package's "
+                             "student has calibrated scores)")
     parser.add_argument("--out", default="out/demo", help="folder for overlay PNGs and logs (default out/demo)")
     parser.add_argument("--input-size", default="", help="network input HxW (default: the camera's own size; at "
                         "vtest's 576x768 the merge-rate ladder has authority, at 288x384 fixed costs dominate)")

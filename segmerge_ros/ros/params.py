@@ -198,10 +198,12 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("pose.model", "segformer-b0", "Pose model (Segformer++ top-down pose, MiT size).", rebuild=True,
               choices=MODELS),
     ParamSpec("pose.weights", "",
-              "Segformer++ mmpose pose checkpoint (.pth). Empty: a randomly initialised pose model (keypoints are "
-              "meaningless; the node warns loudly once). A missing file refuses pose.enable; one that fails to load "
-              "switches it back off, with the reason logged and in the diagnostics key pose_model (at configure "
-              "both fail configure).",
+              "Segformer++ pose checkpoint (.pth in the mmpose layout, or .safetensors). Empty: the pose student "
+              "shipped with the package (weights/pose_b0_people.safetensors, a segformer-b0; its data and scores: "
+              "weights/README.md); 'random': a randomly initialised pose model (meaningless keypoints, for plumbing "
+              "tests; the node warns loudly). A missing file refuses pose.enable; one that fails to load switches it "
+              "back off, with the reason logged and in the diagnostics key pose_model (at configure both fail "
+              "configure).",
               rebuild=True),
     ParamSpec("pose.input_size", "384x288",
               "Pose crop size HEIGHTxWIDTH, multiples of 32. 384x288 is the Segformer++ setting the checkpoints are "

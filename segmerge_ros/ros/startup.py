@@ -8,6 +8,7 @@ messages when something cannot be built.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -23,6 +24,10 @@ from segmerge_ros.ros.parameter_policy import label_count_refusal
 
 Param = Callable[[str], Any]
 RANDOM_WEIGHTS = "random"  # the one way to ask for a randomly initialised model (empty weights are refused)
+PACKAGE = "segmerge_ros"
+# The pose student trained and shipped with the package (weights/README.md): what an empty pose.weights runs.
+PACKAGED_POSE_WEIGHTS = "pose_b0_people.safetensors"
+PACKAGED_POSE_MODEL = "segformer-b0"
 Warn = Callable[[str], None]
 BANNER = "!" * 78
 
@@ -76,13 +81,45 @@ def pose_settings(param: Param) -> PoseSettings:
         keypoint_threshold=float(param("pose.keypoint_threshold")), merge_rate=float(param("pose.merge_rate")))
 
 
+def packaged_pose_weights() -> Path:
+    """The package's pose student: in the installed share folder (colcon, ros2 run), else beside the sources (a
+    checkout or an editable install)."""
+    candidates = [Path(__file__).resolve().parents[2] / "weights" / PACKAGED_POSE_WEIGHTS]
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+    except ImportError:  # the pip-only ROS has no ament index module
+        pass
+    else:
+        try:
+            candidates.insert(0, Path(get_package_share_directory(PACKAGE)) / "weights" / PACKAGED_POSE_WEIGHTS)
+        except (PackageNotFoundError, OSError):  # not installed with colcon, or no AMENT_PREFIX_PATH: the sources'
+            pass
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is None:
+        raise StartupError(f"the packaged pose student {PACKAGED_POSE_WEIGHTS} is missing (looked in "
+                           f"{', '.join(str(c.parent) for c in candidates)}): set pose.weights to a checkpoint, "
+                           f"or to '{RANDOM_WEIGHTS}'")
+    return found
+
+
+def pose_weights_path(weights: str, model: str = PACKAGED_POSE_MODEL) -> str | None:
+    """What pose.weights names: '' the packaged student, 'random' none (a random model), else the path given."""
+    if weights == RANDOM_WEIGHTS:
+        return None
+    if not weights and model != PACKAGED_POSE_MODEL:
+        raise StartupError(f"pose.weights is empty, and the packaged pose student is a {PACKAGED_POSE_MODEL}: set "
+                           f"pose.weights to a checkpoint for {model}, or to '{RANDOM_WEIGHTS}'")
+    return weights or str(packaged_pose_weights())
+
+
 def build_pose(param: Param, warn: Warn) -> PoseEstimator:
     """The pose estimator of pose.model and pose.weights (slow: seconds); StartupError says why it cannot be built."""
-    model, weights = param("pose.model"), param("pose.weights")
+    model = param("pose.model")
+    weights = pose_weights_path(param("pose.weights"), model)
     settings = pose_settings(param)
     try:
         crop = parse_size(param("pose.input_size"))  # HEIGHTxWIDTH; the estimator takes (w, h)
-        pose = PoseEstimator(model, weights or None, device=param("device"),
+        pose = PoseEstimator(model, weights, device=param("device"),
                              input_size=(crop[1], crop[0]) if crop else POSE_INPUT_SIZE,
                              max_persons=settings.max_persons,
                              min_person_area=settings.min_person_area,
@@ -96,8 +133,9 @@ def build_pose(param: Param, warn: Warn) -> PoseEstimator:
     # Compiled backends: the encoder settings of the segmentation's ladder (what pose follows) prepared now.
     pose.warm([rung.config for rung in merge_rungs(param("backend"))])
     if pose.randomly_initialised:
-        warn(f"\n{BANNER}\n  NO POSE WEIGHTS GIVEN: THE {model} POSE MODEL IS RANDOMLY INITIALISED. The keypoints are "
-             f"meaningless.\n  Set 'pose.weights' to a Segformer++ mmpose pose checkpoint (.pth).\n{BANNER}")
+        warn(f"\n{BANNER}\n  pose.weights: {RANDOM_WEIGHTS}: THE {model} POSE MODEL IS RANDOMLY INITIALISED. The "
+             f"keypoints are meaningless.\n  Leave 'pose.weights' empty for the packaged student, or set a "
+             f"Segformer++ pose checkpoint (.pth or .safetensors).\n{BANNER}")
     return pose
 
 

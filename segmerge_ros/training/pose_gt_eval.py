@@ -131,8 +131,9 @@ def found_boxes(finder: Callable[[np.ndarray], np.ndarray], images: dict) -> dic
 
 
 def side_by_side_png(path: str | Path, estimate: Estimate, persons: Sequence[dict], images: dict,
-                     count: int = 6, height: int = 256) -> Path:
-    """A PNG of ``count`` persons: each one's crop with the true skeleton (left) beside the predicted (right)."""
+                     count: int = 6, height: int = 256, threshold: float = 0.0) -> Path:
+    """A PNG of ``count`` persons: each one's crop with the true skeleton (left) beside the predicted (right); the
+    predicted keypoints scoring at least ``threshold`` are drawn (default all: a comparison, not the node's view)."""
     tiles = []
     for person in list(persons)[:count]:
         rgb = images[person["image"]]
@@ -146,7 +147,7 @@ def side_by_side_png(path: str | Path, estimate: Estimate, persons: Sequence[dic
         draw_skeletons(truth, (person["keypoints"] - offset)[None].astype(np.float32),
                        (person["visibility"] > 0).astype(np.float32)[None], 0.5, inplace=True)
         predicted = rgb[y1:y2, x1:x2].copy()
-        draw_skeletons(predicted, (keypoints - offset).astype(np.float32), scores, 0.3, inplace=True)
+        draw_skeletons(predicted, (keypoints - offset).astype(np.float32), scores, threshold, inplace=True)
         pair = np.concatenate([truth, predicted], axis=1)
         scale = height / pair.shape[0]
         tiles.append(cv2.resize(pair, (max(1, int(pair.shape[1] * scale)), height)))

@@ -146,13 +146,18 @@ def load_pose_checkpoint(model: SegformerPose, path: str | Path) -> None:
 
 
 def read_pose_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The raw mmpose-layout state dict of a pose ``.pth``, checked to be a pose checkpoint."""
+    """The raw mmpose-layout state dict of a pose ``.pth`` or ``.safetensors``, checked to be a pose checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"pose checkpoint {path} does not exist")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw = {k: v.float() for k, v in load_file(str(path)).items()}  # shipped weights may be fp16
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch and safetensors raise many types for a bad file
         raise CheckpointError(f"cannot read pose checkpoint {path}: {exc}") from exc
     sd = unwrap_state_dict(raw, str(path))
     if not any(k.startswith("head.") for k in sd):
@@ -163,10 +168,17 @@ def read_pose_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def save_pose_checkpoint(model: SegformerPose, path: str | Path) -> None:
-    """Save ``model`` in the mmpose layout (``{"state_dict": {backbone.*, head.*}}``), e.g. for tests."""
-    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    torch.save({"meta": {"written_by": "segmerge_ros"}, "state_dict": ours_to_mmpose(sd)}, Path(path))
+def save_pose_checkpoint(model: SegformerPose, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Save ``model`` in the mmpose layout: ``{"state_dict": {backbone.*, head.*}}`` in a ``.pth``, or the flat
+    ``backbone.*``/``head.*`` tensors in a ``.safetensors`` (with ``metadata``), which ``read_pose_checkpoint``
+    reads back."""
+    sd = ours_to_mmpose({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()})
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(path), metadata={"written_by": "segmerge_ros", **(metadata or {})})
+        return
+    torch.save({"meta": {"written_by": "segmerge_ros"}, "state_dict": sd}, Path(path))
 
 
 def build_pose_model(name: str | None = "segformer-b0", weights: str | Path | None = None,
