@@ -103,3 +103,19 @@ def test_checkpoint_of_another_backbone_than_the_name_says(hub_folder):
         SegmentationEngine("mask2former-r50", weights=str(hub_folder))
     with pytest.raises(CheckpointError, match="proscale encoder"):
         SegmentationEngine("mask2former-swin-t-proscale", weights=str(hub_folder))
+
+
+def test_instances_are_skipped_when_not_wanted_and_the_threshold_is_live(hub_folder, frame):
+    engine = SegmentationEngine("mask2former-swin-t", weights=str(hub_folder), panoptic=True,
+                                instance_score_threshold=0.0)
+    full = engine.infer(frame)
+    assert full.instances is not None and full.panoptic is not None and len(full.instances.info) > 0
+    lean = engine.infer(frame, instances=False)
+    assert lean.instances is None and lean.panoptic is None
+    np.testing.assert_array_equal(lean.class_map, full.class_map)  # the semantic maps are the same
+    engine.set_instance_score_threshold(1.0)  # no instance scores above 1
+    assert len(engine.infer(frame).instances.info) == 0
+    engine.set_instance_score_threshold(0.0)
+    assert len(engine.infer(frame).instances.info) == len(full.instances.info)
+    with pytest.raises(ValueError):
+        engine.set_instance_score_threshold(1.5)

@@ -153,3 +153,27 @@ def test_budget_mode_times_the_steps_once_per_size_and_skips_those_that_do_not_p
     assert "head2+hq [skipped by budget mode]" in engine.ladder_description()
     engine.set_merge_rate(max(skipped))  # by hand: still runs
     assert engine.infer(frame).merge_name in slow
+
+
+def test_instances_are_computed_only_while_someone_needs_them(tmp_path, frame, one_thread):
+    import torch
+
+    from mask2former_fixtures import hf_mask2former, write_hub_folder
+    from segmerge_ros.ros.frame_pipeline import INSTANCES
+
+    model = hf_mask2former("swin", class_names=("person", "car", "road"))
+    with torch.no_grad():
+        model.class_predictor.bias[0] += 8.0  # confident person queries
+    m2f = SegmentationEngine("mask2former-swin-t", weights=str(write_hub_folder(tmp_path / "hub", model)),
+                             instance_score_threshold=0.3)
+    pipeline = FramePipeline(m2f)
+    published = []
+    lean = pipeline.process(stamped(rgb8_image(frame)), settings=FrameSettings(instances=False),
+                            publish=lambda kind, msg: published.append(kind))
+    assert lean.instances is None and lean.segmentation.instances is None and INSTANCES not in published
+    assert lean.times.instances == 0
+    wanted = pipeline.process(stamped(rgb8_image(frame)), settings=FrameSettings(instances=True))
+    assert wanted.instances is not None and wanted.times.instances == 1
+    # detections need the people as instances even when nobody subscribes to the instance topics
+    found = pipeline.process(stamped(rgb8_image(frame)), settings=FrameSettings(instances=False, track=True))
+    assert found.segmentation.instances is not None and found.objects is not None

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import cv2
 import numpy as np
@@ -185,6 +186,29 @@ def test_detections_are_the_person_instances_in_the_order_of_the_keypoint_rows(c
         assert all(d.results[0].hypothesis.class_id == "person" and d.id for d in detections.detections)
         cloud = next(c for c in client.clouds if stamp_ns(c.header) == stamp_ns(detections.header))
         assert cloud.height == len(detections.detections)
+
+
+def test_score_threshold_is_live_and_diagnostics_count_the_frames_with_instances(client, node, street):
+    def instances_in(stamps):
+        infos = [json.loads(m.data) for m in client.info if info_stamp(m) in stamps]
+        return [len(info["instances"]) for info in infos]
+
+    set_ok = client.set_parameters({"instances.score_threshold": 1.0})["instances.score_threshold"]
+    assert set_ok.successful, set_ok.reason
+    sent = send(client, street, 2)
+    assert client.spin_until(lambda: len(instances_in(sent)) == 2, 20)
+    assert instances_in(sent) == [0, 0]  # no score reaches 1
+    assert client.set_parameters({"instances.score_threshold": 0.3})["instances.score_threshold"].successful
+    sent = send(client, street, 2)
+    assert client.spin_until(lambda: len(instances_in(sent)) == 2, 20)
+    assert min(instances_in(sent)) > 0
+    started = time.monotonic()
+    send(client, street, 2)
+    assert client.spin_until(lambda: any("instances_frames" in w.values and w.values["instances_frames"] != "0/0"
+                                         for w in client.windows_after(CAM, started)), 10)
+    window = next(w for w in client.windows_after(CAM, started) if "instances_frames" in w.values)
+    computed, frames = (int(v) for v in window.values["instances_frames"].split("/"))
+    assert computed == frames > 0  # subscribed (and pose needs them): computed on every frame
 
 
 def test_merge_rate_selects_the_encoder_knob(client, node, street):

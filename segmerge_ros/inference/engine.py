@@ -382,6 +382,14 @@ class SegmentationEngine:
         return [(rung if name == "fp32" else f"{rung}@{name}", path, status)
                 for name, backend in self._backends.items() for rung, (path, status) in getattr(backend, "engines", {}).items()]
 
+    def set_instance_score_threshold(self, threshold: float) -> None:
+        """The score an instance needs from the next frame on (families with instances; others ignore it)."""
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"instance score threshold must be in [0, 1], got {threshold}")
+        with self._lock:
+            if self.family.has_instances:
+                self.family.instance_score_threshold = float(threshold)
+
     def set_merge_rate(self, rate: float) -> None:
         """Set the scalar merge rate in [0, 0.95] (a step of ``ladder``); applied from the next ``infer``."""
         rate = float(rate)
@@ -464,9 +472,10 @@ class SegmentationEngine:
         return self._run(self._network_input(rgb, merge), merge, step.precision, rate)
 
     @torch.inference_mode()
-    def infer(self, rgb: np.ndarray, confidence: bool = True, calibrate: bool = True) -> SegmentationResult:
+    def infer(self, rgb: np.ndarray, confidence: bool = True, calibrate: bool = True,
+              instances: bool = True) -> SegmentationResult:
         """Segment one HxWx3 uint8 RGB frame; ``confidence=False`` skips the confidence map (the node computes it
-        only while someone subscribes to it). ``calibrate=False`` for a frame that says nothing about precision
+        only while someone subscribes to it), ``instances=False`` a family's instances and panoptic segments. ``calibrate=False`` for a frame that says nothing about precision
         (start-up's black warm-up frame): ``precision: auto``'s agreement check then waits for the next frame."""
         if calibrate:
             self._last_size = tuple(rgb.shape[:2])
@@ -492,7 +501,7 @@ class SegmentationEngine:
         network_end = time.perf_counter()
         # At the process's thread count: switching torch's pools around post-processing every frame made both
         # threads' pools contend on a busy CPU (inference/threads.py chooses the count between frames instead).
-        outputs = self.family.outputs(raw, rgb.shape[:2], self.upsample, confidence)
+        outputs = self.family.outputs(raw, rgb.shape[:2], self.upsample, confidence, instances)
         end = time.perf_counter()
         return SegmentationResult(outputs.class_map, outputs.confidence, (end - start) * 1e3, rate,
                                   step.name, outputs.instances, outputs.panoptic,

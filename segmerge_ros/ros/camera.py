@@ -166,6 +166,11 @@ class Camera:
         publisher = self.publishers.get(kind)
         return publisher is not None and publisher.get_subscription_count() > 0
 
+    def wants_instances(self) -> bool:
+        """Whether anyone subscribes to the instance or panoptic outputs (pose crops, detections and REP-155
+        bodies ask for instances on their own: ``FramePipeline``)."""
+        return any(self.has_subscribers(kind) for kind in (INSTANCES, INSTANCES_INFO, PANOPTIC, PANOPTIC_INFO))
+
     def publish_labels(self, labels, model_info: dict, label_info=None) -> None:
         """The latched labels: JSON always, vision_msgs/LabelInfo (``label_info``) where vision_msgs is installed."""
         self.labels_pub.publish(labels_message(labels, model_info, self.mask_pub.topic_name))

@@ -40,6 +40,7 @@ class FrameTiming:
     network_ms: float = math.nan      # the backend call alone
     postprocess_ms: float = math.nan
     publish_ms: float = math.nan      # building and publishing the messages (overlay and markers included)
+    instances: int = -1               # 1: the model's instances computed, 0: skipped (nobody needed them), -1: none
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,9 @@ def camera_status(node_name: str, camera: CameraSnapshot, budget: BudgetSnapshot
         "last_bad_reason": camera.last_bad_reason,
         "last_failure": camera.last_failure,
     }
+    with_instances = [t for t in timings if t.instances >= 0]
+    if with_instances:  # a model with instances: on how many frames they were computed (only while needed)
+        values["instances_frames"] = f"{sum(t.instances for t in with_instances)}/{len(with_instances)}"
     posed = [t for t in timings if t.persons >= 0]
     if pose_enabled or posed:
         values["persons"] = str(posed[-1].persons) if posed else "0"  # in the window's last frame

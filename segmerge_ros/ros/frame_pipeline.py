@@ -76,6 +76,7 @@ class FrameSettings:
     track: bool = False       # find and track objects even without detections (REP-155 bodies)
     detection_class_ids: tuple[int, ...] = ()  # empty: the label set's person classes
     detection_min_area: int = 400
+    instances: bool = True    # a model's instances (and panoptic segments): only while someone needs them
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class FrameTimes:
     network_ms: float = math.nan
     postprocess_ms: float = math.nan
     publish_ms: float = math.nan      # the rest: building and publishing messages, overlay and markers
+    instances: int = -1               # models with instances: 1 computed this frame, 0 skipped (nobody needed them)
 
 
 @dataclass
@@ -153,7 +155,10 @@ class FramePipeline:
         emit = publish or (lambda kind, message: None)
 
         find = settings.detections or settings.track
-        result = self.engine.infer(rgb, confidence=settings.confidence or find)  # detection scores need it
+        pose_crops = settings.pose.enable and self.pose is not None and settings.pose.mode == "segmentation"
+        # detection scores need the confidence; people as instances need the instances (Mask2Former)
+        result = self.engine.infer(rgb, confidence=settings.confidence or find,
+                                   instances=settings.instances or find or pose_crops)
         mask = mono8_image(result.class_map, header)
         emit(MASK, mask)
         confidence = None
@@ -210,7 +215,8 @@ class FramePipeline:
             merge_rate=result.merge_rate, merge_name=result.merge_name,
             persons=pose.num_persons if pose is not None else -1,
             preprocess_ms=result.preprocess_ms, network_ms=result.network_ms, postprocess_ms=result.postprocess_ms,
-            publish_ms=processing_ms - decode_ms - result.inference_ms - (pose_ms if pose is not None else 0.0))
+            publish_ms=processing_ms - decode_ms - result.inference_ms - (pose_ms if pose is not None else 0.0),
+            instances=-1 if not self.engine.family.has_instances else int(result.instances is not None))
         return FrameOutputs(header, mask, confidence, overlay_msg, keypoints, markers, times, result, pose,
                             instances, instances_info, panoptic, panoptic_info, detections, objects, track_ids, posed)
 

@@ -376,6 +376,8 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, Lifecy
             self._overlay_alpha = float(self.param("overlay_alpha"))
         if "detections.min_area" in names:
             self._detection_min_area = int(self.param("detections.min_area"))
+        if "instances.score_threshold" in names and self._configured:
+            self.engine.set_instance_score_threshold(float(self.param("instances.score_threshold")))
         if "threads.adapt" in names and self._threads is not None:
             self._threads.enabled = bool(self.param("threads.adapt")) and self._governs_threads()
         if not self._configured:
@@ -454,6 +456,7 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, Lifecy
             markers=camera.has_subscribers("markers"),
             pose=self._pose_settings,  # one snapshot for the whole frame
             detections=camera.has_subscribers(DETECTIONS), track=self._bodies is not None,
+            instances=camera.wants_instances(),
             detection_class_ids=self._detection_class_ids, detection_min_area=self._detection_min_area)
         outputs = self.pipeline.process(msg, camera.camera_info, settings, publish=self._publisher(camera),
                                         tracker=camera.tracker)
@@ -468,7 +471,8 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, Lifecy
             camera.last_merge = times.merge_name
             camera.timings.append(FrameTiming(latency_ms, times.inference_ms, times.processing_ms, times.merge_rate,
                                               times.persons, times.pose_ms, times.decode_ms, times.preprocess_ms,
-                                              times.network_ms, times.postprocess_ms, times.publish_ms))
+                                              times.network_ms, times.postprocess_ms, times.publish_ms,
+                                              times.instances))
         if self.engine.backend_choice is not self._backend_choice_logged:  # backend auto decided on this frame
             self._backend_choice_logged = self.engine.backend_choice
             self.get_logger().info(f"backend auto, on the first frame: {self.engine.backend_choice.reason}")

@@ -156,8 +156,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "and cpu_others_cores. False = the thread count torch started with. No effect for a network on a GPU."),
     ParamSpec("instances.score_threshold", 0.5,
               "Mask2Former: instances scoring below this (class probability x mean mask probability) are not "
-              "published on <ns>/segmentation/instances (mono16 ids) and <ns>/segmentation/instances/info (JSON).",
-              rebuild=True, float_range=(0.0, 1.0)),
+              "published on <ns>/segmentation/instances (mono16 ids) and <ns>/segmentation/instances/info (JSON); from "
+              "the next frame. Instances (and panoptic segments) are computed only while their topics have "
+              "subscribers, or pose, detections or REP-155 bodies need the people (diagnostics key "
+              "instances_frames).",
+              float_range=(0.0, 1.0)),
     ParamSpec("instances.max_instances", 100,
               "Mask2Former: the best (query, class) pairs considered per frame (detectron2's detections per image).",
               rebuild=True, int_range=(1, 1000)),

@@ -118,7 +118,9 @@ class ModelFamily:
         """The class scores (1, K, h, w) at the network's resolution of a raw output (by default the raw output)."""
         return raw
 
-    def outputs(self, raw: Any, size: tuple[int, int], upsample: str, confidence: bool) -> FamilyOutputs:
+    def outputs(self, raw: Any, size: tuple[int, int], upsample: str, confidence: bool,
+                instances: bool = True) -> FamilyOutputs:
         """The frame's outputs at ``size`` (by default the class map and confidence of logits, ``logits_to_maps``);
-        the engine calls this on the inferring thread."""
+        ``instances=False``: a family with instances skips them (and panoptic) for this frame. The engine calls this
+        on the inferring thread."""
         return FamilyOutputs(*logits_to_maps(raw, size, upsample, confidence))

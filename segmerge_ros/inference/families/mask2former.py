@@ -78,16 +78,20 @@ class Mask2FormerFamily(ModelFamily):
     def scores(self, raw: Raw) -> torch.Tensor:
         return semantic_scores(*raw)
 
-    def outputs(self, raw: Raw, size: tuple[int, int], upsample: str, confidence: bool) -> FamilyOutputs:
-        """Class map and confidence (``upsample`` does not apply: detectron2's semantic inference), instances and
-        (with ``panoptic``) the panoptic segmentation at ``size``."""
+    def outputs(self, raw: Raw, size: tuple[int, int], upsample: str, confidence: bool,
+                instances: bool = True) -> FamilyOutputs:
+        """Class map and confidence (``upsample`` does not apply: detectron2's semantic inference), and unless
+        ``instances`` is False (nobody needs them this frame) instances and (with ``panoptic``) the panoptic
+        segmentation at ``size``."""
         class_logits, mask_logits = raw
         class_map, confidence_map = semantic_maps(class_logits, mask_logits, size)
-        instances = instance_id_map(instance_segmentation(class_logits, mask_logits, size, top_k=self.max_instances,
+        if not instances:
+            return FamilyOutputs(class_map, confidence_map if confidence else None)
+        instance_map = instance_id_map(instance_segmentation(class_logits, mask_logits, size, top_k=self.max_instances,
                                                           score_threshold=self.instance_score_threshold,
                                                           thing_ids=self.thing_ids))
         panoptic = None
         if self.panoptic:
             things = range(self.labels.num_classes) if self.thing_ids is None else self.thing_ids
             panoptic = panoptic_segmentation(class_logits, mask_logits, size, thing_ids=things)
-        return FamilyOutputs(class_map, confidence_map if confidence else None, instances, panoptic)
+        return FamilyOutputs(class_map, confidence_map if confidence else None, instance_map, panoptic)
