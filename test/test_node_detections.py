@@ -126,7 +126,10 @@ def test_label_info_reaches_a_late_subscriber(run):
 def test_rep155_bodies_follow_the_tracked_people(run):
     assert len(run["tracked"]) == FRAMES
     for tracked, detections in zip(run["tracked"], run["detections"]):
-        assert sorted(tracked.ids) == sorted(d.id for d in detections.detections)
+        # every person seen is tracked; a track missed for a few frames (tracking.max_age) still is
+        assert {d.id for d in detections.detections} <= set(tracked.ids)
+    seen = {d.id for frame in run["detections"] for d in frame.detections}
+    assert set().union(*(set(t.ids) for t in run["tracked"])) == seen  # no body the detections never had
     tracked_ids = set().union(*(set(t.ids) for t in run["tracked"]))
     assert run["rois"] and {t.split("/")[3] for t in run["rois"]} <= tracked_ids
     for messages in run["rois"].values():

@@ -208,3 +208,38 @@ def test_lifecycle_state_ids_match_the_labels(ros):
         assert node.lifecycle_state == "inactive"
     finally:
         close(ros, node)
+
+
+def test_an_invalid_budget_topic_fails_configure_with_the_reason(ros):
+    node = make_node(ros, autostart=False, **{"budget.topic": "bad topic"})
+    try:
+        assert node.trigger_configure() == FAILURE
+        assert node.lifecycle_state == "unconfigured" and "budget.topic" in node._configure_failure
+        assert node.set_parameters([Parameter("budget.topic", value="/compute_budget")])[0].successful
+        assert node.trigger_configure() == SUCCESS and node.trigger_activate() == SUCCESS
+        assert node.count_subscribers("/compute_budget") == 1
+    finally:
+        close(ros, node)
+
+
+def test_pose_weights_random_can_be_enabled_live(ros):
+    node = make_node(ros, **{"pose.weights": "random"})
+    try:
+        result = node.set_parameters([Parameter("pose.enable", value=True)])[0]
+        assert result.successful, result.reason
+        assert spin_until(ros, lambda: node._pose_state in ("ready",) or node._pose_state.startswith("failed"), 60)
+        assert node._pose_state == "ready" and node._pose.randomly_initialised
+    finally:
+        close(ros, node)
+
+
+def test_a_pose_model_finished_after_cleanup_is_dropped(ros):
+    node = make_node(ros, autostart=False)
+    try:
+        assert node.trigger_configure() == SUCCESS
+        stale = node._stop_event
+        assert node.trigger_cleanup() == SUCCESS and stale.is_set()
+        assert node._build_pose(stale) == "stopped" and node._pose is None  # an old builder's model never lands
+        assert node.trigger_configure() == SUCCESS and not node._stop_event.is_set()
+    finally:
+        close(ros, node)

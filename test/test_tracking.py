@@ -143,3 +143,14 @@ def test_people_in_vtest_keep_a_track_for_20_frames(student_dir, shared_data, on
     assert len(per_frame) == 20
     assert all(per_frame), "no person found in some frame"
     assert set.intersection(*per_frame), f"no track lasted all 20 frames: {per_frame}"
+
+
+def test_live_tracks_include_missed_ones_until_max_age_and_filter_by_class():
+    tracker = Tracker(TrackIds(), max_age=1)
+    person, car = np.array([[0, 0, 10, 20]], float), np.array([[50, 50, 80, 70]], float)
+    first = tracker.update(np.concatenate([person, car]), np.array([1, 3]))
+    assert tracker.live() == first and tracker.live([1]) == [first[0]]
+    tracker.update(car, np.array([3]))  # the person missed once: still live, not seen
+    assert tracker.live([1]) == [first[0]] and first[0] not in tracker.tracked
+    tracker.update(car, np.array([3]))  # missed twice > max_age: dropped
+    assert tracker.live([1]) == [] and tracker.live() == [first[1]]

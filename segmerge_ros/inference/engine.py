@@ -501,7 +501,9 @@ class SegmentationEngine:
         network_end = time.perf_counter()
         # At the process's thread count: switching torch's pools around post-processing every frame made both
         # threads' pools contend on a busy CPU (inference/threads.py chooses the count between frames instead).
-        outputs = self.family.outputs(raw, rgb.shape[:2], self.upsample, confidence, instances)
+        # instances=False only where it means something: families written before it keep their 4-argument outputs
+        skip = {} if instances or not self.family.has_instances else {"instances": False}
+        outputs = self.family.outputs(raw, rgb.shape[:2], self.upsample, confidence, **skip)
         end = time.perf_counter()
         return SegmentationResult(outputs.class_map, outputs.confidence, (end - start) * 1e3, rate,
                                   step.name, outputs.instances, outputs.panoptic,

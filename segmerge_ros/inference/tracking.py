@@ -80,6 +80,13 @@ class Tracker:
         """Ids of the tracks seen in the last update."""
         return [track for track, missed in zip(self._track_ids, self._missed.tolist()) if missed == 0]
 
+    def live(self, class_ids=None) -> list[str]:
+        """Ids of every track kept (seen within max_age frames), of the given classes only when given."""
+        if class_ids is None:
+            return list(self._track_ids)
+        keep = np.isin(self._classes, np.asarray(list(class_ids), dtype=np.int64))
+        return [track for track, ok in zip(self._track_ids, keep.tolist()) if ok]
+
     def _match(self, boxes: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
         """For each box, the index of the track it continues, or -1."""
         track_of_box = np.full(len(boxes), -1, np.int64)

@@ -47,11 +47,11 @@ import torch
 from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.msg import State
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.exceptions import NameValidationException, ParameterException
+from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from std_msgs.msg import Float32, Header
+from std_msgs.msg import Float32
 
 from segmerge_ros.inference.budget import BudgetController, BudgetMode, PoseWork
 from segmerge_ros.inference.pose import PoseEstimator
@@ -62,12 +62,13 @@ from segmerge_ros.ros.conversions import BadFrame
 from segmerge_ros.ros.diagnostics import FailureLog, FrameTiming
 from segmerge_ros.ros.node_budget import BudgetParameters
 from segmerge_ros.ros.node_diagnostics import DiagnosticsPublishing
+from segmerge_ros.ros.node_outputs import NodeOutputs
 from segmerge_ros.ros.node_pose import PoseOnDemand
 from segmerge_ros.ros.frame_pipeline import DETECTIONS, FramePipeline, FrameSettings, budget_step
 from segmerge_ros.ros.parameter_policy import (complete_parameter_set, detection_class_ids, lifecycle_refusal,
-                                              refusal_reason, startup_refusal, topics_refusal)
+                                              refusal_reason, startup_refusal)
 from segmerge_ros.ros.params import PARAMETERS
-from segmerge_ros.ros.startup import StartupError, apply_merge_settings, build_engine, model_info, pose_settings
+from segmerge_ros.ros.startup import RANDOM_WEIGHTS, StartupError, apply_merge_settings, build_engine, pose_settings
 
 if TYPE_CHECKING:
     from segmerge_ros.ros.bodies import BodyPublishers
@@ -83,7 +84,7 @@ STOP_WAIT_S = 60.0  # longest wait for the frame in progress at shutdown (a huge
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 
 
-class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, LifecycleNode):
+class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, NodeOutputs, LifecycleNode):
     def __init__(self, **node_kwargs):
         super().__init__(NODE_NAME, **node_kwargs)
         self._declare_parameters()
@@ -97,7 +98,10 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, Lifecy
         self.cameras: list[Camera] = []
         self.engine = self.pipeline = None  # from configure to cleanup
         self._worker: threading.Thread | None = None
-        self._stopping = False  # the current worker is to leave
+        # Set when the current configure's threads (worker, pose builder) are to leave; each configure makes a new
+        # one, so a thread of an earlier configure that outlived its cleanup never takes up the new one's work.
+        self._stop_event = threading.Event()
+        self._stop_event.set()
         self._pose: PoseEstimator | None = None  # built on first enable: no cost while pose is off
         self._threads: ThreadGovernor | None = None  # built with the models, on the worker thread
         self._pose_builder: threading.Thread | None = None  # builds the pose model on first live enable
@@ -150,6 +154,18 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, Lifecy
         return SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self._activate()
+        except Exception:  # noqa: BLE001 - rclpy would turn it into a silent ERROR; logged, and the node stays inactive
+            self.get_logger().error(f"activate failed:\n{traceback.format_exc().rstrip()}")
+            with self.frame_ready:
+                self._active = True  # so that _deactivate undoes what activate did
+            self._deactivate()
+            return FAILURE
+        return SUCCESS
+
+    def _activate(self) -> None:
+        """Subscribe to the cameras and the budget topic."""
         with self.frame_ready:
             self._active = True
         for camera in self.cameras:
@@ -164,7 +180,6 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, Lifecy
             f"segmentation/* in [{outputs}]; {self.param('model')} on {self.engine.device}, backend {self.engine.backend}, "
             f"input_size {self.param('input_size') or 'camera resolution'}, {self._merge_description()}; "
             f"{self._pose_description()}")
-        return SUCCESS
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._deactivate()
@@ -192,11 +207,22 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, Lifecy
         reason = startup_refusal({spec.name: self.param(spec.name) for spec in PARAMETERS})
         if reason:
             raise StartupError(reason)
+        busy = [t.name for t in (self._worker, self._pose_builder) if t is not None and t.is_alive()]
+        if busy:
+            raise StartupError(f"{', '.join(busy)} of the previous configure still running (a frame or a model build "
+                               "that outlived cleanup): configure again once it ends")
+        budget_topic = self.param("budget.topic")
+        if budget_topic:
+            try:
+                self.resolve_topic_name(budget_topic)
+            except RuntimeError as error:  # rcl's RCLError for a name it cannot expand
+                raise StartupError(f"budget.topic: {error}") from None
         self._pose_settings = pose_settings(self.param)
-        self._stopping = False
+        self._pose, self._pose_state = None, ""
+        stop = self._stop_event = threading.Event()
         self._models_built, self._setup_done = threading.Event(), threading.Event()
         self._build_failure: BaseException | None = None
-        self._worker = threading.Thread(target=self._work, name="segmerge-worker", daemon=True)
+        self._worker = threading.Thread(target=self._work, args=(stop,), name="segmerge-worker", daemon=True)
         self._worker.start()
         self._models_built.wait()
         if self._build_failure is not None:
@@ -218,10 +244,16 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, Lifecy
         if self._budget_subscription is not None:
             self.destroy_subscription(self._budget_subscription)
             self._budget_subscription = None
+        if self._bodies is not None:
+            self._bodies.clear()  # REP-155 consumers see no bodies while nothing is tracked
         deadline = time.monotonic() + STOP_WAIT_S
         with self.frame_ready:
             while self._in_flight is not None and time.monotonic() < deadline:
                 self.frame_ready.wait(0.1)
+            still = self._in_flight
+        if still is not None:
+            self.get_logger().warning(f"deactivate: the frame in progress on {still.topic} still runs after "
+                                      f"{STOP_WAIT_S:.0f} s; it will publish nothing")
 
     def _release(self) -> None:
         """Back to unconfigured: the worker stopped, cameras and models freed."""
@@ -237,13 +269,13 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, Lifecy
         self._pose_state = ""
         gc.collect()  # the models' memory back before a new configure builds again
 
-    def _build_models(self) -> None:
+    def _build_models(self, stop: threading.Event) -> None:
         """Pose (when enabled at start) and segmentation models, built and warmed up on the worker thread that runs
         them. torch's OpenMP pool is per calling thread, and while a second thread that has used it lives, both
         pools' threads contend for the cores: measured on the 2-core machine, 66 instead of 37 ms per frame at the
         top rung when the models were built on the main thread and run on the worker."""
         if self._pose_settings.enable:
-            reason = self._build_pose()  # before the segmentation model: bad pose weights fail fast
+            reason = self._build_pose(stop)  # before the segmentation model: bad pose weights fail fast
             if reason:
                 raise StartupError(reason)
         self.engine = build_engine(self.param, self.get_logger().warning)  # refuses what cannot run, warms up
@@ -289,23 +321,15 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, Lifecy
             raise StartupError(reason)
         self._detection_class_ids = tuple(ids)
         if self.param("hri.enable"):
-            self._bodies = make_body_publishers(self, self.engine.labels.person_ids)
+            self._bodies = self._make_body_publishers(self, self.engine.labels.person_ids)
         self.cameras = self._create_cameras(topics)
-        info = model_info(self.param, self.engine)
-        label_info = None
-        if HAVE_VISION_MSGS:
-            from segmerge_ros.ros.detection_msgs import label_info_message  # vision_msgs: only where installed
-
-            label_info = label_info_message(self.engine.labels.classes, Header(stamp=self.get_clock().now().to_msg()),
-                                            float(self.param("instances.score_threshold"))
-                                            if self.engine.family.has_instances else 0.0)
-        else:
+        if not HAVE_VISION_MSGS:
             self.get_logger().warning("vision_msgs is not installed: no segmentation/label_info and no "
                                       "segmentation/detections (apt install ros-jazzy-vision-msgs)")
         for camera in self.cameras:
             camera.tracker = Tracker(self._track_ids, float(self.param("tracking.min_iou")),
                                      int(self.param("tracking.max_age")))
-            camera.publish_labels(self.engine.labels, info, label_info)
+        self._publish_labels()
 
     # -- parameters (the one place that reads them) ---------------------------------------------------------------
     def param(self, name: str):
@@ -322,24 +346,6 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, Lifecy
                 self.declare_parameter(spec.name, spec.default, spec.descriptor())
             except ParameterException as error:
                 raise StartupError(f"parameter {spec.name}: {error}") from None
-
-    @staticmethod
-    def _checked_topics(topics: list[str]) -> list[str]:
-        topics, reason = topics_refusal(topics)
-        if reason:
-            raise StartupError(reason)
-        return topics
-
-    def _create_cameras(self, topics: list[str]) -> list[Camera]:
-        cameras: list[Camera] = []
-        try:
-            for topic in topics:
-                cameras.append(Camera(self, topic, self.frame_ready, self._count_bad))
-        except (NameValidationException, RuntimeError) as error:  # rcl's RCLError for a name it cannot expand
-            for camera in cameras:
-                camera.destroy()
-            raise StartupError(f"image_topics: {error}") from None
-        return cameras
 
     def _set_internally(self, parameters: list[Parameter]) -> SetParametersResult:
         """Set parameters as the node itself (budget decisions, budget topic): not a manual override."""
@@ -362,7 +368,8 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, Lifecy
             return SetParametersResult(successful=False, reason=reason)
         if values.get("pose.enable") is True and self._pose is None and self._configured:
             weights = self.param("pose.weights")
-            if weights and not os.path.exists(weights):  # the one failure known before building: refuse it now
+            # the one failure known before building: refuse it now ('random' names no file)
+            if weights and weights != RANDOM_WEIGHTS and not os.path.exists(weights):
                 return SetParametersResult(successful=False,
                                            reason=f"cannot load pose.weights {weights!r}: no such file")
         return SetParametersResult(successful=True)
@@ -378,6 +385,7 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, Lifecy
             self._detection_min_area = int(self.param("detections.min_area"))
         if "instances.score_threshold" in names and self._configured:
             self.engine.set_instance_score_threshold(float(self.param("instances.score_threshold")))
+            self._publish_labels()  # LabelInfo's threshold
         if "threads.adapt" in names and self._threads is not None:
             self._threads.enabled = bool(self.param("threads.adapt")) and self._governs_threads()
         if not self._configured:
@@ -411,23 +419,23 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, Lifecy
         apply_merge_settings(self.engine, self.param)
 
     # -- the worker -----------------------------------------------------------------------------------------------
-    def _work(self) -> None:
+    def _work(self, stop: threading.Event) -> None:
         try:
-            self._build_models()
+            self._build_models(stop)
         except BaseException as error:  # noqa: BLE001 - handed to the constructor, which raises it
             self._build_failure = error
             return
         finally:
             self._models_built.set()
         self._setup_done.wait()
-        if self._stopping:
+        if stop.is_set():
             return
         next_camera = 0
         while True:
             with self.frame_ready:
-                while not self._stopping and all(c.pending is None for c in self.cameras):
+                while not stop.is_set() and all(c.pending is None for c in self.cameras):
                     self.frame_ready.wait()
-                if self._stopping:
+                if stop.is_set():
                     return
                 # Round robin, so a fast camera cannot starve a slow one.
                 order = self.cameras[next_camera:] + self.cameras[:next_camera]
@@ -440,7 +448,7 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, Lifecy
             except BadFrame as bad:
                 self._count_bad(camera, str(bad))
             except Exception as error:  # noqa: BLE001 - one failing frame must not kill the worker; it is counted
-                if self._stopping or not self.context.ok():
+                if stop.is_set() or not self.context.ok():
                     return
                 self._count_failed(camera, error)
             finally:
@@ -461,7 +469,7 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, Lifecy
         outputs = self.pipeline.process(msg, camera.camera_info, settings, publish=self._publisher(camera),
                                         tracker=camera.tracker)
         if self._bodies is not None and self._active:
-            self._bodies.publish(camera.topic, outputs)
+            self._bodies.publish(camera.topic, outputs, camera.tracker.live(self.engine.labels.person_ids))
         times = outputs.times
         stamp = outputs.header.stamp
         stamp_ns = stamp.sec * 1_000_000_000 + stamp.nanosec
@@ -531,7 +539,7 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, Lifecy
         """Stop the worker and wait for it, so nothing uses the node once it is destroyed: a frame in the middle of
         inference finishes (publishing nothing more)."""
         with self.frame_ready:
-            self._stopping = True
+            self._stop_event.set()
             in_flight = self._in_flight
             self.frame_ready.notify_all()
         if in_flight is not None:
@@ -541,16 +549,6 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, Lifecy
                 thread.join(timeout_s)
                 if thread.is_alive():
                     self.get_logger().error(f"stopping: {thread.name} still busy after {timeout_s:.0f} s")
-
-
-def make_body_publishers(node: SegmergeNode, person_ids) -> BodyPublishers:
-    """The REP-155 publishers (hri.enable); StartupError where hri_msgs is not installed."""
-    try:
-        from segmerge_ros.ros.bodies import BodyPublishers
-    except ImportError as error:
-        raise StartupError(f"hri.enable needs hri_msgs ({error}): install ros-jazzy-hri-msgs (rosdep key "
-                           "hri_msgs), or set hri.enable false") from None
-    return BodyPublishers(node, person_ids)
 
 
 def main(argv: list[str] | None = None) -> int:

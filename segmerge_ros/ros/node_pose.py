@@ -1,13 +1,14 @@
 """The pose part of ``SegmergeNode`` (``ros/node.py``): the pose model built at configure or, on a live enable, on
 a short-lived thread of its own, and switched back off when it cannot be built.
 
-A mixin of the node: it uses the node's ``param``, ``get_logger``, ``_set_internally``, ``pipeline``, ``_stopping``,
+A mixin of the node: it uses the node's ``param``, ``get_logger``, ``_set_internally``, ``pipeline``, ``_stop_event``,
 ``_pose*`` attributes and the ``_pose_failed`` guard condition.
 """
 
 from __future__ import annotations
 
 import threading
+import traceback
 
 from rclpy.parameter import Parameter
 
@@ -17,15 +18,25 @@ from segmerge_ros.ros.startup import StartupError, build_pose
 class PoseOnDemand:
     """Builds the pose estimator when pose is first enabled; frames run without pose until it is ready."""
 
-    def _build_pose(self) -> str | None:
-        """Build the pose estimator (slow: seconds); returns why it cannot be built, or None. Runs at start-up, or
-        on the pose builder thread after a live enable: never on the executor, which must keep serving."""
+    def _build_pose(self, stop: threading.Event) -> str | None:
+        """Build the pose estimator (slow: seconds); returns why it cannot be built, or None. Runs at configure, or
+        on the pose builder thread after a live enable: never on the executor, which must keep serving. A model
+        finished after ``stop`` (its configure was cleaned up) is dropped."""
         self._pose_state = "building"
         try:
             pose = build_pose(self.param, self.get_logger().warning)
         except StartupError as error:
-            self._pose_state = f"failed: {error}"
-            return str(error)
+            reason = str(error)
+        except Exception as error:  # noqa: BLE001 - e.g. a compiled backend failing while warming: reported, not lost
+            reason = f"{type(error).__name__}: {error}"
+            self.get_logger().error(f"pose model build failed:\n{traceback.format_exc().rstrip()}")
+        else:
+            reason = None
+        if stop.is_set():
+            return "stopped"
+        if reason is not None:
+            self._pose_state = f"failed: {reason}"
+            return reason
         self._pose = pose
         if pose.backend_choice is not None:
             self.get_logger().info(f"pose backend auto: {pose.backend_choice.reason}")
@@ -41,9 +52,11 @@ class PoseOnDemand:
         self.get_logger().info("pose.enable: building the pose model in the background; frames run without pose "
                                "until it is ready (diagnostics key pose_model)")
 
+        stop = self._stop_event  # this configure's
+
         def build() -> None:
-            reason = self._build_pose()
-            if self._stopping:
+            reason = self._build_pose(stop)
+            if stop.is_set():
                 return
             if reason:
                 self.get_logger().error(f"pose.enable switched back off: {reason}")
