@@ -155,7 +155,8 @@ class FramePipeline:
         emit = publish or (lambda kind, message: None)
 
         find = settings.detections or settings.track
-        pose_crops = settings.pose.enable and self.pose is not None and settings.pose.mode == "segmentation"
+        pose_on = settings.pose.enable and self.pose is not None
+        pose_crops = pose_on and settings.pose.mode == "segmentation"  # crops from the person objects
         # detection scores need the confidence; people as instances need the instances (Mask2Former)
         result = self.engine.infer(rgb, confidence=settings.confidence or find,
                                    instances=settings.instances or find or pose_crops)
@@ -179,9 +180,8 @@ class FramePipeline:
             panoptic_info = ids_info_message("segments", result.panoptic.as_dict(self.engine.labels.classes), header)
             emit(PANOPTIC_INFO, panoptic_info)
 
-        pose_on = settings.pose.enable and self.pose is not None
         objects = track_ids = detections = posed = None
-        if find or (pose_on and settings.pose.mode == "segmentation"):
+        if find or pose_crops:
             objects = self._find_objects(result, settings, pose_on)
             if find and tracker is not None:
                 track_ids = tracker.update(objects.boxes, objects.class_ids)
@@ -223,7 +223,7 @@ class FramePipeline:
     def _find_objects(self, result: SegmentationResult, settings: FrameSettings, pose_on: bool) -> Objects:
         """The detection classes' regions (instances with Mask2Former) and, for pose, the people's, largest first."""
         person_ids = self.engine.labels.person_ids
-        classes = set(settings.detection_class_ids or person_ids)
+        classes = set(self._detection_classes(settings))
         min_area = settings.detection_min_area
         if pose_on or settings.track:  # pose crops and REP-155 bodies are people, whatever detections.classes says
             classes |= set(person_ids)
@@ -233,12 +233,16 @@ class FramePipeline:
             return objects_from_instances(result.instances, sorted(classes), min_area)
         return objects_from_class_map(result.class_map, sorted(classes), min_area, result.confidence)
 
+    def _detection_classes(self, settings: FrameSettings) -> tuple[int, ...]:
+        """The classes detections are published for: ``detection_class_ids``, or the label set's person classes."""
+        return tuple(settings.detection_class_ids or self.engine.labels.person_ids)
+
     def _detections_message(self, header: Header, objects: Objects, track_ids: list[str] | None,
                             settings: FrameSettings):
         """The Detection2DArray of the detection classes' objects at least detection_min_area large."""
         from segmerge_ros.ros.detection_msgs import detections_message  # vision_msgs: only where it is installed
 
-        keep = (np.isin(objects.class_ids, settings.detection_class_ids or self.engine.labels.person_ids)
+        keep = (np.isin(objects.class_ids, self._detection_classes(settings))
                 & (objects.areas >= settings.detection_min_area))
         ids = [track_ids[i] for i in np.flatnonzero(keep)] if track_ids is not None else [""] * int(keep.sum())
         return detections_message(header, objects.subset(keep), ids, self.engine.labels.classes)
