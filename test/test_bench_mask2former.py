@@ -56,14 +56,36 @@ def refused(capsys, argv: list[str]) -> str:
     return lines[0]
 
 
-def test_non_eager_backend_is_refused_in_one_line(capsys):
-    line = refused(capsys, ["--model", "mask2former-swin-t", "--backend", "openvino", "--size", "64x64"])
-    assert line == ("segmerge-bench: --backend openvino: Mask2Former runs eager only (no OpenVINO, compiled or "
-                    "TensorRT path for it yet)")
-    assert "--backend compile" in refused(capsys, ["--model", "mask2former-r50", "--backend", "eager,compile"])
+def test_backends_not_benchmarked_for_mask2former_are_refused_in_one_line(capsys):
+    line = refused(capsys, ["--model", "mask2former-swin-t", "--backend", "compile", "--size", "64x64"])
+    assert line == ("segmerge-bench: --backend compile: Mask2Former is benchmarked on eager and openvino (the compiled "
+                    "and TensorRT paths are not measured for it)")
+    assert "--backend tensorrt" in refused(capsys, ["--model", "mask2former-r50", "--backend", "eager,tensorrt"])
     assert "fp16" in refused(capsys, ["--model", "mask2former-r50", "--precision", "fp16"])
     assert "--presets" in refused(capsys, ["--model", "mask2former-r50", "--presets", "hq"])
     assert "--config-overrides" in refused(capsys, ["--model", "segformer-b0", "--config-overrides", "{}"])
+
+
+def test_openvino_rows_beside_eager_with_their_speed_ups_and_closeness(tmp_path, capsys):
+    argv = ["--repeat", "1", "--backend", "openvino", "--precision", "fp32", "--engine-cache-dir", str(tmp_path)]
+    result = run(tmp_path, *PROSCALE, size="64x64", extra=argv)
+    rows = {row["name"]: row for row in result["sizes"][0]["rows"]}
+    # eager fp32 is always run: the reference of every other row at the same setting
+    assert list(rows) == ["ours k=0", "ours k=1", "ours k=2", "ours k=0@openvino-fp32", "ours k=1@openvino-fp32",
+                          "ours k=2@openvino-fp32"]
+    for k in range(3):
+        eager, compiled = rows[f"ours k={k}"], rows[f"ours k={k}@openvino-fp32"]
+        assert (compiled["backend"], compiled["precision"], compiled["coarse_layers"]) == ("openvino", "fp32", k)
+        assert compiled["max_rel_class_logit_diff_vs_ours"] <= 1e-4 and compiled["max_rel_mask_logit_diff_vs_ours"] <= 1e-4
+        assert compiled["agreement_vs_reference"] >= 0.999
+        # ratios of the medians (which the JSON rounds to 0.01 ms)
+        assert compiled["speedup_vs_eager"] == pytest.approx(eager["median_ms"] / compiled["median_ms"], rel=2e-3)
+        assert compiled["speedup_vs_own_k0"] == pytest.approx(rows["ours k=0@openvino-fp32"]["median_ms"]
+                                                              / compiled["median_ms"], rel=2e-3)
+        assert eager["speedup_vs_eager"] is None and eager["max_rel_class_logit_diff_vs_ours"] is None
+    assert not any("ran eagerly" in note for note in result["notes"])
+    assert sorted(path.suffix for path in tmp_path.glob("*.xml")) == [".xml"] * 3  # one IR per setting, in the cache
+    assert "ours k=2@openvino-fp32" in capsys.readouterr().out
 
 
 def test_precision_fp32_and_backend_eager_run(tmp_path):

@@ -3,7 +3,6 @@ encoder knob, the knob's settings as the budget controller's levels, checkpoints
 
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import pytest
@@ -90,10 +89,8 @@ def test_proscale_knob_settings_stop_below_its_full_scale_layers():
     assert engine.merge_config.name == "mask2former coarse_layers=2"
 
 
-def test_presets_are_refused_and_compiled_backends_run_eagerly(caplog):
-    with caplog.at_level(logging.WARNING):
-        engine = SegmentationEngine("mask2former-mit-b0", backend="compile", input_size=(64, 96))
-    assert engine.backend == "eager" and "running mask2former eagerly" in caplog.text
+def test_presets_are_refused():
+    engine = SegmentationEngine("mask2former-mit-b0", input_size=(64, 96))
     with pytest.raises(ValueError, match="merge preset"):
         engine.set_preset("hq")
 

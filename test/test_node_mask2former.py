@@ -86,7 +86,8 @@ def client():
 @pytest.fixture(scope="module")
 def node(client, weights, tmp_path_factory):
     logs = tmp_path_factory.mktemp("m2f_node")
-    params = {"image_topics": [CAM], "model": "mask2former-swin-t", "weights": str(weights), "input_size": "96x128", "precision": "fp32",
+    params = {"image_topics": [CAM], "model": "mask2former-swin-t", "weights": str(weights), "input_size": "96x128",
+              "backend": "eager", "precision": "fp32",
               "instances.score_threshold": 0.3, "panoptic.enable": True, "pose.enable": True,
               "pose.min_person_area": 1, "pose.max_persons": 32, "detections.min_area": 1}
     env = ros_env(domain_id(__name__))

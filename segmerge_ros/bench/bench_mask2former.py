@@ -15,10 +15,16 @@ arg-max agreement says nothing about what the knob costs a trained model.
 
 The command line is ``segmerge-bench``'s own (``bench.build_parser``, the same flags for every model), parsed there
 and handed to ``run``: ``--repeat`` (alias ``--repeats``) rounds; ``--rates`` picks the knob settings those merge
-rates select (``ladder``: all); ``--precision fp32`` and ``bf16`` (autocast, on a CPU with native bf16) side by
-side, rows of bf16 named ``ours k=<k>@eager-bf16``. Until Mask2Former has an OpenVINO/compiled path, another
-``--backend``, fp16, bf16 on a CPU without it, ``--presets``, ``--attention-rates``, ``--labels``, ``--plot`` and a
-non-CPU ``--device`` are refused in one line on stderr with exit status 2.
+rates select (``ladder``: all); ``--backend eager,openvino`` and ``--precision fp32,bf16`` side by side (bf16:
+autocast eagerly, OpenVINO's bf16 inference precision; on a CPU with native bf16), rows named
+``ours k=<k>@<backend>-<precision>`` (eager fp32 rows are plain ``ours k=<k>``: they are always run, the reference of
+every other row at the same setting). OpenVINO rows run the engine's own path (``KnobNetwork`` through the OpenVINO
+backend, IR in the engine cache, ``--cache-dir``); their conversion happens in the untimed quality pass. Per row:
+the speed-up against eager fp32 at the same setting and against the same backend and precision at k = 0, and the
+largest class and mask logit difference from eager fp32 at the same setting, relative to its largest logit, with
+the arg-max agreement. The compiled and TensorRT backends, fp16, bf16 on a CPU without it, ``--presets``,
+``--attention-rates``, ``--labels``, ``--plot`` and a non-CPU ``--device`` are refused in one line on stderr with
+exit status 2.
 
 transformers is a test-only dependency: it is imported here when installed and its column is skipped (with a line
 saying why) when it is not, or when it has no such model (MiT backbones, the PRO-SCALE encoder).
@@ -44,10 +50,11 @@ from segmerge_ros.models.mask2former.deformable_attention import coarse_layers_f
 from segmerge_ros.models.mask2former.model import Mask2Former, Mask2FormerConfig, knob_settings, mask2former_config
 from segmerge_ros.models.mask2former.flops import model_macs, pixel_decoder_macs_for
 from segmerge_ros.inference.engine import parse_size, to_tensor
+from segmerge_ros.inference.families.mask2former import KnobNetwork, knob_config, unpack
 from segmerge_ros.inference.postprocess.mask2former import semantic_maps
 from segmerge_ros.inference.backends import base as backends_base  # cpu_bf16_support looked up at call time
-from segmerge_ros.inference.backends.base import PRECISIONS
-from segmerge_ros.inference.backends.registry import BACKEND_NAMES
+from segmerge_ros.inference.backends.base import PRECISIONS, Backend
+from segmerge_ros.inference.backends.registry import BACKEND_NAMES, make_backend, missing_requirements
 from segmerge_ros.inference.sources import read_rgb
 from segmerge_ros.bench.common import find_images, is_mask2former, known_names, merge_rates, refuse
 
@@ -65,22 +72,49 @@ class Row:
     coarse_layers: int | None = None  # None: the transformers row (the stock model, k = 0)
     min_rate: float | None = None  # the smallest merge rate that selects this knob setting
     precision: str = "fp32"  # ours in fp32, or bf16 under autocast; transformers' row is fp32
+    backend: str = "eager"
+    compiled: Backend | None = None  # the compiled backend of a non-eager row (to report a fallback to eager)
     times_ms: list[float] = field(default_factory=list)
     agreement: list[float] = field(default_factory=list)
-    class_diff: float | None = None
+    class_diff: float | None = None  # max |difference| from its reference row (reference_row)
     mask_diff: float | None = None
     largest_logits: tuple[float, float] = (0.0, 0.0)  # max |class|, |mask| logit of the row (scale of the diffs)
+    reference_agreement: list[float] = field(default_factory=list)  # arg-max agreement with the reference row
+
+    @property
+    def is_eager_fp32(self) -> bool:
+        return self.coarse_layers is not None and (self.backend, self.precision) == ("eager", "fp32")
 
 
-def check_args(args: argparse.Namespace) -> list[str]:
-    """The precisions to run (fp32 first when asked); whatever Mask2Former cannot do yet is refused in one line,
-    exit status 2, before any model is built."""
+def reference_row(row: Row, rows: list[Row]) -> Row | None:
+    """What ``row``'s outputs are compared with: ours eager fp32 at the same setting (k = 0 for transformers);
+    None for those rows themselves."""
+    if row.is_eager_fp32:
+        return None
+    k = row.coarse_layers or 0
+    return next(other for other in rows if other.is_eager_fp32 and other.coarse_layers == k)
+
+
+def row_name(k: int, backend: str, precision: str) -> str:
+    return f"ours k={k}" + ("" if (backend, precision) == ("eager", "fp32") else f"@{backend}-{precision}")
+
+
+BENCH_BACKENDS = ("eager", "openvino")
+
+
+def check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The backends (eager first) and precisions (fp32 first) to run; whatever is not benchmarked for Mask2Former is
+    refused in one line, exit status 2, before any model is built."""
     if not is_mask2former(args.model):
         refuse(f"--model {args.model} is not a Mask2Former (mask2former-<backbone>[-proscale])")
-    for backend in known_names(args.backend, BACKEND_NAMES):
-        if backend != "eager":
-            refuse(f"--backend {backend}: Mask2Former runs eager only (no OpenVINO, compiled or TensorRT "
-                         "path for it yet)")
+    backends = known_names(args.backend, BACKEND_NAMES)
+    for backend in backends:
+        if backend not in BENCH_BACKENDS:
+            refuse(f"--backend {backend}: Mask2Former is benchmarked on {' and '.join(BENCH_BACKENDS)} (the compiled "
+                   "and TensorRT paths are not measured for it)")
+        missing = missing_requirements(backend, torch.device("cpu"))
+        if missing:
+            refuse(f"--backend {backend}: this machine lacks {', '.join(missing)}")
     precisions = known_names(args.precision, PRECISIONS)
     for precision in precisions:
         if precision == "fp16":
@@ -97,7 +131,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
             refuse(f"{flag}: {reason}")
     if args.rates.strip() not in ("", "ladder"):
         merge_rates(args.rates)  # out of range: the SegFormer message
-    return sorted(set(precisions), key=lambda p: p != "fp32")
+    return (sorted(set(backends), key=lambda b: b != "eager"),
+            sorted(set(precisions), key=lambda p: p != "fp32"))
 
 
 def settings_for_rates(model: Mask2Former, rates: str) -> list[tuple[int, float]]:
@@ -191,23 +226,35 @@ def transformers_twin(model: Mask2Former) -> tuple[torch.nn.Module | None, str]:
 
 
 def build_rows(model: Mask2Former, hf: torch.nn.Module | None, settings: list[tuple[int, float]] | None = None,
-               precisions: Sequence[str] = ("fp32",)) -> list[Row]:
-    """transformers' row (when given), then ours at every knob setting in every precision; fp32 k = 0, the reference
-    of speed-ups and agreement, always and first of ours."""
+               precisions: Sequence[str] = ("fp32",), backends: Sequence[str] = ("eager",),
+               cache_dir: str | None = None, model_name: str = "mask2former") -> list[Row]:
+    """transformers' row (when given), then ours at every knob setting on every backend in every precision; eager
+    fp32 at every setting always (the reference rows), eager fp32 k = 0 first of ours."""
     settings = knob_settings(model) if settings is None else settings
+    network = KnobNetwork(model)
+    compiled = {(backend, precision): make_backend(backend, network, "cpu", precision=precision, cache_dir=cache_dir,
+                                                   model_name=model_name, strict=True)
+                for backend in backends if backend != "eager" for precision in precisions}
 
-    def runner(k: int, precision: str) -> Callable[[torch.Tensor], Outputs]:
+    def runner(k: int, backend: str, precision: str) -> Callable[[torch.Tensor], Outputs]:
+        if backend != "eager":
+            def run_compiled(x: torch.Tensor) -> Outputs:
+                packed = compiled[backend, precision].run(x, knob_config(k))
+                return unpack(packed, model.config.num_classes, tuple(x.shape[-2:]))
+            return run_compiled
+
         def run(x: torch.Tensor) -> Outputs:
             amp = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
             with amp:
                 return tuple(out.float() for out in model(x, coarse_layers=k))
         return run
 
-    combos = [(k, rate, p) for p in precisions for k, rate in settings]
-    if (0, "fp32") not in {(k, p) for k, _, p in combos}:
-        combos.insert(0, (0, 0.0, "fp32"))
-    rows = [Row(f"ours k={k}" + ("" if p == "fp32" else f"@eager-{p}"), runner(k, p), k, rate, p)
-            for k, rate, p in combos]
+    combos = [(k, rate, "eager", "fp32") for k, rate in settings]
+    combos += [(k, rate, b, p) for b in backends for p in precisions for k, rate in settings
+               if (b, p) != ("eager", "fp32")]
+    if 0 not in {k for k, _ in settings}:
+        combos.insert(0, (0, 0.0, "eager", "fp32"))
+    rows = [Row(row_name(k, b, p), runner(k, b, p), k, rate, p, b, compiled.get((b, p))) for k, rate, b, p in combos]
     if hf is not None:
         def run_hf(x: torch.Tensor) -> Outputs:
             out = hf(pixel_values=x)
@@ -222,23 +269,26 @@ def semantic_map(outputs: Outputs, size: tuple[int, int]) -> np.ndarray:
 
 
 def measure(rows: list[Row], images: list[np.ndarray], size: tuple[int, int], repeats: int) -> None:
-    """Quality on every image (the pass also warms every row up), then ``repeats`` interleaved timed rounds."""
-    reference_row = next(row for row in rows if row.coarse_layers == 0 and row.precision == "fp32")
+    """Quality on every image (the pass also warms every row up: OpenVINO converts and compiles there), then
+    ``repeats`` interleaved timed rounds."""
+    k0 = next(row for row in rows if row.is_eager_fp32 and row.coarse_layers == 0)
     with torch.inference_mode():
         for rgb in images:
             pixels = to_tensor(rgb, size, torch.device("cpu"))
             outputs = {row.name: row.run(pixels) for row in rows}
-            reference = outputs[reference_row.name]
-            reference_map = semantic_map(reference, size)
+            maps = {name: semantic_map(output, size) for name, output in outputs.items()}
             for row in rows:
                 class_logits, mask_logits = outputs[row.name]
                 row.largest_logits = (max(row.largest_logits[0], class_logits.abs().max().item()),
                                       max(row.largest_logits[1], mask_logits.abs().max().item()))
-                row.agreement.append(float((semantic_map(outputs[row.name], size) == reference_map).mean()))
-                if row.coarse_layers is None:
+                row.agreement.append(float((maps[row.name] == maps[k0.name]).mean()))
+                reference = reference_row(row, rows)
+                if reference is not None:
+                    row.reference_agreement.append(float((maps[row.name] == maps[reference.name]).mean()))
                     row.class_diff = max(row.class_diff or 0.0,
-                                         (outputs[row.name][0] - reference[0]).abs().max().item())
-                    row.mask_diff = max(row.mask_diff or 0.0, (outputs[row.name][1] - reference[1]).abs().max().item())
+                                         (class_logits - outputs[reference.name][0]).abs().max().item())
+                    row.mask_diff = max(row.mask_diff or 0.0,
+                                        (mask_logits - outputs[reference.name][1]).abs().max().item())
         pixels = to_tensor(images[0], size, torch.device("cpu"))
         for _ in range(repeats):
             for row in rows:
@@ -249,35 +299,50 @@ def measure(rows: list[Row], images: list[np.ndarray], size: tuple[int, int], re
 
 def size_result(config: Mask2FormerConfig, rows: list[Row], size: tuple[int, int]) -> dict:
     medians = {row.name: statistics.median(row.times_ms) for row in rows}
-    k0 = next(row.name for row in rows if row.coarse_layers == 0 and row.precision == "fp32")
+    k0 = next(row.name for row in rows if row.is_eager_fp32 and row.coarse_layers == 0)
     hf_ms = medians.get("transformers")
     macs = {}
     for row in rows:
         k = row.coarse_layers or 0
         total = model_macs(config, size, k)
         macs[row.name] = (total["total"], total["pixel_decoder"], pixel_decoder_macs_for(config, size, k)["encoder"])
+    def ratio(reference: Row | None, row: Row) -> float | None:
+        return round(medians[reference.name] / medians[row.name], 3) if reference is not None else None
+
+    def relative(diff: float | None, reference: Row | None, index: int) -> float | None:
+        return None if diff is None or reference is None else diff / max(reference.largest_logits[index], 1e-12)
+
     out = []
     for row in rows:
         total, pixel_decoder, layers = macs[row.name]
+        reference = reference_row(row, rows)
+        own_k0 = next((other for other in rows if other.coarse_layers == 0 and other.backend == row.backend
+                       and other.precision == row.precision), None) if row.coarse_layers is not None else None
         out.append({
             "name": row.name,
             "coarse_layers": row.coarse_layers if row.coarse_layers is not None else 0,
             "min_rate": row.min_rate,
             "implementation": "transformers" if row.coarse_layers is None else "ours",
-            "backend": "eager",
+            "backend": row.backend,
             "precision": row.precision,
             "median_ms": round(medians[row.name], 2),
             "best_ms": round(min(row.times_ms), 2),  # on a shared machine the least disturbed call
             "times_ms": [round(t, 2) for t in row.times_ms],
             "speedup_vs_k0": round(medians[k0] / medians[row.name], 3),
             "speedup_vs_transformers": round(hf_ms / medians[row.name], 3) if hf_ms else None,
+            "speedup_vs_eager": ratio(reference, row) if row.coarse_layers is not None else None,  # same setting
+            "speedup_vs_own_k0": ratio(own_k0, row),  # same backend and precision at k = 0
             "gmac_total": round(total / 1e9, 3),
             "gmac_pixel_decoder": round(pixel_decoder / 1e9, 3),
             "gmac_encoder_layers": round(layers / 1e9, 3),
             "macs_share_vs_k0": round(total / macs[k0][0], 4),
             "agreement_vs_k0": round(statistics.mean(row.agreement), 4),
+            "agreement_vs_reference": round(statistics.mean(row.reference_agreement), 4)
+            if row.reference_agreement else None,  # arg-max, with eager fp32 at the same setting
             "max_abs_class_logit_diff_vs_ours": row.class_diff,
             "max_abs_mask_logit_diff_vs_ours": row.mask_diff,
+            "max_rel_class_logit_diff_vs_ours": relative(row.class_diff, reference, 0),
+            "max_rel_mask_logit_diff_vs_ours": relative(row.mask_diff, reference, 1),
             "max_abs_class_logit": round(row.largest_logits[0], 3),
             "max_abs_mask_logit": round(row.largest_logits[1], 3),
         })
@@ -292,19 +357,19 @@ def print_table(result: dict) -> None:
     for entry in result["sizes"]:
         print(f"\n{result['model']} ({result['encoder']}) {entry['size'][0]}x{entry['size'][1]}  {result['device']}  "
               f"{result['weights']}")
-        header = (f"{'row':<20} {'rate>=':>6} {'median ms':>10} {'best ms':>9} {'x vs k=0':>8} {'x vs hf':>8} "
-                  f"{'GMAC':>7} "
-                  f"{'pixdec GMAC':>11} {'MAC %':>6} {'agree k=0':>9} {'max|dcls|':>9} {'max|dmask|':>10} "
-                  f"{'max|cls|':>8} {'max|mask|':>9}")
+        header = (f"{'row':<27} {'rate>=':>6} {'median ms':>10} {'best ms':>9} {'x vs k=0':>8} {'x own k0':>8} "
+                  f"{'x eager':>7} {'x vs hf':>7} {'GMAC':>7} {'pixdec GMAC':>11} {'MAC %':>6} {'agree k=0':>9} "
+                  f"{'agree ref':>9} {'rel dcls':>9} {'rel dmask':>9}")
         print(header)
         print("-" * len(header))
         for row in entry["rows"]:
-            print(f"{row['name']:<20} {fmt(row['min_rate'], '>6.2f')} {row['median_ms']:>10.1f} "
-                  f"{row['best_ms']:>9.1f} {row['speedup_vs_k0']:>8.2f} {fmt(row['speedup_vs_transformers'], '>8.2f')} "
+            print(f"{row['name']:<27} {fmt(row['min_rate'], '>6.2f')} {row['median_ms']:>10.1f} "
+                  f"{row['best_ms']:>9.1f} {row['speedup_vs_k0']:>8.2f} {fmt(row['speedup_vs_own_k0'], '>8.2f')} "
+                  f"{fmt(row['speedup_vs_eager'], '>7.2f')} {fmt(row['speedup_vs_transformers'], '>7.2f')} "
                   f"{row['gmac_total']:>7.2f} {row['gmac_pixel_decoder']:>11.2f} {100 * row['macs_share_vs_k0']:>6.1f} "
-                  f"{row['agreement_vs_k0']:>9.4f} {fmt(row['max_abs_class_logit_diff_vs_ours'], '>9.2e')} "
-                  f"{fmt(row['max_abs_mask_logit_diff_vs_ours'], '>10.2e')} {row['max_abs_class_logit']:>8.1f} "
-                  f"{row['max_abs_mask_logit']:>9.1f}")
+                  f"{row['agreement_vs_k0']:>9.4f} {fmt(row['agreement_vs_reference'], '>9.4f')} "
+                  f"{fmt(row['max_rel_class_logit_diff_vs_ours'], '>9.2e')} "
+                  f"{fmt(row['max_rel_mask_logit_diff_vs_ours'], '>9.2e')}")
     for note in result["notes"]:
         print(f"note: {note}")
 
@@ -331,7 +396,7 @@ def load_model(args: argparse.Namespace) -> tuple[Mask2Former, str]:
 
 def run(args: argparse.Namespace) -> int:
     """The rows of ``args`` (``bench.parse_args``'s, for a Mask2Former), timed, printed and written."""
-    precisions = check_args(args)
+    backends, precisions = check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [parse_size(text) for text in args.sizes]
@@ -348,7 +413,8 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         notes.append("input: random pixels (no image found)")
     settings = settings_for_rates(model, args.rates)
-    rows = build_rows(model, hf, settings, precisions)
+    rows = build_rows(model, hf, settings, precisions, backends, cache_dir=args.engine_cache_dir,
+                      model_name=args.model)
     result = {
         "model": args.model, "encoder": config.encoder if config.encoder == "stock" else
         f"proscale {tuple(config.proscale_schedule)}", "device": f"cpu ({torch.get_num_threads()} threads)",
@@ -361,6 +427,11 @@ def run(args: argparse.Namespace) -> int:
             row.times_ms, row.agreement, row.class_diff, row.mask_diff = [], [], None, None
             row.largest_logits = (0.0, 0.0)
         measure(rows, images, size, args.repeat)
+        for row in rows:  # a compiled row that fell back measured eager: say so beside the figures
+            if row.compiled is not None and (row.compiled.name != row.backend
+                                             or knob_config(row.coarse_layers).name in row.compiled.eager_rungs):
+                notes.append(f"{row.name} at {size[0]}x{size[1]} ran eagerly (its {row.backend} export failed; "
+                             "see the log)")
         result["sizes"].append(size_result(config, rows, size))
     print_table(result)
     if args.json:

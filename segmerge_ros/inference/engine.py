@@ -22,7 +22,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from segmerge_ros.merging.segformerpp import MAX_MERGE_RATE, NONE, MergeConfig, preset, scaled_size
+from segmerge_ros.merging.segformerpp import MAX_MERGE_RATE, MergeConfig, preset, scaled_size
 from segmerge_ros.inference.backends.auto import AUTO, BackendChoice, choice_fields, choose_backend
 from segmerge_ros.inference.backends.base import Backend
 from segmerge_ros.inference.backends.cache import default_cache_dir
@@ -126,8 +126,9 @@ class SegmentationEngine:
             warm_upsampled_argmax()  # compiled (or loaded from numba's cache) now, not on the first frame
         self._lock = threading.Lock()
         if not self.family.compilable and backend not in ("eager", AUTO):
-            # Content-dependent token counts (ALGM, ClustViT, DoViT) or no compiled path yet (Mask2Former).
-            LOG.warning("backend %r serves SegFormer models only; running %s eagerly", backend, self.family.name)
+            # Content-dependent token counts (ALGM, ClustViT, DoViT): no static shapes to compile.
+            LOG.warning("backend %r serves SegFormer and Mask2Former models only; running %s eagerly", backend,
+                        self.family.name)
             backend = "eager"
         self._precision, self._cache_dir, self._model_name = precision, cache_dir, model
         self._cache_max_mb = cache_max_mb
@@ -144,7 +145,7 @@ class SegmentationEngine:
         self._calibration_pending = self.precision_plan == "auto"
         self.backend = self._backends[self.ladder[0].precision].name  # the backend in use (eager after a fallback)
         self._step = self.ladder[0]
-        self._merge: MergeConfig = NONE
+        self._merge: MergeConfig = self._step.config
         self._merge_rate = 0.0
         self.set_preset(preset)
         self._warm = warm
@@ -173,7 +174,7 @@ class SegmentationEngine:
         plan, half = precision_plan(self._precision, self.device, openvino_device)
         ladder = build_ladder(self.family.rungs(backend), plan, half)
         backends = {
-            name: make_backend(backend, self.model, self.device, precision=name, input_size=self.input_size,
+            name: make_backend(backend, self.family.network, self.device, precision=name, input_size=self.input_size,
                                ladder_configs=[network_config(step.config) for step in ladder if step.precision == name],
                                cache_dir=self._cache_dir, model_name=self._model_name, log=LOG,
                                openvino_device=self._openvino_device, cache_max_mb=self._cache_max_mb)
@@ -407,7 +408,7 @@ class SegmentationEngine:
             raise ValueError(f"preset {name!r} is a SegFormer merge preset; {self.family.name} models take merge_rate")
         with self._lock:
             step = self.ladder[0] if name == "none" else Step(float("nan"), config, self.ladder[-1].precision)
-            self._step, self._merge = step, config
+            self._step, self._merge = step, step.config  # "none": the family's unmerged rung
             self._merge_rate = 0.0 if name == "none" else float("nan")
 
     def set_merge_config(self, config: MergeConfig, rate: float = float("nan")) -> None:
@@ -423,10 +424,11 @@ class SegmentationEngine:
         half = next((step.precision for step in self.ladder if step.precision != "fp32"), None)
         if half is None:
             return float("nan")
-        pixels = self._network_input(rgb, NONE)
+        exact = self.ladder[0].config  # the family's unmerged rung
+        pixels = self._network_input(rgb, exact)
 
         def labels(precision: str) -> torch.Tensor:
-            return self._run(pixels, NONE, precision, 0.0).argmax(dim=1)
+            return self._run(pixels, exact, precision, 0.0).argmax(dim=1)
 
         with torch.inference_mode():
             exact, fast = labels("fp32"), labels(half)

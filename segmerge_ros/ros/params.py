@@ -78,7 +78,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               f"ladder and the presets), a plain ViT {VIT_MODEL_PATTERN} (e.g. algm-vit-s-linear; merge_rate "
               f"drives the method's own control, no presets), or a Mask2Former {MASK2FORMER_MODEL_PATTERN} (e.g. "
               "mask2former-swin-t, mask2former-mit-b0-proscale; merge_rate runs the first encoder layers on the "
-              "coarse scales, no presets; also publishes instances; eager only). An unknown name fails configure.",
+              "coarse scales, no presets; also publishes instances). An unknown name fails configure.",
               rebuild=True,
               constraints=f"segformer-b0 .. segformer-b5, {VIT_MODEL_PATTERN}, or {MASK2FORMER_MODEL_PATTERN}"),
     ParamSpec("weights", "",
@@ -96,7 +96,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "and measured faster than eager on this CPU at the input size (timed on the first frame, or at start "
               "with input_size; remembered in engine_cache_dir), else eager; on CUDA TensorRT, else compile, else "
               "eager. Compiled models are cached in engine_cache_dir. An unknown name fails configure; one that "
-              "cannot run here falls back to eager with a warning; plain-ViT and Mask2Former models run eagerly.",
+              "cannot run here falls back to eager with a warning; plain-ViT models run eagerly (Mask2Former: one "
+              "compiled model per knob setting).",
               rebuild=True, choices=BACKEND_CHOICES),
     ParamSpec("precision", "auto",
               "Compute precision: fp32, bf16, fp16 or auto. bf16 runs on CUDA GPUs that support it and on CPUs with "

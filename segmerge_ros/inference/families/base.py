@@ -79,6 +79,12 @@ class ModelFamily:
         raise NotImplementedError
 
     @property
+    def network(self) -> nn.Module:
+        """What the engine's backends run, prepare and export: ``network(pixels, config) -> one tensor`` (by default
+        the model itself)."""
+        return self.model
+
+    @property
     def minimum_input_side(self) -> int:
         """The smallest height/width the network runs at (1: any size)."""
         return 1

@@ -4,7 +4,11 @@ panoptic segments from one forward pass.
 ``merge_rate`` maps onto the pixel-decoder encoder's coarse-layer knob (``coarse_layers_for_rate``), whose settings
 are the ladder levels; the result also holds instances, thresholded at ``instance_score_threshold``, at most
 ``max_instances``, and with ``panoptic`` detectron2's panoptic segmentation, stuff and things as
-``postprocess/mask2former.thing_classes`` knows them, every class a thing otherwise. Eager only (no compiled path).
+``postprocess/mask2former.thing_classes`` knows them, every class a thing otherwise.
+
+Every knob setting has static shapes for an input size, so the compiled backends serve it like SegFormer's rungs:
+the backends run ``KnobNetwork``, which takes the setting from the rung's configuration (``knob_config``) and returns
+the class and mask logits packed into one tensor (the backends' one output; ``unpack`` splits it again).
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ import math
 from dataclasses import replace
 
 import torch
+from torch import nn
 
-from segmerge_ros.merging.segformerpp import NONE, MergeConfig
+from segmerge_ros.merging.segformerpp import NONE, MergeConfig, Rung
 from segmerge_ros.models.labels import label_set
 from segmerge_ros.models.mask2former.checkpoints import is_mask2former_name, load_mask2former
-from segmerge_ros.models.mask2former.deformable_attention import KNOB_SETTINGS, coarse_layers_for_rate
-from segmerge_ros.models.mask2former.model import Mask2Former, mask2former_config
-from segmerge_ros.inference.backends.base import PRECISIONS, Backend, autocast
+from segmerge_ros.models.mask2former.deformable_attention import coarse_layers_for_rate
+from segmerge_ros.models.mask2former.model import Mask2Former, knob_settings, mask2former_config
+from segmerge_ros.inference.backends.base import Backend
 from segmerge_ros.inference.families.base import FamilyOutputs, ModelFamily, OutputOptions
 from segmerge_ros.inference.ladder import Step
 from segmerge_ros.inference.postprocess.mask2former import (instance_id_map, instance_segmentation,
@@ -29,13 +34,54 @@ from segmerge_ros.inference.postprocess.mask2former import (instance_id_map, ins
 Raw = tuple[torch.Tensor, torch.Tensor]  # class logits (1, Q, K+1), mask logits (1, Q, h/4, w/4)
 
 
+def knob_config(coarse_layers: int) -> MergeConfig:
+    """The rung configuration of one knob setting (no token merging; the name carries the setting)."""
+    return replace(NONE, name=f"mask2former coarse_layers={coarse_layers}")
+
+
+def pack(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """(B, Q, K+1) and (B, Q, h, w) -> (B, Q, K+1 + h*w): one output for the backends."""
+    return torch.cat((class_logits, mask_logits.flatten(2)), dim=2)
+
+
+def mask_size(input_size: tuple[int, int]) -> tuple[int, int]:
+    """The mask logits' (h, w) for a network input of (H, W): the backbone's stride-4 level, rounded up."""
+    return tuple(-(-int(side) // 4) for side in input_size)  # type: ignore[return-value]
+
+
+def unpack(packed: torch.Tensor, num_classes: int, input_size: tuple[int, int]) -> Raw:
+    """``pack``'s inverse for a network input of ``input_size`` (H, W) and ``num_classes`` classes (K)."""
+    height, width = mask_size(input_size)
+    if packed.shape[-1] != num_classes + 1 + height * width:
+        raise ValueError(f"packed Mask2Former output of {packed.shape[-1]} values per query does not hold {num_classes}"
+                         f" + 1 class logits and {height}x{width} mask logits (input {input_size[0]}x{input_size[1]})")
+    class_logits, mask_logits = packed.split((num_classes + 1, height * width), dim=2)
+    return class_logits, mask_logits.unflatten(2, (height, width))
+
+
+class KnobNetwork(nn.Module):
+    """``(pixels, knob_config(k)) -> pack(class logits, mask logits)`` of the model at knob setting k: what the
+    backends run, prepare and export (one graph per setting and input size)."""
+
+    def __init__(self, model: Mask2Former):
+        super().__init__()
+        self.model = model
+        self.coarse_layers = {knob_config(k): k for k in range(model.pixel_level_module.decoder.encoder.full_scale_layers)}
+
+    def forward(self, pixels: torch.Tensor, config: MergeConfig) -> torch.Tensor:
+        output = self.model(pixels, coarse_layers=self.coarse_layers[config])
+        return pack(output.class_logits, output.mask_logits)
+
+
 class Mask2FormerFamily(ModelFamily):
     """Mask2Former with the encoder knob; ``panoptic`` may be switched between frames."""
 
     has_instances = True
+    compilable = True
 
     def __init__(self, *args, options: OutputOptions = OutputOptions(), **kwargs):
         super().__init__(*args, **kwargs)
+        self._network = KnobNetwork(self.model)
         self.instance_score_threshold = float(options.instance_score_threshold)
         self.max_instances = int(options.max_instances)
         self.thing_ids = thing_classes(self.labels)
@@ -56,6 +102,10 @@ class Mask2FormerFamily(ModelFamily):
         return cls("mask2former", model, label_set(num_classes), device, options=options)
 
     @property
+    def network(self) -> nn.Module:
+        return self._network
+
+    @property
     def full_scale_layers(self) -> int:
         """The encoder layers on all three levels, which the knob may run on the coarse ones."""
         return self.model.pixel_level_module.decoder.encoder.full_scale_layers
@@ -64,16 +114,18 @@ class Mask2FormerFamily(ModelFamily):
         """The knob setting for a merge rate."""
         return coarse_layers_for_rate(rate if math.isfinite(rate) else 0.0, self.full_scale_layers)
 
+    def rungs(self, backend: str) -> tuple[Rung, ...]:
+        """Every knob setting the merge rate reaches, from the smallest rate that selects it."""
+        return tuple(Rung(rate, knob_config(layers)) for layers, rate in knob_settings(self.model))
+
     def ladder_rates(self, ladder: tuple[Step, ...]) -> list[float]:
-        return [rate for rate, layers in KNOB_SETTINGS if layers < self.full_scale_layers]
+        return [step.rate for step in ladder]
 
     def merge_step(self, rate: float, step: Step) -> Step:
-        return Step(rate, replace(NONE, name=f"mask2former coarse_layers={self.coarse_layers(rate)}"), step.precision)
+        return step
 
     def forward(self, pixels: torch.Tensor, merge: MergeConfig, precision: str, rate: float, backend: Backend) -> Raw:
-        with autocast(self.device, PRECISIONS[precision]):
-            output = self.model(pixels, coarse_layers=self.coarse_layers(rate))
-        return output.class_logits.float(), output.mask_logits.float()
+        return unpack(backend.run(pixels, merge), self.model.config.num_classes, tuple(pixels.shape[-2:]))
 
     def scores(self, raw: Raw) -> torch.Tensor:
         return semantic_scores(*raw)
