@@ -13,7 +13,8 @@ ROS2_CLI := ../shared/ros2-jazzy-cli
 # vision_msgs and hri_msgs (not on PyPI) built from their Jazzy sources in ../shared: the node's detections,
 # label_info and REP-155 outputs; without them those outputs are left out (hri.enable fails at configure).
 ROS2_MSGS := ../shared/ros2-msgs
-SETUP_INPUTS := requirements.txt requirements-test.txt requirements-nodeps.txt setup.py setup.cfg package.xml \
+SETUP_INPUTS := requirements.txt requirements-test.txt requirements-fleet.txt requirements-nodeps.txt setup.py setup.cfg \
+	package.xml \
 	$(wildcard $(ROS2_CLI)/install.sh $(ROS2_CLI)/sources.tgz $(ROS2_MSGS)/install.sh $(ROS2_MSGS)/sources.tgz)
 
 TESTS ?= test
@@ -27,7 +28,8 @@ setup: $(STAMP)
 
 $(STAMP): $(SETUP_INPUTS)
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -r requirements.txt -r requirements-test.txt
+	# Ray (the fleet extra, optional at run time) with them: test/test_bag_fleet.py runs segmerge-bag on it.
+	$(VPY) -m pip install -r requirements.txt -r requirements-test.txt -r requirements-fleet.txt
 	$(VPY) -m pip install --no-deps -r requirements-nodeps.txt
 	# Editable, so console scripts land in .venv/bin and source edits need no reinstall.
 	$(VPY) -m pip install --no-deps --no-build-isolation -e .

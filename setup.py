@@ -21,8 +21,9 @@ setup(
     ],
     # Unbounded on purpose: requirements.txt pins the tested versions; bounds here would fight those pins.
     install_requires=["numpy", "opencv-python-headless", "safetensors", "torch"],
-    # TensorRT engines on CUDA machines and Jetsons (NVIDIA builds of torch-tensorrt matching the torch there).
-    extras_require={"tensorrt": ["torch-tensorrt"]},
+    # TensorRT engines on CUDA machines and Jetsons (NVIDIA builds of torch-tensorrt matching the torch there);
+    # fleet: segmerge-bag --workers N on Ray (requirements-fleet.txt pins the tested version).
+    extras_require={"tensorrt": ["torch-tensorrt"], "fleet": ["ray"]},
     zip_safe=True,
     maintainer="segmerge maintainers",
     maintainer_email="segmerge@example.com",

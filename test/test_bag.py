@@ -1,15 +1,10 @@
-"""segmerge-bag end to end on small real bags made here from vtest.avi with rosbags (both storage formats).
-
-Each bag: a raw camera (``/cam_raw/image``, rgb8, with ``/cam_raw/camera_info``), a JPEG camera
-(``/cam_jpeg/image/compressed``, another size, one frame cut off: a corrupt frame) and a topic that is no camera
-(``/notes``). The tool runs in this process (no DDS), a random SegFormer-B0 at a small network input unless a
-test needs the trained one.
+"""segmerge-bag end to end on small real bags made here from vtest.avi with rosbags (both storage formats; the bags
+are described in bag_helpers.py). The tool runs in this process (no DDS), a random SegFormer-B0 at a small network
+input unless a test needs the trained one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -20,71 +15,19 @@ import cv2
 import numpy as np
 import pytest
 from mcap.reader import make_reader
-from rclpy.serialization import deserialize_message, serialize_message
-from rosbags.rosbag2 import Reader, Writer
-from rosbags.typesys import Stores, get_typestore
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
-from std_msgs.msg import Float32, Header, String
+from rclpy.serialization import deserialize_message
+from rosbags.rosbag2 import Reader
+from sensor_msgs.msg import Image, PointCloud2
+from std_msgs.msg import Float32, String
 from visualization_msgs.msg import MarkerArray
 
-from segmerge_ros.apps import bag
-from segmerge_ros.ros.conversions import jpeg_image, message_to_rgb, mono8_image, rgb8_image
+from bag_helpers import (CORRUPT_JPEG, DEFAULT_OPTIONS, FRAMES, INFO, JPEG, JPEG_SIZE, NOTES, RAW, RAW_SIZE, SMALL,
+                         STORAGE_SUFFIX, camera_messages, header_at, invoke, read_bag, stamp_ns, write_bag)
+from segmerge_ros.apps import bag, bag_io
+from segmerge_ros.ros.conversions import message_to_rgb, mono8_image, rgb8_image
 from segmerge_ros.ros.pose_msgs import read_keypoints_cloud
 from segmerge_ros.inference.engine import SegmentationEngine
 from segmerge_ros.inference.sources import iter_frames
-
-TYPESTORE = get_typestore(Stores.ROS2_JAZZY)
-RAW, INFO, JPEG, NOTES = "/cam_raw/image", "/cam_raw/camera_info", "/cam_jpeg/image/compressed", "/notes"
-RAW_SIZE, JPEG_SIZE = (120, 160), (96, 128)  # (H, W): different sizes, so a mask from the wrong camera shows
-FRAMES = 4
-CORRUPT_JPEG = 2  # this JPEG frame is cut in half
-SMALL = ["--input-size", "64x64"]
-DEFAULT_OPTIONS = {"--weights": "random", "--backend": "eager", "--precision": "fp32"}  # compared with eager engines  # random B0 at a tiny input: plumbing tests in a second or two
-STORAGE_SUFFIX = {"mcap": ".mcap", "sqlite3": ".db3"}
-
-
-def stamp_ns(header: Header) -> int:
-    return header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
-
-
-def header_at(ns: int, frame_id: str) -> Header:
-    header = Header(frame_id=frame_id)
-    header.stamp.sec, header.stamp.nanosec = divmod(ns, 1_000_000_000)
-    return header
-
-
-def camera_info(header: Header) -> CameraInfo:
-    info = CameraInfo(header=header, height=RAW_SIZE[0], width=RAW_SIZE[1], distortion_model="plumb_bob")
-    info.k = [150.0, 0.0, 79.5, 0.0, 150.0, 59.5, 0.0, 0.0, 1.0]
-    return info
-
-
-def write_bag(path: Path, storage: str, messages: list[tuple[str, int, object]]) -> Path:
-    """A rosbag2 folder holding ``(topic, log time ns, rclpy message)``, serialized by rclpy."""
-    writer = Writer(path, version=Writer.VERSION_LATEST, storage_plugin=bag.STORAGES[storage])
-    writer.open()
-    connections = {}
-    for topic, log_time, message in messages:
-        if topic not in connections:
-            connections[topic] = writer.add_connection(topic, bag.ros_type_name(message), typestore=TYPESTORE)
-        writer.write(connections[topic], log_time, serialize_message(message))
-    writer.close()
-    return path
-
-
-def camera_messages(frames: list[np.ndarray]) -> list[tuple[str, int, object]]:
-    """The test cameras: stamps 100 ms apart, log times 5 ms after the stamps (transport), camera_info first."""
-    start = 1_700_000_000 * 1_000_000_000
-    messages = [(INFO, start - 1_000_000, camera_info(header_at(start - 1_000_000, "cam_raw_optical")))]
-    for i, frame in enumerate(frames):
-        stamp = start + i * 100_000_000
-        raw = rgb8_image(cv2.resize(frame, RAW_SIZE[::-1]), header_at(stamp, "cam_raw_optical"))
-        jpeg = jpeg_image(cv2.resize(frame, JPEG_SIZE[::-1]), header_at(stamp + 1_000_000, "cam_jpeg_optical"))
-        if i == CORRUPT_JPEG:
-            jpeg.data = bytes(jpeg.data)[: len(jpeg.data) // 2]
-        messages += [(RAW, stamp + 5_000_000, raw), (JPEG, stamp + 6_000_000, jpeg)]
-    messages.append((NOTES, start + 7_000_000, String(data="not a camera")))
-    return messages
 
 
 @pytest.fixture(scope="module")
@@ -96,20 +39,6 @@ def frames(shared_data) -> list[np.ndarray]:
 def bags(frames, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("bags")
     return {storage: write_bag(folder / storage, storage, camera_messages(frames)) for storage in bag.STORAGES}
-
-
-def read_bag(path: Path) -> dict[str, list[tuple[int, object]]]:
-    """topic -> [(log time, rclpy message)] of a bag, read with rosbags and deserialized with rclpy."""
-    types = {"sensor_msgs/msg/Image": Image, "sensor_msgs/msg/CompressedImage": CompressedImage,
-             "sensor_msgs/msg/CameraInfo": CameraInfo, "std_msgs/msg/String": String,
-             "std_msgs/msg/Float32": Float32, "sensor_msgs/msg/PointCloud2": PointCloud2,
-             "visualization_msgs/msg/MarkerArray": MarkerArray}
-    topics: dict[str, list] = {}
-    with Reader(path) as reader:
-        for connection, log_time, raw in reader.messages():
-            message = deserialize_message(raw, types[connection.msgtype])
-            topics.setdefault(connection.topic, []).append((log_time, message))
-    return topics
 
 
 class Ran:
@@ -133,22 +62,10 @@ def runs(bags, tmp_path_factory, one_thread_module) -> dict[str, Ran]:
     folder = tmp_path_factory.mktemp("out")
     results = {}
     for storage, path in bags.items():
-        stdout, stderr = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):  # rich writes to sys.std*
-            code = bag.main([str(path), str(folder / storage), "--storage", storage, *SMALL,
-                             *(option for pair in DEFAULT_OPTIONS.items() for option in pair)])
-        results[storage] = Ran(code, folder / storage, stdout.getvalue(), stderr.getvalue())
+        code, stdout, stderr = invoke([path, folder / storage, "--storage", storage, *SMALL,
+                                       *(option for pair in DEFAULT_OPTIONS.items() for option in pair)])
+        results[storage] = Ran(code, folder / storage, stdout, stderr)
     return results
-
-
-@pytest.fixture(scope="module")
-def one_thread_module():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- outputs --------------------------------------------------------------------------------------------------
@@ -427,14 +344,14 @@ def test_output_types_carry_the_installed_ros_definitions():
     (share/<package>/msg/<Type>.json under $AMENT_PREFIX_PATH, or this environment's prefix for the pip wheels)."""
     prefixes = [Path(p) for p in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep) if p] + [Path(sys.prefix)]
     for message in (Image(), String(), Float32(), PointCloud2(), MarkerArray()):
-        name = bag.ros_type_name(message)
+        name = bag_io.ros_type_name(message)
         package, _, type_name = name.split("/")
         found = [p / "share" / package / "msg" / f"{type_name}.json" for p in prefixes]
         described = next((f for f in found if f.is_file()), None)
         assert described is not None, f"no type description of {name} in {prefixes}"
         hashes = json.loads(described.read_text())["type_hashes"]
         assert hashes[0]["type_name"] == name
-        assert hashes[0]["hash_string"] == bag.OUTPUT_TYPESTORE.hash_rihs01(name), name
+        assert hashes[0]["hash_string"] == bag_io.OUTPUT_TYPESTORE.hash_rihs01(name), name
 
 
 def test_the_default_backend_and_precision_choose_by_timing_and_say_so(bags, tmp_path, capsys):

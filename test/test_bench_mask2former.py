@@ -67,13 +67,13 @@ def test_backends_not_benchmarked_for_mask2former_are_refused_in_one_line(capsys
 
 
 def test_openvino_rows_beside_eager_with_their_speed_ups_and_closeness(tmp_path, capsys):
-    argv = ["--repeat", "1", "--backend", "openvino", "--precision", "fp32", "--engine-cache-dir", str(tmp_path)]
+    argv = ["--repeat", "1", "--backend", "openvino", "--precision", "fp32", "--rates", "0.15",
+            "--engine-cache-dir", str(tmp_path)]
     result = run(tmp_path, *PROSCALE, size="64x64", extra=argv)
     rows = {row["name"]: row for row in result["sizes"][0]["rows"]}
     # eager fp32 is always run: the reference of every other row at the same setting
-    assert list(rows) == ["ours k=0", "ours k=1", "ours k=2", "ours k=0@openvino-fp32", "ours k=1@openvino-fp32",
-                          "ours k=2@openvino-fp32"]
-    for k in range(3):
+    assert list(rows) == ["ours k=0", "ours k=1", "ours k=0@openvino-fp32", "ours k=1@openvino-fp32"]
+    for k in range(2):
         eager, compiled = rows[f"ours k={k}"], rows[f"ours k={k}@openvino-fp32"]
         assert (compiled["backend"], compiled["precision"], compiled["coarse_layers"]) == ("openvino", "fp32", k)
         assert compiled["max_rel_class_logit_diff_vs_ours"] <= 1e-4 and compiled["max_rel_mask_logit_diff_vs_ours"] <= 1e-4
@@ -84,8 +84,8 @@ def test_openvino_rows_beside_eager_with_their_speed_ups_and_closeness(tmp_path,
                                                               / compiled["median_ms"], rel=2e-3)
         assert eager["speedup_vs_eager"] is None and eager["max_rel_class_logit_diff_vs_ours"] is None
     assert not any("ran eagerly" in note for note in result["notes"])
-    assert sorted(path.suffix for path in tmp_path.glob("*.xml")) == [".xml"] * 3  # one IR per setting, in the cache
-    assert "ours k=2@openvino-fp32" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("*.xml"))) == 2  # one IR per setting, in the cache
+    assert "ours k=1@openvino-fp32" in capsys.readouterr().out
 
 
 def test_precision_fp32_and_backend_eager_run(tmp_path):
