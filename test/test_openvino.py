@@ -434,12 +434,13 @@ def test_set_threads_compiles_each_rung_once_per_thread_count_with_the_same_outp
         torch.set_num_threads(before)
 
 
-def test_rungs_of_a_frame_size_unseen_for_a_while_are_freed_when_another_size_comes(student_dir, tmp_path, frame):
+def test_rungs_of_a_frame_size_unseen_for_a_while_are_freed_when_another_size_comes(student_dir, cache, frame):
     """issue 20: compiled rungs were kept for every frame size ever seen (OpenVINO: hundreds of MB per size)."""
     from segmerge_ros.inference import engine as engine_module
 
+    # the module's cache: the IR of SIZE was converted by the equality test (freeing is about compiled rungs)
     engine = SegmentationEngine(weights=str(student_dir), backend="openvino", precision="fp32",
-                                cache_dir=str(tmp_path))
+                                cache_dir=str(cache))
 
     def sizes() -> set[tuple[int, int]]:
         return {tuple(shape[-2:]) for shape, _ in engine._backends["fp32"].prepared}

@@ -274,9 +274,15 @@ def test_ros2_lifecycle_moves_the_launched_node_through_its_states(ros2, system,
     restart; masks flow only while active."""
     node, camera_topic, mask = "/lc/segmerge", "/lc_cam/image", "/lc_cam/segmentation/mask"
     missing = tmp_path / "missing.safetensors"
+    # The package's parameter file with the eager backend: this test is about the lifecycle (backend auto would spend
+    # most of it timing and compiling OpenVINO on the first frame; the launch test above runs the defaults).
+    params = yaml.safe_load(CONFIG.read_text())
+    params["/**/segmerge"]["ros__parameters"].update(backend="eager", precision="fp32")
+    params_file = tmp_path / "segmerge_eager.yaml"
+    params_file.write_text(yaml.safe_dump(params))
     launch = ros2.start("lifecycle_launch", "launch", "segmerge_ros", "segmerge.launch.py", "namespace:=lc",
                         f"image_topics:={camera_topic}", f"weights:={missing}", "autostart:=false",
-                        env=ros2.domain_env(LAUNCH_DOMAIN_ID))
+                        f"params_file:={params_file}", env=ros2.domain_env(LAUNCH_DOMAIN_ID))
     camera = ros2.start("lifecycle_camera", "run", "segmerge_ros", "segmerge_camera", "--source",
                         str(shared_data / "opencv_samples" / "vtest.avi"), "--fps", "10", "--resize", "96x128",
                         "--loop", "--topic", camera_topic, env=ros2.domain_env(LAUNCH_DOMAIN_ID))
