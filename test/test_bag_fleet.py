@@ -76,7 +76,7 @@ def local_ray():
     except ImportError:
         pytest.fail("Ray is not installed: it is a test requirement (requirements-fleet.txt, make setup)",
                     pytrace=False)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 
@@ -190,6 +190,9 @@ def test_workers_without_ray_say_how_to_install_it(inputs, tmp_path, monkeypatch
 def test_two_positionals_without_out_dir_still_mean_in_out(capsys):
     args = bag.parse_args(["in_bag", "out_bag"])
     assert (args.input, args.output, args.out_dir) == ("in_bag", "out_bag", None)
+    # options between IN and OUT, as the single-bag tool always took them
+    args = bag.parse_args(["in_bag", "--merge-rate", "0.3", "out_bag"])
+    assert (args.input, args.output, args.merge_rate) == ("in_bag", "out_bag", 0.3)
     for argv, message in ((["a", "b", "c"], "give IN OUT for one bag"),
                           (["a", "b", "--workers", "2"], "--workers goes with --out-dir"),
                           (["a", "--out-dir", "d", "--plot", "p.png"], "--plot draws one bag")):

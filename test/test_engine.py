@@ -288,10 +288,10 @@ def test_family_for_picks_each_family_from_the_model_name():
     from segmerge_ros.inference.families.segformer import SegFormerFamily
     from segmerge_ros.inference.families.vit import ViTFamily
 
-    assert family_for("segformer-b2") is SegFormerFamily and SegFormerFamily.merge_configs and SegFormerFamily.compilable
+    assert family_for("segformer-b2") is SegFormerFamily and SegFormerFamily.merge_configs and SegFormerFamily.compiled_backends
     assert family_for("algm-vit-s-linear") is ViTFamily and family_for("vit-t") is ViTFamily
     assert family_for("mask2former-swin-t-proscale") is Mask2FormerFamily and Mask2FormerFamily.has_instances
-    assert not ViTFamily.has_instances and not ViTFamily.compilable and not Mask2FormerFamily.merge_configs
+    assert not ViTFamily.has_instances and not ViTFamily.compiled_backends and not Mask2FormerFamily.merge_configs
 
 
 def test_the_engine_imports_no_model_and_names_no_family():

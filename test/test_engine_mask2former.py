@@ -89,6 +89,19 @@ def test_proscale_knob_settings_stop_below_its_full_scale_layers():
     assert engine.merge_config.name == "mask2former coarse_layers=2"
 
 
+def test_backends_not_measured_for_mask2former_run_eagerly_and_auto_never_picks_them(monkeypatch, caplog):
+    from segmerge_ros.inference import engine as engine_module
+
+    with caplog.at_level("WARNING"):
+        engine = SegmentationEngine("mask2former-mit-b0", backend="compile", input_size=(64, 96))
+    assert engine.backend == "eager"
+    assert "does not serve mask2former models (compiled backends: openvino); running mask2former eagerly" in caplog.text
+    # on CUDA, auto takes the first of TensorRT / compile without timing: neither is measured for Mask2Former
+    monkeypatch.setattr(engine_module, "auto_candidates", lambda *args: ["tensorrt"])
+    engine = SegmentationEngine("mask2former-mit-b0", backend="auto", input_size=(64, 96))
+    assert engine.backend == "eager" and engine.backend_choice.name == "eager"
+
+
 def test_presets_are_refused():
     engine = SegmentationEngine("mask2former-mit-b0", input_size=(64, 96))
     with pytest.raises(ValueError, match="merge preset"):

@@ -32,20 +32,15 @@ def frame(shared_data) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("openvino_m2f_cache")
-
-
-@pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> str:
     pytest.importorskip("transformers", reason="transformers is a test dependency: run `make setup`")
     return str(write_hub_folder(tmp_path_factory.mktemp("m2f_hub"), hf_mask2former("swin")))
 
 
 @pytest.fixture(scope="module")
-def compiled(cache, weights) -> SegmentationEngine:
+def compiled(tmp_path_factory, weights) -> SegmentationEngine:
     return SegmentationEngine(MODEL, weights, backend="openvino", precision="fp32", input_size=SIZE,
-                              cache_dir=str(cache))
+                              cache_dir=str(tmp_path_factory.mktemp("openvino_m2f_compiled")))
 
 
 def test_pack_and_unpack_round_trip_and_a_wrong_size_is_named():
@@ -56,7 +51,7 @@ def test_pack_and_unpack_round_trip_and_a_wrong_size_is_named():
         unpack(pack(class_logits, mask_logits), num_classes=3, input_size=(64, 96))
 
 
-def test_a_knob_setting_that_fails_to_export_runs_eagerly_and_the_others_stay(cache, weights, monkeypatch, frame,
+def test_a_knob_setting_that_fails_to_export_runs_eagerly_and_the_others_stay(tmp_path, weights, monkeypatch, frame,
                                                                               caplog):
     failing = knob_config(SETTINGS - 1)
     export = openvino_backend._export
@@ -68,9 +63,9 @@ def test_a_knob_setting_that_fails_to_export_runs_eagerly_and_the_others_stay(ca
 
     monkeypatch.setattr(openvino_backend, "_export", broken_for_one_setting)
     with caplog.at_level(logging.WARNING):
-        # first in this module: the settings it converts are the ones the next test's engine reads from the cache
+        # a cache of its own: every setting is converted here (none read from another test's cache)
         engine = SegmentationEngine(MODEL, weights, backend="openvino", precision="fp32", input_size=SIZE,
-                                    cache_dir=str(cache))
+                                    cache_dir=str(tmp_path))
     assert engine.backend == "openvino"
     assert engine.eager_fallbacks == f"fp32: {failing.name} runs eagerly"
     assert any("unsupported operator" in r.getMessage() and "runs eagerly" in r.getMessage() for r in caplog.records)

@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="plot per-frame processing time and merge rate over the bag")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; with --out-dir, per worker: the CPUs / N)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # IN --model X OUT, as before IN... was variadic
     if args.out_dir is None:
         if len(args.paths) != 2:
             parser.error(f"give IN OUT for one bag, or IN... --out-dir DIR for many (got {len(args.paths)} paths)")
@@ -155,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BagError, StartupError) as error:
         err.print(f"segmerge-bag: error: {error}", markup=False, highlight=False)
         return 1
-    except KeyboardInterrupt:
-        held = f"; {args.output} holds the frames processed so far" if Path(args.output).exists() else ""
+    except KeyboardInterrupt:  # the fleet path answers its own during processing; this is before or after it
+        output = getattr(args, "output", None)
+        held = f"; {output} holds the frames processed so far" if output and Path(output).exists() else ""
         err.print(f"segmerge-bag: interrupted{held}", markup=False, highlight=False)
         return 130
     print_summary(summary, out)

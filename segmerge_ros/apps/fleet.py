@@ -274,7 +274,10 @@ def run_on_ray(ray, worker_args: tuple, jobs: list[Job], run: FleetRun, workers:
         if address:
             ray.init(address=address, logging_level=logging.ERROR)
         else:
-            ray.init(num_cpus=workers * threads, include_dashboard=False, logging_level=logging.ERROR)
+            # "local": a new Ray for this run even where RAY_ADDRESS or an earlier `ray start` names a cluster
+            # (ray.init would join it and refuse num_cpus)
+            ray.init(address="local", num_cpus=workers * threads, include_dashboard=False,
+                     logging_level=logging.ERROR)
     actors = []
     try:
         actor_class = ray.remote(BagWorker).options(num_cpus=threads, max_concurrency=2)  # 2: progress while busy

@@ -125,21 +125,22 @@ class SegmentationEngine:
         if self.device.type == "cpu":
             warm_upsampled_argmax()  # compiled (or loaded from numba's cache) now, not on the first frame
         self._lock = threading.Lock()
-        if not self.family.compilable and backend not in ("eager", AUTO):
-            # Content-dependent token counts (ALGM, ClustViT, DoViT): no static shapes to compile.
-            LOG.warning("backend %r serves SegFormer and Mask2Former models only; running %s eagerly", backend,
+        compiled = self.family.compiled_backends  # none for content-dependent token counts (ALGM, ClustViT, DoViT)
+        if backend not in ("eager", AUTO) and backend not in compiled:
+            LOG.warning("backend %r does not serve %s models (%s); running %s eagerly", backend, self.family.name,
+                        f"compiled backends: {', '.join(compiled)}" if compiled else "no compiled path",
                         self.family.name)
             backend = "eager"
         self._precision, self._cache_dir, self._model_name = precision, cache_dir, model
         self._cache_max_mb = cache_max_mb
         self._openvino_device = openvino_device
         self.backend_choice: BackendChoice | None = None  # what backend "auto" chose, why, from which figures
-        candidates = ((auto_candidates(self.device, openvino_device) if self.family.compilable else ["eager"])
-                      if backend == AUTO else [backend])
+        candidates = ([name for name in auto_candidates(self.device, openvino_device)
+                       if name == "eager" or name in compiled] or ["eager"]) if backend == AUTO else [backend]
         self._auto_candidates = candidates if len(candidates) > 1 else []  # timed on the first frame (or at start)
         if backend == AUTO and not self._auto_candidates:
-            self.backend_choice = BackendChoice(candidates[0], "the only candidate here" if self.family.compilable
-                                                else f"{self.family.name} models run eagerly")
+            self.backend_choice = BackendChoice(candidates[0], "the only candidate here" if compiled else
+                                                f"{self.family.name} models run eagerly")
             LOG.info("backend auto: %s (%s)", candidates[0], self.backend_choice.reason)
         self.precision_plan, self.ladder, self._backends = self._make_ladder(candidates[0])
         self._calibration_pending = self.precision_plan == "auto"

@@ -96,8 +96,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "and measured faster than eager on this CPU at the input size (timed on the first frame, or at start "
               "with input_size; remembered in engine_cache_dir), else eager; on CUDA TensorRT, else compile, else "
               "eager. Compiled models are cached in engine_cache_dir. An unknown name fails configure; one that "
-              "cannot run here falls back to eager with a warning; plain-ViT models run eagerly (Mask2Former: one "
-              "compiled model per knob setting).",
+              "cannot run here falls back to eager with a warning; plain-ViT models run eagerly, Mask2Former on eager or "
+              "OpenVINO (one compiled model per knob setting).",
               rebuild=True, choices=BACKEND_CHOICES),
     ParamSpec("precision", "auto",
               "Compute precision: fp32, bf16, fp16 or auto. bf16 runs on CUDA GPUs that support it and on CPUs with "

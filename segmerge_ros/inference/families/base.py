@@ -53,7 +53,8 @@ class ModelFamily:
 
     has_instances: ClassVar[bool] = False  # results carry instances (and panoptic segments when asked for)
     merge_configs: ClassVar[bool] = False  # merge rates select Segformer++ MergeConfigs: presets, shared with pose
-    compilable: ClassVar[bool] = False  # static shapes per rung: the compiled backends can serve it
+    # the compiled backends that serve it (static shapes per rung, measured); any other runs eagerly with a warning
+    compiled_backends: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, name: str, model: nn.Module, labels: LabelSet, device: torch.device):
         self.name = name  # the family's name, for logs and messages (e.g. "segformer", "algm", "mask2former")

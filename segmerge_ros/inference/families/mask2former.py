@@ -77,7 +77,9 @@ class Mask2FormerFamily(ModelFamily):
     """Mask2Former with the encoder knob; ``panoptic`` may be switched between frames."""
 
     has_instances = True
-    compilable = True
+    # measured on OpenVINO only (docs/benchmarks.md 16); torch.compile took minutes to compile it and TensorRT was
+    # never tried: those run eagerly with a warning, and backend auto never picks them (CUDA included)
+    compiled_backends = ("openvino",)
 
     def __init__(self, *args, options: OutputOptions = OutputOptions(), **kwargs):
         super().__init__(*args, **kwargs)

@@ -22,7 +22,7 @@ class SegFormerFamily(ModelFamily):
     """SegFormer with Segformer++ merging: merge rates select the ladder's MergeConfigs."""
 
     merge_configs = True
-    compilable = True
+    compiled_backends = ("compile", "openvino", "tensorrt")
 
     @classmethod
     def claims(cls, model_name: str) -> bool:
