@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -117,6 +118,7 @@ def test_the_corrupt_input_is_reported_and_the_others_finish(ray_run):
     for name in GOOD:
         entry = entries[name]
         assert entry["status"] == "complete" and entry["checksum"] == bag_manifest.checksum(out / name)
+        assert entry["output_fingerprint"] == bag_manifest.fingerprint(out / name)
         assert (entry["frames"], entry["processed"], entry["bad"], entry["persons"]) == (
             2 * FRAMES, PROCESSED, 1, PROCESSED)
         (first, time_s, rate), = entry["cameras"][RAW]["merge_rate_trace"]  # one rate throughout
@@ -215,6 +217,16 @@ def test_resume_rules(tmp_path):
     assert (decide().action, decide().reason) == ("skip", "done earlier")
     (out / "in" / "in.mcap").write_bytes(b"outpuT")
     assert (decide().action, decide().reason) == ("do", "its output changed since (checksum)")
+    # with the output's file facts recorded, its checksum is read only where they changed, or with --verify
+    written = out / "in" / "in.mcap"
+    record.bags["in"]["output_fingerprint"] = bag_manifest.fingerprint(out / "in")
+    stat = written.stat()
+    written.write_bytes(b"outpuX")  # same size; the same modification time restored below
+    os.utime(written, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert decide().action == "skip"  # not read: names, sizes and times as recorded
+    assert (decide(verify=True).action, decide(verify=True).reason) == ("do", "its output changed since (checksum)")
+    os.utime(written, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert decide().reason == "its output changed since (checksum)"  # the time changed: read, and it differs
     record.bags["in"].update(status="failed", error_kind="input")
     assert decide().action == "keep" and decide(retry_failed=True).action == "do"
     record.bags["in"].update(error_kind="run")

@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "'auto' on one of its nodes) instead of a local Ray")
     parser.add_argument("--retry-failed", action="store_true",
                         help="with --out-dir: also redo inputs that failed before on unchanged files")
+    parser.add_argument("--verify", action="store_true",
+                        help="with --out-dir: re-read every complete output and check its sha256 (default: only "
+                             "where its files' names, sizes or modification times changed since)")
     parser.add_argument("--topics", nargs="+", default=None, metavar="T",
                         help="camera topics to process (default: every Image/CompressedImage topic; a raw topic "
                              "wins over its own /compressed)")
@@ -88,7 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if len(args.paths) != 2:
             parser.error(f"give IN OUT for one bag, or IN... --out-dir DIR for many (got {len(args.paths)} paths)")
         for option, given in (("--workers", args.workers != 1), ("--ray-address", args.ray_address),
-                              ("--retry-failed", args.retry_failed)):
+                              ("--retry-failed", args.retry_failed), ("--verify", args.verify)):
             if given:
                 parser.error(f"{option} goes with --out-dir DIR (many bags)")
         args.input, args.output = args.paths

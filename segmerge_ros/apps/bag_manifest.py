@@ -178,8 +178,10 @@ class Decision:
     reason: str
 
 
-def decide(manifest: Manifest, name: str, path: Path, retry_failed: bool = False) -> Decision:
-    """The resume rules of the module docstring for the input ``path`` with the output name ``name``."""
+def decide(manifest: Manifest, name: str, path: Path, retry_failed: bool = False, verify: bool = False) -> Decision:
+    """The resume rules of the module docstring for the input ``path`` with the output name ``name``. A complete
+    output's checksum is read again only where its files' names, sizes or modification times differ from those
+    recorded (``output_fingerprint``), or with ``verify``: a fleet's outputs are terabytes."""
     entry = manifest.bags.get(name)
     output = manifest.out_dir / name
     if entry is None:
@@ -191,9 +193,11 @@ def decide(manifest: Manifest, name: str, path: Path, retry_failed: bool = False
             return Decision(name, path, DO, "its input changed since it was done")
         if not output.is_dir():
             return Decision(name, path, DO, "its output is missing")
-        if checksum(output) != entry.get("checksum"):
-            return Decision(name, path, DO, "its output changed since (checksum)")
-        return Decision(name, path, SKIP, "done earlier")
+        recorded = entry.get("output_fingerprint")
+        if verify or recorded is None or recorded != fingerprint(output):
+            if checksum(output) != entry.get("checksum"):
+                return Decision(name, path, DO, "its output changed since (checksum)")
+        return Decision(name, path, SKIP, "done earlier" + (" (checksum verified)" if verify else ""))
     if status == FAILED:
         if retry_failed:
             return Decision(name, path, DO, "failed earlier: retried (--retry-failed)")

@@ -181,7 +181,8 @@ class BagWorker:
             shutil.rmtree(final)
         os.replace(partial, final)  # one rename: DIR/name is absent or whole
         summary.output = final
-        return {**summary_entry(summary), **facts, "output": name, "checksum": checksum(final), "finished": now()}
+        return {**summary_entry(summary), **facts, "output": name, "checksum": checksum(final),
+                "output_fingerprint": fingerprint(final), "finished": now()}
 
 
 # -- the driver ---------------------------------------------------------------------------------------------------
@@ -331,7 +332,8 @@ def run_fleet(args, values: dict, err: Console, out: Console) -> int:
     with out_dir_lock(out_dir):
         manifest = Manifest.load(out_dir, {"node": values, "storage": args.storage, "topics": args.topics})
         shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)  # what an interrupted run was writing
-        decisions = [decide(manifest, name, path, args.retry_failed) for name, path in inputs.items()]
+        decisions = [decide(manifest, name, path, args.retry_failed, args.verify)
+                     for name, path in inputs.items()]
         jobs = plan(decisions, manifest, args.topics, err)
         threads = threads_per_worker(args)
         worker_args = (values, str(out_dir), args.storage, args.topics, threads)
