@@ -233,3 +233,21 @@ def test_resume_rules(tmp_path):
     assert decide().action == "do"
     with pytest.raises(bag.BagError, match=r"other options \(node.merge_rate: 0.3 -> 0.5\)"):
         bag_manifest.Manifest.load(out, {"node": {"merge_rate": 0.5}})
+
+
+def test_the_out_dirs_own_bags_are_left_out_and_recordings_below_it_are_inputs(tmp_path):
+    out = tmp_path / "work"
+    recordings = out / "recordings"  # recordings below the out dir are inputs
+    recordings.mkdir(parents=True)
+    for name in ("a.mcap", "b.mcap"):
+        (recordings / name).write_bytes(b"recording")
+    (out / "a").mkdir()  # an earlier output (a bag folder), directly in the out dir
+    (out / "a" / "metadata.yaml").write_text("rosbag2_bagfile_information: {}\n")
+    (out / "a" / "a.mcap").write_bytes(b"output")
+    inputs, left_out = fleet.expand_inputs([str(out / "**" / "*.mcap")], out)
+    assert sorted(inputs) == ["a", "b"] and inputs["a"] == (recordings / "a.mcap").absolute()
+    assert left_out == [out / "a" / "a.mcap"]  # inside the output "a": not an input of the same name
+    inputs, left_out = fleet.expand_inputs([str(recordings), str(out / "a")], out)
+    assert sorted(inputs) == ["a", "b"] and left_out == [out / "a"]
+    with pytest.raises(bag.BagError, match="1 path\\(s\\) are --out-dir .*'s own"):
+        fleet.expand_inputs([str(out / "a")], out)

@@ -48,11 +48,13 @@ POLL_S = 0.25  # how often the driver asks the Ray workers how far they are
 
 
 # -- inputs -------------------------------------------------------------------------------------------------------
-def expand_inputs(patterns: list[str], out_dir: Path) -> dict[str, Path]:
-    """Output name -> input: each pattern a bag, a folder holding bags (one level) or a glob of those; inputs inside
-    ``out_dir`` (earlier outputs) left out. BagError when a glob matches nothing or two inputs share a name."""
+def expand_inputs(patterns: list[str], out_dir: Path) -> tuple[dict[str, Path], list[Path]]:
+    """(output name -> input, the paths left out): each pattern a bag, a folder holding bags (one level) or a glob of
+    those; what ``among_outputs`` says is the out dir's own is left out. BagError when a glob matches nothing,
+    nothing is left or two inputs share a name."""
     found: dict[str, Path] = {}
-    skip = out_dir.resolve()
+    left_out: list[Path] = []
+    outputs = out_dir.resolve()
     for pattern in patterns:
         if glob.has_magic(pattern):
             matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
@@ -62,7 +64,8 @@ def expand_inputs(patterns: list[str], out_dir: Path) -> dict[str, Path]:
             matches = [Path(pattern)]
         for path in (bag for match in matches for bag in bags_in(match)):
             resolved = path.resolve()
-            if resolved == skip or skip in resolved.parents:
+            if among_outputs(resolved, outputs):
+                left_out.append(path)
                 continue
             name = output_name(path)
             if name in found and found[name].resolve() != resolved:
@@ -70,8 +73,20 @@ def expand_inputs(patterns: list[str], out_dir: Path) -> dict[str, Path]:
                                "them separate --out-dir's")
             found.setdefault(name, path.absolute())  # workers (on other machines too) need no working folder
     if not found:
-        raise BagError("no input bags given")
-    return found
+        raise BagError("no input bags given" + (f": {len(left_out)} path(s) are --out-dir {out_dir}'s own "
+                                                "(its outputs)" if left_out else ""))
+    return found, left_out
+
+
+def among_outputs(path: Path, out_dir: Path) -> bool:
+    """Whether the resolved ``path`` is the out dir's own: the dir itself, anything directly in it, or inside one of
+    its bag folders or its partial folder. Recordings in other folders below it (``DIR/recordings/...``) are not."""
+    if path == out_dir:
+        return True
+    if out_dir not in path.parents:
+        return False
+    top = out_dir / path.relative_to(out_dir).parts[0]
+    return top == path or top.name == PARTIAL_DIR or (top / "metadata.yaml").is_file()
 
 
 def bags_in(path: Path) -> list[Path]:
@@ -327,7 +342,11 @@ def run_fleet(args, values: dict, err: Console, out: Console) -> int:
     """The many-bag run of ``segmerge-bag IN... --out-dir DIR``; returns the exit status."""
     ray = import_ray() if args.workers > 1 or args.ray_address else None  # before anything is written
     out_dir = Path(args.out_dir).absolute()
-    inputs = expand_inputs(args.paths, out_dir)
+    inputs, left_out = expand_inputs(args.paths, out_dir)
+    if left_out:
+        err.print(f"segmerge-bag: left out {len(left_out)} path(s) of --out-dir {out_dir}'s own (its outputs): "
+                  f"{', '.join(str(path) for path in left_out[:3])}{' ...' if len(left_out) > 3 else ''}",
+                  markup=False, highlight=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     with out_dir_lock(out_dir):
         manifest = Manifest.load(out_dir, {"node": values, "storage": args.storage, "topics": args.topics})
