@@ -13,7 +13,6 @@ the class and mask logits packed into one tensor (the backends' one output; ``un
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
@@ -22,7 +21,6 @@ from torch import nn
 from segmerge_ros.merging.segformerpp import NONE, MergeConfig, Rung
 from segmerge_ros.models.labels import label_set
 from segmerge_ros.models.mask2former.checkpoints import is_mask2former_name, load_mask2former
-from segmerge_ros.models.mask2former.deformable_attention import coarse_layers_for_rate
 from segmerge_ros.models.mask2former.model import Mask2Former, knob_settings, mask2former_config
 from segmerge_ros.inference.backends.base import Backend
 from segmerge_ros.inference.families.base import FamilyOutputs, ModelFamily, OutputOptions
@@ -106,15 +104,6 @@ class Mask2FormerFamily(ModelFamily):
     @property
     def network(self) -> nn.Module:
         return self._network
-
-    @property
-    def full_scale_layers(self) -> int:
-        """The encoder layers on all three levels, which the knob may run on the coarse ones."""
-        return self.model.pixel_level_module.decoder.encoder.full_scale_layers
-
-    def coarse_layers(self, rate: float) -> int:
-        """The knob setting for a merge rate."""
-        return coarse_layers_for_rate(rate if math.isfinite(rate) else 0.0, self.full_scale_layers)
 
     def rungs(self, backend: str) -> tuple[Rung, ...]:
         """Every knob setting the merge rate reaches, from the smallest rate that selects it."""
