@@ -93,3 +93,34 @@ def test_only_the_node_and_tools_change_process_wide_settings_not_the_library():
     node = subprocess.run([sys.executable, "-c", PROCESS_SETTINGS, "node"], capture_output=True, text=True,
                           timeout=120, env=clean, check=True).stdout
     assert "keeping freed memory" in node and "GOMP_SPINCOUNT=10000" in node
+
+
+TRIM_PROBE = r"""
+import json
+import numpy as np
+from segmerge_ros.inference.memory import keep_freed_memory, return_freed_memory
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+keep_freed_memory()
+# 300 blocks of 1 MiB (below the mmap threshold: heap memory), touched, then freed: the heap keeps them
+blocks = [np.ones(1 << 20, np.uint8) for _ in range(300)]
+touched = rss_mb()
+del blocks
+freed = rss_mb()
+returned = return_freed_memory()
+print(json.dumps({"touched": touched, "freed": freed, "trimmed": rss_mb(), "returned": returned}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
+def test_return_freed_memory_gives_the_kept_heap_back_to_the_kernel():
+    """Compiled rungs dropped on purpose must lower the RSS although keep_freed_memory() stops glibc's trimming."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True, timeout=120, env=clean,
+                          check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["returned"] is True
+    assert result["freed"] > result["touched"] - 50, result  # without the trim the heap stays resident
+    assert result["trimmed"] < result["freed"] - 200, result

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 import subprocess
+import time
 
 import cv2
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from conftest import ros_domain_id
 from segmerge_ros.merging.segformerpp import LADDER, NONE, ladder_for_backend
 from segmerge_ros.inference.backends import openvino as openvino_backend
+from segmerge_ros.inference.backends import base as base_backend
 from segmerge_ros.inference.backends.base import EagerBackend, cpu_bf16_support
 from segmerge_ros.inference.backends.registry import make_backend
 from segmerge_ros.inference.engine import SegmentationEngine, network_config
@@ -60,6 +62,37 @@ def test_every_rung_exports_and_equals_eager_in_fp32_on_a_real_frame(student_dir
     assert any(rung.matches_tokens for rung in rungs)  # merged rungs were among them, and exported quietly:
     printed = capfd.readouterr()
     assert "Torch IR graph" not in printed.out + printed.err  # (torch's ONNX exporter prints it when it fails)
+
+
+def test_an_engine_under_a_compiled_rung_limit_keeps_its_current_step_and_recompiles_others_on_demand(
+        student_dir, cache, frame, eager):
+    """The steps warmed last stay compiled (the current one among them); a rate change to a dropped step compiles it
+    again and agrees with eager as a compiled step does."""
+    engine = SegmentationEngine(weights=str(student_dir), input_size=SIZE, backend="openvino", precision="fp32",
+                                cache_dir=str(cache), warm=False)
+    top = engine.ladder[-1].rate
+    engine.set_merge_rate(top)
+    engine.limit_compiled(2)
+    engine.warm()
+    assert engine.compiled_rungs == 2 and engine.recompiles == 0
+    assert network_config(engine.ladder[-1].config) in {c for _, c in engine._backends["fp32"].prepared}
+    small = cv2.resize(frame, SIZE[::-1])
+    engine.infer(small)
+    assert engine.recompiles == 0  # the current step was kept
+    for rate in (0.0, top):
+        engine.set_merge_rate(rate)
+        eager.set_merge_config(engine.merge_config)  # OpenVINO's ladder has steps of its own
+        ours, reference = engine.infer(small).class_map, eager.infer(small).class_map
+        assert (ours == reference).mean() >= 0.999, rate  # fp32 OpenVINO: logits within 1e-4 (test above)
+    assert engine.recompiles == 1 and engine.compiled_rungs == 2  # rate 0 compiled again; the top step still there
+    backend = engine._backends["fp32"]  # a step no frame ran for a minute goes at the next frame
+    for key in backend.prepared:
+        if key[1] != network_config(engine.merge_config):
+            backend._last_used[key] -= base_backend.COMPILED_IDLE_S
+    backend._next_idle_check = 0.0
+    engine.infer(small)
+    assert engine.compiled_rungs == 1 and engine.recompiles == 1
+    eager.set_merge_rate(0.0)  # the module's engine, as the other tests expect it
 
 
 @needs_bf16
@@ -114,7 +147,7 @@ def test_auto_precision_decides_on_the_first_real_frame_not_the_black_warm_up(mo
     params = {"model": "segformer-b0", "weights": "random", "device": "cpu", "backend": "eager",
               "input_size": "{}x{}".format(*SIZE), "precision": "auto", "engine_cache_dir": "",
               "instances.score_threshold": 0.5, "instances.max_instances": 100, "panoptic.enable": False,
-              "engine_cache_max_mb": 4096.0}
+              "engine_cache_max_mb": 4096.0, "engine_max_compiled_rungs": 3}
     with caplog.at_level(logging.INFO):
         engine = build_engine(params.__getitem__, lambda message: None)
         assert engine.precision_plan == "auto"
@@ -129,7 +162,7 @@ def test_without_input_size_nothing_is_compiled_for_a_dummy_size(student_dir, tm
     params = {"model": "segformer-b0", "weights": str(student_dir), "device": "cpu", "backend": "openvino",
               "input_size": "", "precision": "fp32", "engine_cache_dir": str(tmp_path),
               "instances.score_threshold": 0.5, "instances.max_instances": 100, "panoptic.enable": False,
-              "engine_cache_max_mb": 4096.0}
+              "engine_cache_max_mb": 4096.0, "engine_max_compiled_rungs": 3}
     engine = build_engine(params.__getitem__, lambda message: None)
     assert engine.backend == "openvino" and engine.prepared_files() == []  # used to compile every rung at 240x320
     small = cv2.resize(frame, SIZE[::-1])
@@ -252,6 +285,56 @@ def test_a_rung_that_fails_to_export_runs_eagerly_and_the_others_stay(tiny, tmp_
     assert any("unsupported operator" in r.getMessage() and "runs eagerly" in r.getMessage() for r in caplog.records)
 
 
+def test_limit_compiled_keeps_the_most_recently_used_rungs_and_recompiles_the_others(tiny, tmp_path, caplog):
+    """issue 20 (memory): each compiled rung holds its own buffers; a bound keeps those in use and compiles a dropped
+    one again from the cache, with the same output, counted and logged."""
+    configs = [NONE, *(network_config(step.config) for step in LADDER[1:3])]
+    assert len({c.name for c in configs}) == 3
+    compiles = []
+
+    def load(path):
+        compiles.append(path)
+        return made._compile(path)
+
+    made = OpenVINOBackend(tiny, torch.device("cpu"), torch.float32, cache_dir=tmp_path,
+                           engine_io=EngineIO(build=lambda m, e, d, p: openvino_backend._export(m, e, p), load=load))
+    big, small = (torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(2)) for size in ((64, 64), (32, 48)))
+    with torch.inference_mode():
+        references = {(pixels.shape, c): tiny(pixels, c) for pixels in (big, small) for c in configs}
+
+    def run(pixels, config):
+        assert torch.allclose(made.run(pixels, config), references[(pixels.shape, config)], atol=1e-4)
+
+    for config in configs:
+        run(big, config)
+    run(big, configs[0])  # the most recently used is now the first rung; the second is the least
+    assert made.compiled_count == 3 and made.recompiles == 0
+    made.limit_compiled(2)
+    assert made.compiled_count == 2
+    assert {c.name for _, c in made.prepared} == {configs[0].name, configs[2].name}
+    with caplog.at_level(logging.INFO):
+        run(big, configs[1])  # dropped: compiled again from the cached IR, and the least recently used goes
+    assert made.recompiles == 1 and made.compiled_count == 2 and len(compiles) == 4
+    assert {c.name for _, c in made.prepared} == {configs[0].name, configs[1].name}
+    assert any("compiling rung" in r.getMessage() and "again" in r.getMessage() for r in caplog.records)
+    run(small, configs[0])  # another input shape counts against the same bound
+    assert made.compiled_count == 2 and made.recompiles == 1
+    assert {(shape[-1], c.name) for shape, c in made.prepared} == {(48, configs[0].name), (64, configs[1].name)}
+    made.limit_compiled(0)  # no bound: what is compiled again stays
+    run(big, configs[2])
+    run(big, configs[0])
+    assert made.compiled_count == 4 and made.recompiles == 3 and len(compiles) == 7
+    made.limit_compiled(8)  # under any limit, a rung no frame ran for a minute goes (e.g. warmed but never used)
+    idle_key = next(key for key in made.prepared if key[1] == configs[2])
+    made._last_used[idle_key] -= base_backend.COMPILED_IDLE_S
+    assert made.drop_idle(time.monotonic() + base_backend.IDLE_CHECK_S) == 1
+    assert made.compiled_count == 3 and idle_key not in made.prepared
+    run(big, configs[2])  # it comes back when a frame needs it
+    assert made.recompiles == 4 and made.compiled_count == 4
+    with pytest.raises(ValueError, match=">= 0"):
+        made.limit_compiled(-1)
+
+
 def test_missing_openvino_falls_back_to_eager_with_a_warning(tiny, monkeypatch, caplog):
     monkeypatch.setattr(openvino_backend, "import_openvino", lambda: None)
     with caplog.at_level(logging.WARNING):
@@ -308,20 +391,33 @@ def test_node_runs_on_openvino_over_rclpy(student_dir, cache, frame, tmp_path):
 
     camera = "/ov_cam/image"
     params = {"image_topics": [camera], "weights": str(student_dir), "input_size": f"{SIZE[0]}x{SIZE[1]}",
-              "backend": "openvino", "engine_cache_dir": str(cache), "merge_rate": 0.9}
+              "backend": "openvino", "precision": "fp32", "engine_cache_dir": str(cache), "merge_rate": 0.9,
+              "engine_max_compiled_rungs": 2}
     stderr_path = tmp_path / "stderr"
     with running_node(params, camera, __name__, stderr_path) as (client, publisher, _):
         masks = client.subscribe_images("/ov_cam/segmentation/mask")
         small = cv2.resize(frame, (SIZE[1], SIZE[0]))
-        for _ in range(40):
-            if masks:
-                break
-            publisher.publish(rgb8_image(small, Header(stamp=client.node.get_clock().now().to_msg(), frame_id="ov")))
-            client.spin_for(1.0)
-        assert masks, "no mask from the node on openvino"
+
+        def send_until(done) -> bool:
+            for _ in range(40):
+                if done():
+                    return True
+                publisher.publish(rgb8_image(small, Header(stamp=client.node.get_clock().now().to_msg(), frame_id="ov")))
+                client.spin_for(1.0)
+            return False
+
+        assert send_until(lambda: masks), "no mask from the node on openvino"
         assert (masks[0].msg.height, masks[0].msg.width) == SIZE and masks[0].msg.header.frame_id == "ov"
         assert client.spin_until(lambda: client.latest(camera) is not None, 10)
-        assert client.latest(camera).number("merge_rate") == pytest.approx(0.9)
+        window = client.latest(camera)
+        assert window.number("merge_rate") == pytest.approx(0.9)
+        # the compiled-rung bound (issue 20, memory): the warmed ladder kept 2, the current step among them
+        assert window.number("compiled_rungs") == 2 and window.number("rung_recompiles") == 0
+        client.set_parameters({"engine_max_compiled_rungs": 1})  # live
+        client.set_parameters({"merge_rate": 0.0})  # a step the bound dropped: compiled again
+        assert send_until(lambda: client.latest(camera).number("rung_recompiles") >= 1
+                          and client.latest(camera).number("merge_rate") == 0.0)
+        assert client.latest(camera).number("compiled_rungs") == 1
     log = stderr_path.read_text()
     assert "backend openvino" in log and "falling back" not in log and "Traceback" not in log, log[-3000:]
 
@@ -391,7 +487,7 @@ def test_pose_runs_through_the_same_backend_and_equals_eager(tmp_path):
     assert compiled.backend == "openvino" and compiled.precision == "fp32"
     compiled.warm([rung.config for rung in OPENVINO_LADDER])
     # the unmerged encoder and the 2x2-pooled one, which every pooled rung shares (head and input scale are not pose's)
-    assert [name for name, (_, status) in compiled._backend.engines.items()] == ["none", "2x2"]
+    assert sorted(compiled._backend.engines) == ["2x2", "none"]
     assert compiled.estimate_boxes(rgb, boxes).keypoints.shape == (2, 17, 2)
     # Heatmaps, not keypoints: a random model's heatmaps are flat, so their maxima move with any rounding.
     from segmerge_ros.inference.pose import box_to_center_scale, crop_people

@@ -4,7 +4,7 @@
         --size 576x768 --rate 0.9 --threads 1,2,3,4 --loads 0,1,2
 
 The rung's IR comes from the engine's cache (built on first use); it is compiled once per setting
-(``INFERENCE_NUM_THREADS`` x ``ENABLE_CPU_PINNING``) and every setting runs ``--repeat`` inferences round-robin
+(``INFERENCE_NUM_THREADS`` x ``ENABLE_CPU_PINNING`` x ``TBB_PARTITIONER``) and every setting runs ``--repeat`` inferences round-robin
 at each load, so a drift of the machine hits all settings alike. Prints the median and p90 per setting and load
 and the slowdown against the calm run. Timing only: nothing is asserted.
 """
@@ -30,6 +30,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=0.9, help="merge rate: the rung whose network is timed")
     parser.add_argument("--threads", default="1,2,3,4", help="INFERENCE_NUM_THREADS values, comma-separated")
     parser.add_argument("--loads", default="0,1,2", help="busy processes, comma-separated (first = calm)")
+    parser.add_argument("--pinning", default="off,on", help="ENABLE_CPU_PINNING values: off, on or both")
+    parser.add_argument("--partitioner", default="static",
+                        help="TBB_PARTITIONER values, comma-separated: static (OpenVINO's default: fixed chunks per "
+                             "thread) and/or auto (work stealing: a running thread takes a descheduled one's chunks)")
+    parser.add_argument("--precision", default="f32", help="INFERENCE_PRECISION_HINT (f32, bf16)")
     parser.add_argument("--repeat", type=int, default=12, help="inferences per setting and load")
     return parser.parse_args(argv)
 
@@ -46,12 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     core = openvino_core()
     model = core.read_model(str(path))
     pixels = np.random.default_rng(0).random(tuple(model.inputs[0].shape), dtype=np.float32)
-    settings = {f"{n} thr {'pinned' if pin else 'unpinned'}": (n, pin)
-                for n in (int(v) for v in args.threads.split(",")) for pin in (False, True)}
+    pinnings = [{"off": False, "on": True}[v] for v in args.pinning.split(",")]
+    partitioners = [v.upper() for v in args.partitioner.split(",")]
+    settings = {f"{n} thr {'pinned' if pin else 'unpinned'} {part.lower()}": (n, pin, part)
+                for n in (int(v) for v in args.threads.split(",")) for pin in pinnings for part in partitioners}
     requests = {}
-    for name, (threads, pinned) in settings.items():
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
-                                                     "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": pinned})
+    for name, (threads, pinned, partitioner) in settings.items():
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": args.precision,
+                                                     "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+                                                     "ENABLE_CPU_PINNING": pinned, "TBB_PARTITIONER": partitioner})
         requests[name] = compiled.create_infer_request()
         requests[name].infer([pixels])
     loads = [int(v) for v in args.loads.split(",")]
@@ -71,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.0)
     print(f"OpenVINO network of rung {rung} (rate {args.rate:g}), input {tuple(model.inputs[0].shape)}; "
           f"{cpu_description()}")
-    print(f"{'setting':<18} " + " ".join(f"{f'{load} busy p50/p90':>17}" for load in loads)
+    print(f"{'setting':<26} " + " ".join(f"{f'{load} busy p50/p90':>17}" for load in loads)
           + "  x calm p50 per load")
     for name in requests:
         cells = []
@@ -80,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(f"{statistics.median(values):8.1f}/{values[int(0.9 * (len(values) - 1))]:8.1f}")
         calm = statistics.median(times[(loads[0], name)])
         ratios = " ".join(f"{statistics.median(times[(load, name)]) / calm:.2f}" for load in loads)
-        print(f"{name:<18} " + " ".join(cells) + f"  {ratios}")
+        print(f"{name:<26} " + " ".join(cells) + f"  {ratios}")
     return 0
 
 

@@ -32,6 +32,7 @@ from segmerge_ros.inference.families.frames import logits_to_maps, network_confi
 from segmerge_ros.inference.families.registry import family_for
 from segmerge_ros.inference.postprocess.upsample import warm_upsampled_argmax
 from segmerge_ros.inference.ladder import Step, build_ladder, precision_plan, step_for_rate, with_precision
+from segmerge_ros.inference.memory import return_freed_memory
 from segmerge_ros.inference.postprocess.mask2former import DETECTIONS_PER_IMAGE, InstanceMap, PanopticSegmentation
 
 __all__ = ["SegmentationEngine", "SegmentationResult", "logits_to_maps", "network_config", "normalise",
@@ -134,6 +135,7 @@ class SegmentationEngine:
         self._precision, self._cache_dir, self._model_name = precision, cache_dir, model
         self._cache_max_mb = cache_max_mb
         self._openvino_device = openvino_device
+        self._compiled_limit = 0  # compiled rungs kept per precision (limit_compiled); 0: all
         self.backend_choice: BackendChoice | None = None  # what backend "auto" chose, why, from which figures
         candidates = ([name for name in auto_candidates(self.device, openvino_device)
                        if name == "eager" or name in compiled] or ["eager"]) if backend == AUTO else [backend]
@@ -181,6 +183,8 @@ class SegmentationEngine:
                                openvino_device=self._openvino_device, cache_max_mb=self._cache_max_mb)
             for name in dict.fromkeys(step.precision for step in ladder)
         }
+        for made in backends.values():
+            made.limit_compiled(self._compiled_limit)
         return plan, ladder, backends
 
     def choose_backend(self, size: tuple[int, int]) -> BackendChoice:
@@ -320,7 +324,8 @@ class SegmentationEngine:
             steps.append(self._step)
         if self._calibration_pending:  # auto compares these two on the first frame
             steps += self.ladder[:2]
-        steps = list(dict.fromkeys(steps))
+        # the current step last: with limit_compiled, the rungs prepared last are the ones that stay compiled
+        steps = [step for step in dict.fromkeys(steps) if step != self._step] + [self._step] * (self._step in steps)
         for config, precision in [(step.config, step.precision) for step in steps]:
             self._backends[precision].warm(
                 [network_config(config)], input_shape=scaled_size(*size, config.input_scale)
@@ -343,6 +348,8 @@ class SegmentationEngine:
             unseen_s = now - self._size_last_seen.pop(size)
             LOG.info("backend %s: freed the rungs compiled for %dx%d frames (none for %.0f s)", self.backend, *size,
                      unseen_s)
+        if stale:
+            return_freed_memory()
         return stale
 
     def _network_sizes(self, size: tuple[int, int]) -> set[tuple[int, int]]:
@@ -361,8 +368,31 @@ class SegmentationEngine:
         with self._lock:
             gone = sum(backend.free_other_thread_counts() for backend in self._backends.values())
         if gone:
+            return_freed_memory()
             LOG.info("backend %s: freed %d rung(s) compiled for thread counts no longer in use", self.backend, gone)
         return gone
+
+    def limit_compiled(self, limit: int) -> None:
+        """Keep at most ``limit`` compiled rungs per precision the ladder uses, the most recently used, over every
+        frame size (0: every rung stays compiled); a dropped rung is compiled again from the engine cache when a
+        frame needs it (``PreparedBackend.limit_compiled``). Applies now and to backends made later (backend auto's
+        choice)."""
+        if limit < 0:
+            raise ValueError(f"the compiled-rung limit must be >= 0 (0: no limit), got {limit}")
+        with self._lock:
+            self._compiled_limit = int(limit)
+            for backend in self._backends.values():
+                backend.limit_compiled(self._compiled_limit)
+
+    @property
+    def compiled_rungs(self) -> int:
+        """Compiled graphs held now, every precision, size and thread count."""
+        return sum(backend.compiled_count for backend in self._backends.values())
+
+    @property
+    def recompiles(self) -> int:
+        """Rungs compiled again after the limit dropped them (each stalled one frame)."""
+        return sum(backend.recompiles for backend in self._backends.values())
 
     def set_threads(self, threads: int) -> None:
         """Run the next frames on ``threads`` CPU threads, in torch and in every backend's own pool (OpenVINO).
@@ -494,6 +524,8 @@ class SegmentationEngine:
                 self.warm(size=rgb.shape[:2])
         if self._calibration_pending and calibrate:
             self.calibrate_precision(rgb)
+        for backend in self._backends.values():
+            backend.drop_idle()  # also a precision's backend that no frame runs now (limit_compiled)
         start = time.perf_counter()
         step, merge, rate = self._current()
         pixels = self._network_input(rgb, merge)

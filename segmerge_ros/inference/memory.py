@@ -65,3 +65,17 @@ def _apply() -> str:
         LOG.warning("malloc: glibc refused the mmap/trim thresholds: frames keep paying page faults")
         return "refused by glibc"
     return f"keeping freed memory (mmap threshold {MMAP_THRESHOLD_BYTES >> 20} MiB, no trimming)"
+
+
+def return_freed_memory() -> bool:
+    """Hand the heap's free pages back to the kernel now (glibc's ``malloc_trim``), after something large was freed
+    on purpose (compiled rungs dropped): with the thresholds above glibc never does it by itself. A one-off: the next
+    frame faults its working set in again. Returns False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True

@@ -452,14 +452,30 @@ class PoseEstimator:
             return self._backend.run(pixels, config)
         return self._torch.cat([self._backend.run(pixels[i : i + 1], config) for i in range(pixels.shape[0])])
 
+    def limit_compiled(self, limit: int) -> None:
+        """Keep at most ``limit`` compiled encoder settings, the most recently used (0: all); see
+        ``PreparedBackend.limit_compiled``."""
+        self._backend.limit_compiled(limit)
+
+    @property
+    def compiled_rungs(self) -> int:
+        return self._backend.compiled_count
+
+    @property
+    def recompiles(self) -> int:
+        return self._backend.recompiles
+
     def warm(self, configs) -> None:
         """Prepare the compiled graphs of the encoder settings in ``configs`` (MergeConfigs; only their stages
-        matter to pose) at batch 1, so that no rate change stalls a frame. Eager needs nothing."""
+        matter to pose) at batch 1, so that no rate change stalls a frame. Eager needs nothing. The current setting
+        goes last: under ``limit_compiled`` the last prepared stay compiled."""
         from segmerge_ros.merging.segformerpp import NONE
 
         if self.backend == "eager":
             return
+        current = NONE if self._merge is None else self._merge  # what _run passes
         distinct = dict.fromkeys(encoder_settings(c) or NONE for c in configs)
+        distinct = [c for c in distinct if c != current] + [current] * (current in distinct)
         self._backend.warm(list(distinct), input_shape=(1, 3, self.input_size[1], self.input_size[0]))
 
     def estimate(self, rgb: np.ndarray, class_map: np.ndarray | None = None,

@@ -386,6 +386,11 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, NodeOu
         if "instances.score_threshold" in names and self._configured:
             self.engine.set_instance_score_threshold(float(self.param("instances.score_threshold")))
             self._publish_labels()  # LabelInfo's threshold
+        if "engine_max_compiled_rungs" in names and self._configured:
+            limit = int(self.param("engine_max_compiled_rungs"))
+            for model in (self.engine, self._pose):
+                if model is not None:
+                    model.limit_compiled(limit)
         if "threads.adapt" in names and self._threads is not None:
             self._threads.enabled = bool(self.param("threads.adapt")) and self._governs_threads()
         if not self._configured:

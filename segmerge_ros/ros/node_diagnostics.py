@@ -47,13 +47,15 @@ class DiagnosticsPublishing:
 
     def _model_values(self) -> dict[str, str]:
         """The backend, precision and ladder in use, and why (backend auto's choice; random weights)."""
-        engine = self.engine
+        engine, pose = self.engine, self._pose
         choice = engine.backend_choice
         values = {"backend": engine.backend,
                   "backend_choice": choice.reason if choice is not None else
                   ("timing on the first frame" if engine.backend_pending else f"{self.param('backend')} (asked for)"),
                   "precision_plan": engine.precision_plan,
                   "eager_fallbacks": engine.eager_fallbacks or "none",
+                  "compiled_rungs": str(engine.compiled_rungs + (pose.compiled_rungs if pose is not None else 0)),
+                  "rung_recompiles": str(engine.recompiles + (pose.recompiles if pose is not None else 0)),
                   "ladder": engine.ladder_description()}
         if engine.randomly_initialised:
             values["weights"] = "random: the masks are meaningless"

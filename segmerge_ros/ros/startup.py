@@ -55,6 +55,7 @@ def build_engine(param: Param, warn: Warn) -> SegmentationEngine:
                                     instance_score_threshold=param("instances.score_threshold"),
                                     max_instances=param("instances.max_instances"),
                                     panoptic=param("panoptic.enable"))
+        engine.limit_compiled(param("engine_max_compiled_rungs"))  # warmed with the current step last: it stays
     except (CheckpointError, FileNotFoundError) as error:
         raise StartupError(f"cannot load weights {weights!r} for {model}: {error}") from None
     except ValueError as error:
@@ -130,6 +131,7 @@ def build_pose(param: Param, warn: Warn) -> PoseEstimator:
     except (CheckpointError, OSError, ValueError, RuntimeError) as error:
         raise StartupError(f"cannot load pose.weights {weights!r} for {model}: {error}" if weights
                            else f"cannot build the {model} pose model: {error}") from None
+    pose.limit_compiled(param("engine_max_compiled_rungs"))
     # Compiled backends: the encoder settings of the segmentation's ladder (what pose follows) prepared now.
     pose.warm([rung.config for rung in merge_rungs(param("backend"))])
     if pose.randomly_initialised:

@@ -29,6 +29,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -38,6 +39,7 @@ from torch import nn
 
 from segmerge_ros.merging.segformerpp import MergeConfig
 from segmerge_ros.inference.backends.cache import pixel_shape
+from segmerge_ros.inference.memory import return_freed_memory
 
 
 LOG = logging.getLogger(__name__)
@@ -46,6 +48,12 @@ PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float
 # "auto": fp32 at merge rate 0, bf16 for every faster rung where the hardware has it and a real frame agrees
 # (inference/ladder.py); a policy over PRECISIONS, not a dtype.
 PRECISION_CHOICES = ("fp32", "bf16", "fp16", "auto")
+
+
+# Under limit_compiled, a compiled graph no frame ran for this long is dropped too (like a frame size unseen for a
+# minute: inference/engine.py STALE_SIZE_S); checked at most every IDLE_CHECK_S.
+COMPILED_IDLE_S = 60.0
+IDLE_CHECK_S = 5.0
 
 
 class BackendUnavailable(RuntimeError):
@@ -176,6 +184,23 @@ class Backend:
         """Drop graphs prepared for thread counts other than the current one (OpenVINO keeps one set per count)."""
         return 0
 
+    def limit_compiled(self, limit: int) -> None:
+        """Keep at most ``limit`` compiled graphs, the most recently used (0: no bound). Eager compiles nothing."""
+
+    @property
+    def compiled_count(self) -> int:
+        """Compiled graphs held now (every input shape and thread count)."""
+        return 0
+
+    def drop_idle(self, now: float | None = None) -> int:
+        """Drop compiled graphs no frame ran for a while (under ``limit_compiled``); returns how many went."""
+        return 0
+
+    @property
+    def recompiles(self) -> int:
+        """Graphs compiled again after ``limit_compiled`` dropped them (each stalled a frame)."""
+        return 0
+
     def warm(
         self, configs: Iterable[MergeConfig] | None = None, input_shape: Sequence[int] | None = None
     ) -> int:
@@ -225,11 +250,21 @@ class PreparedBackend(Backend):
     # True: a rung that fails to prepare runs eagerly and the other rungs stay compiled (export failures are
     # per graph); False: the first failure sends every rung to eager (a broken toolchain fails them all alike).
     fallback_per_rung = False
+    # True: a dropped graph comes back quickly from the engine cache, so limit_compiled may drop graphs (OpenVINO:
+    # 0.3-0.5 s from IR, measured). torch.compile would recompile for many seconds; TensorRT is not measured here.
+    reloads_quickly = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.eager_rungs: list[str] = []  # rungs that failed to prepare and run eagerly (fallback_per_rung)
-        self._prepared: dict[tuple[tuple[int, ...], MergeConfig], Callable[[torch.Tensor], torch.Tensor]] = {}
+        # (shape, config) -> graph, least recently used first (limit_compiled drops from the front)
+        self._prepared: OrderedDict[tuple[tuple[int, ...], MergeConfig], Callable[[torch.Tensor], torch.Tensor]] = \
+            OrderedDict()
+        self._compiled_limit = 0  # compiled graphs kept (limit_compiled); 0: every rung stays compiled
+        self._dropped: set[tuple[tuple[int, ...], MergeConfig]] = set()  # keys the limit dropped (to count recompiles)
+        self._recompiles = 0
+        self._last_used: dict[tuple[tuple[int, ...], MergeConfig], float] = {}  # key -> time.monotonic() of its last run
+        self._next_idle_check = 0.0
         self._fallback: EagerBackend | None = None
         self._lock = threading.Lock()  # the engine may be called from several threads
 
@@ -251,6 +286,72 @@ class PreparedBackend(Backend):
         with self._lock:
             return drop_sizes(self._prepared, sizes)
 
+    def limit_compiled(self, limit: int) -> None:
+        """Keep at most ``limit`` compiled graphs, the most recently used (0: all). Each compiled OpenVINO rung holds
+        its own buffers (75-100 MB for B0 at 576x768, measured), so a ladder per camera size costs hundreds of MB;
+        a dropped rung is compiled again from the engine cache when a frame needs it (about 0.3-0.5 s for B0 at
+        576x768: that frame stalls, and ``recompiles`` counts it). The bound is per backend (one precision), over
+        every input shape: the rungs with a scaled input have shapes of their own. Under a limit, graphs no frame
+        ran for ``COMPILED_IDLE_S`` go as well. Only backends that reload quickly (``reloads_quickly``: OpenVINO)
+        drop anything."""
+        if limit < 0:
+            raise ValueError(f"the compiled-graph limit must be >= 0 (0: no limit), got {limit}")
+        if not self.reloads_quickly:
+            return  # recompiling would stall for longer than the memory is worth: every graph stays
+        with self._lock:
+            self._compiled_limit = int(limit)
+            dropped = self._drop_least_used()
+        if dropped:
+            return_freed_memory()
+
+    @property
+    def compiled_count(self) -> int:
+        return sum(not isinstance(graph, _EagerRung) for graph in self._all_prepared())
+
+    @property
+    def recompiles(self) -> int:
+        return self._recompiles
+
+    def _all_prepared(self) -> list:
+        """Every graph held (OpenVINO adds the sets of other thread counts)."""
+        return list(self._prepared.values())
+
+    def _drop_least_used(self, keep=None) -> int:
+        """Drop the least recently used compiled graphs beyond the limit (never ``keep``); under the lock. Rungs that
+        run eagerly cost no compiled memory and stay."""
+        if not self._compiled_limit:
+            return 0
+        compiled = [key for key, graph in self._prepared.items() if not isinstance(graph, _EagerRung)]
+        excess = [key for key in compiled if key != keep][:max(0, len(compiled) - self._compiled_limit)]
+        for key in excess:
+            del self._prepared[key]
+            self._dropped.add(key)
+        if excess:
+            self.log.debug("backend %s: dropped %d compiled rung(s) (limit %d)", self.kind, len(excess),
+                           self._compiled_limit)
+        return len(excess)
+
+    def drop_idle(self, now: float | None = None) -> int:
+        """Under a limit (``limit_compiled``), drop the compiled graphs no frame has run for ``COMPILED_IDLE_S``:
+        warmed rungs a fixed merge rate never uses, a precision only the start-up check used, a camera size that went
+        away. Checks at most every ``IDLE_CHECK_S``; the engine calls it every frame for each of its backends (one it
+        does not run never gets a ``run``). Returns how many went."""
+        now = time.monotonic() if now is None else now
+        if not self._compiled_limit or now < self._next_idle_check:
+            return 0
+        with self._lock:
+            self._next_idle_check = now + IDLE_CHECK_S
+            idle = [key for key, graph in self._prepared.items() if not isinstance(graph, _EagerRung)
+                    and now - self._last_used.get(key, now) >= COMPILED_IDLE_S]
+            for key in idle:
+                del self._prepared[key]
+                self._dropped.add(key)
+        if idle:
+            self.log.debug("backend %s: dropped %d compiled rung(s) idle for %.0f s", self.kind, len(idle),
+                           COMPILED_IDLE_S)
+            return_freed_memory()
+        return len(idle)
+
     def _run(self, pixels: torch.Tensor, config: MergeConfig, warming: bool) -> torch.Tensor:
         if self._fallback is not None:
             return self._fallback.run(pixels, config)
@@ -258,20 +359,38 @@ class PreparedBackend(Backend):
         # from HWC images: one layout for every caller, or the first real frame of every rung would recompile.
         pixels = pixels.contiguous()
         key = (tuple(pixels.shape), config)
-        prepared = self._prepared.get(key)
+        with self._lock:
+            prepared = self._prepared.get(key)
+            if prepared is not None:
+                self._prepared.move_to_end(key)  # most recently used last: limit_compiled drops from the front
+                self._last_used[key] = time.monotonic()
+        self.drop_idle()
         if isinstance(prepared, _EagerRung):
             return prepared.run(pixels)
         if prepared is not None:
             return self._invoke(prepared, pixels)
         with self._lock:
-            if key not in self._prepared and self._fallback is None:
-                if not warming:
+            if key in self._prepared or self._fallback is not None:  # another thread prepared it meanwhile
+                prepared_here = None
+            else:
+                if key in self._dropped:
+                    self._dropped.discard(key)
+                    self._recompiles += 1
+                    self.log.info("backend %s: compiling rung %r at %s again (dropped by the limit of %d compiled "
+                                  "rungs; this frame stalls)", self.kind, config.name, tuple(pixels.shape),
+                                  self._compiled_limit)
+                elif not warming:
                     self.log.info(
                         "backend %s: rung %r at %s was not warmed; preparing it now (this frame stalls)",
                         self.kind, config.name, tuple(pixels.shape),
                     )
-                return self._prepare_key(key, pixels)
-        return self._run(pixels, config, warming)
+                prepared_here = self._prepare_key(key, pixels), self._drop_least_used(keep=key)
+        if prepared_here is None:
+            return self._run(pixels, config, warming)
+        output, dropped = prepared_here
+        if dropped:
+            return_freed_memory()  # outside the lock: trimming the heap takes a few ms
+        return output
 
     def _prepare_key(self, key, example: torch.Tensor) -> torch.Tensor:
         """Build the callable for ``key`` and run it once on ``example`` (compilation happens on that first call);
@@ -291,6 +410,7 @@ class PreparedBackend(Backend):
             self.eager_rungs.append(config.name)
             return eager.run(example, config)
         self._prepared[key] = prepared
+        self._last_used[key] = time.monotonic()
         return output
 
     def _fall_back(self, reason: str) -> None:

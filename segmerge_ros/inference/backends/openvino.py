@@ -14,6 +14,7 @@ import logging
 import tempfile
 import threading
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -118,6 +119,7 @@ class OpenVINOBackend(PreparedBackend):
 
     kind = "openvino"
     fallback_per_rung = True  # an operator OpenVINO cannot convert breaks one rung's graph, not the others
+    reloads_quickly = True  # a dropped rung compiles again from its cached IR in 0.3-0.5 s (B0 at 576x768)
 
     def __init__(
         self,
@@ -160,7 +162,7 @@ class OpenVINOBackend(PreparedBackend):
         with self._lock:
             self._by_threads[self.threads] = self._prepared
             self.threads = threads
-            self._prepared = self._by_threads.pop(threads, {})  # only the other counts' sets stay in _by_threads
+            self._prepared = self._by_threads.pop(threads, OrderedDict())  # the other counts' sets stay in _by_threads
 
     def free_other_thread_counts(self) -> int:
         """Drop the rungs compiled for thread counts other than the current one (a whole ladder each: hundreds of
@@ -169,6 +171,9 @@ class OpenVINOBackend(PreparedBackend):
             gone = sum(len(prepared) for prepared in self._by_threads.values())
             self._by_threads.clear()
             return gone
+
+    def _all_prepared(self) -> list:
+        return [graph for prepared in (self._prepared, *self._by_threads.values()) for graph in prepared.values()]
 
     def forget(self, sizes: set[tuple[int, int]]) -> int:
         """Also the rungs compiled for the other thread counts (the thread governor's)."""
