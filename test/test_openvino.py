@@ -324,6 +324,8 @@ def test_limit_compiled_keeps_the_most_recently_used_rungs_and_recompiles_the_ot
     run(big, configs[2])
     run(big, configs[0])
     assert made.compiled_count == 4 and made.recompiles == 3 and len(compiles) == 7
+    made.limit_compiled(1, count=False)  # budget mode's: no count bound, only the idle rule
+    assert made.compiled_count == 4
     made.limit_compiled(8)  # under any limit, a rung no frame ran for a minute goes (e.g. warmed but never used)
     idle_key = next(key for key in made.prepared if key[1] == configs[2])
     made._last_used[idle_key] -= base_backend.COMPILED_IDLE_S
@@ -418,6 +420,9 @@ def test_node_runs_on_openvino_over_rclpy(student_dir, cache, frame, tmp_path):
         assert send_until(lambda: client.latest(camera).number("rung_recompiles") >= 1
                           and client.latest(camera).number("merge_rate") == 0.0)
         assert client.latest(camera).number("compiled_rungs") == 1
+        # budget mode lifts the count bound (its controller moves between rungs): calibration's rungs stay compiled
+        client.set_parameters({"budget.mode": "latency", "budget.target_latency_ms": 1.0})
+        assert send_until(lambda: client.latest(camera).number("compiled_rungs") >= 3)
     log = stderr_path.read_text()
     assert "backend openvino" in log and "falling back" not in log and "Traceback" not in log, log[-3000:]
 

@@ -38,6 +38,7 @@ from rclpy.context import Context
 
 from segmerge_ros.apps.client import SegmergeClient, camera_command, node_command, ros_env, stop_process, with_fastdds_profile
 from segmerge_ros.bench.bench_node import busy_processes, cpu_description
+from segmerge_ros.bench.common import node_param_overrides
 from segmerge_ros.inference.engine import parse_size
 from segmerge_ros.inference.sources import default_video
 
@@ -90,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tail-s", type=float, default=18.0, help="each phase is judged on its last seconds")
     parser.add_argument("--tolerance", type=float, default=0.15, help="allowed share above or below the target")
     parser.add_argument("--domain", type=int, default=DOMAIN, help=f"ROS_DOMAIN_ID (default {DOMAIN})")
+    parser.add_argument("--param", action="append", default=[],
+                        help="name=value for the node (JSON value), repeatable, e.g. engine_max_compiled_rungs=0")
     parser.add_argument("--json", default=None)
     return parser.parse_args(argv)
 
@@ -106,7 +109,8 @@ def tail_stats(windows, since: float) -> dict:
             "network_ms": median("network_p50_ms"), "pose_ms": median("pose_ms"), "persons": median("persons"),
             "merge_rate": median("merge_rate"), "threads": chosen[-1].values.get("threads", "?"),
             "pose_people_cap": chosen[-1].values.get("pose_people_cap", "?"),
-            "cpu_others_cores": median("cpu_others_cores"), "windows": len(chosen)}
+            "cpu_others_cores": median("cpu_others_cores"), "windows": len(chosen),
+            "rung_recompiles": chosen[-1].values.get("rung_recompiles", "?")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pose_weights:
         params.update({"pose.enable": True, "pose.weights": args.pose_weights, "pose.mode": "segmentation",
                        "pose.max_persons": args.max_persons})
+    params.update(node_param_overrides(args.param))
     env, _, _ = with_fastdds_profile(ros_env(args.domain))
     context = Context()
     rclpy.init(context=context, domain_id=args.domain)
@@ -193,12 +198,14 @@ def report(args, cameras: list[CameraSpec], rows: list[dict], target: float, cal
     print(f"target {target:.1f} ms ({origin}); switched on during a {args.burst_s:g}-s burst of {args.busy} busy "
           f"processes; each phase judged on its last {args.tail_s:g} s (medians of the node's 1-s diagnostics windows)")
     print(f"{'phase':<6} {'s':>4} {'camera':<28} {'proc p50':>8} {'proc p90':>8} {'network':>8} {'pose':>6} "
-          f"{'people':>6} {'cap':>11} {'x target':>8} {'rate':>5} {'thr':>3} {'others':>6} within {100 * args.tolerance:g} %")
+          f"{'people':>6} {'cap':>11} {'x target':>8} {'rate':>5} {'thr':>3} {'others':>6} {'recompiles':>10} "
+          f"within {100 * args.tolerance:g} %")
     for row in rows:
         print(f"{row['phase']:<6} {row['seconds']:>4g} {row['camera']:<28} {row['processing_ms']:>8.1f} "
               f"{row['processing_p90_ms']:>8.1f} {row['network_ms']:>8.1f} {row['pose_ms']:>6.1f} {row['persons']:>6.1f} "
               f"{row['pose_people_cap']:>11} {row['processing_ms'] / target:>8.2f} {row['merge_rate']:>5.2f} "
-              f"{row['threads']:>3} {row['cpu_others_cores']:>6.2f} {'yes' if row['within'] else 'NO'}")
+              f"{row['threads']:>3} {row['cpu_others_cores']:>6.2f} {row['rung_recompiles']:>10} "
+              f"{'yes' if row['within'] else 'NO'}")
     first = [row for row in rows if row["camera"] == cameras[0].input]
     rates = [row["merge_rate"] for row in first]
     loaded = [i for i, row in enumerate(first) if row["phase"] == "busy"]

@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "thread) and/or auto (work stealing: a running thread takes a descheduled one's chunks)")
     parser.add_argument("--precision", default="f32", help="INFERENCE_PRECISION_HINT (f32, bf16)")
     parser.add_argument("--repeat", type=int, default=12, help="inferences per setting and load")
+    parser.add_argument("--period-ms", type=float, default=0.0,
+                        help="start inferences this far apart, sleeping in between, as a camera's frames arrive "
+                             "(0: back to back)")
     return parser.parse_args(argv)
 
 
@@ -72,12 +75,15 @@ def main(argv: list[str] | None = None) -> int:
                 for name, request in requests.items():
                     start = time.perf_counter()
                     request.infer([pixels])
-                    times.setdefault((load, name), []).append((time.perf_counter() - start) * 1e3)
+                    elapsed = time.perf_counter() - start
+                    times.setdefault((load, name), []).append(elapsed * 1e3)
+                    time.sleep(max(0.0, args.period_ms / 1e3 - elapsed))
         finally:
             for process in busy:
                 process.kill()
         time.sleep(1.0)
-    print(f"OpenVINO network of rung {rung} (rate {args.rate:g}), input {tuple(model.inputs[0].shape)}; "
+    print(f"OpenVINO network of rung {rung} (rate {args.rate:g}), input {tuple(model.inputs[0].shape)}, "
+          f"{'back to back' if not args.period_ms else f'one every {args.period_ms:g} ms'}; "
           f"{cpu_description()}")
     print(f"{'setting':<26} " + " ".join(f"{f'{load} busy p50/p90':>17}" for load in loads)
           + "  x calm p50 per load")

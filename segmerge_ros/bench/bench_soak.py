@@ -28,6 +28,7 @@ from rclpy.context import Context
 from segmerge_ros.inference.sources import default_video
 from segmerge_ros.apps.client import SegmergeClient, camera_command, node_command, ros_env, stop_process, with_fastdds_profile
 from segmerge_ros.bench.bench_node import cpu_description
+from segmerge_ros.bench.common import node_param_overrides
 
 CAMERA_A, CAMERA_B = "/soak_a/image", "/soak_b/image"
 
@@ -59,13 +60,7 @@ def process_rss_mb(pid: int) -> float:
 def node_params(args) -> dict:
     params = {"image_topics": [CAMERA_A, CAMERA_B + "/compressed"], "weights": args.weights, "pose.enable": True,
               "pose.max_persons": 4, "engine_cache_dir": args.cache_dir or ""}
-    for item in args.param:
-        name, _, value = item.partition("=")
-        try:
-            params[name] = json.loads(value)
-        except json.JSONDecodeError:
-            params[name] = value
-    return params
+    return {**params, **node_param_overrides(args.param)}
 
 
 def soak(args) -> dict:

@@ -55,3 +55,13 @@ def known_names(text: str, known) -> list[str]:
     if unknown or not names:
         raise SystemExit(f"segmerge-bench: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(known)}")
     return names
+
+
+def node_param_overrides(items: list[str]) -> dict:
+    """``--param name=value`` options of the node benchmarks (values in JSON where they parse: 3, true, 0.5)."""
+    from segmerge_ros.training.arguments import parse_key_values
+
+    try:
+        return parse_key_values(items, "--param")
+    except ValueError as error:
+        raise SystemExit(str(error)) from None

@@ -135,7 +135,7 @@ class SegmentationEngine:
         self._precision, self._cache_dir, self._model_name = precision, cache_dir, model
         self._cache_max_mb = cache_max_mb
         self._openvino_device = openvino_device
-        self._compiled_limit = 0  # compiled rungs kept per precision (limit_compiled); 0: all
+        self._compiled_limit = (0, True)  # (rungs kept per precision, count bound on) of limit_compiled; 0: all
         self.backend_choice: BackendChoice | None = None  # what backend "auto" chose, why, from which figures
         candidates = ([name for name in auto_candidates(self.device, openvino_device)
                        if name == "eager" or name in compiled] or ["eager"]) if backend == AUTO else [backend]
@@ -184,7 +184,7 @@ class SegmentationEngine:
             for name in dict.fromkeys(step.precision for step in ladder)
         }
         for made in backends.values():
-            made.limit_compiled(self._compiled_limit)
+            made.limit_compiled(*self._compiled_limit)
         return plan, ladder, backends
 
     def choose_backend(self, size: tuple[int, int]) -> BackendChoice:
@@ -372,17 +372,17 @@ class SegmentationEngine:
             LOG.info("backend %s: freed %d rung(s) compiled for thread counts no longer in use", self.backend, gone)
         return gone
 
-    def limit_compiled(self, limit: int) -> None:
+    def limit_compiled(self, limit: int, count: bool = True) -> None:
         """Keep at most ``limit`` compiled rungs per precision the ladder uses, the most recently used, over every
-        frame size (0: every rung stays compiled); a dropped rung is compiled again from the engine cache when a
-        frame needs it (``PreparedBackend.limit_compiled``). Applies now and to backends made later (backend auto's
-        choice)."""
+        frame size, and drop those no frame ran for a minute (0: every rung stays compiled; ``count=False``: only
+        the idle rule, for budget mode); a dropped rung is compiled again from the engine cache when a frame needs
+        it (``PreparedBackend.limit_compiled``). Applies now and to backends made later (backend auto's choice)."""
         if limit < 0:
             raise ValueError(f"the compiled-rung limit must be >= 0 (0: no limit), got {limit}")
         with self._lock:
-            self._compiled_limit = int(limit)
+            self._compiled_limit = (int(limit), bool(count))
             for backend in self._backends.values():
-                backend.limit_compiled(self._compiled_limit)
+                backend.limit_compiled(*self._compiled_limit)
 
     @property
     def compiled_rungs(self) -> int:

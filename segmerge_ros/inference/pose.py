@@ -452,10 +452,10 @@ class PoseEstimator:
             return self._backend.run(pixels, config)
         return self._torch.cat([self._backend.run(pixels[i : i + 1], config) for i in range(pixels.shape[0])])
 
-    def limit_compiled(self, limit: int) -> None:
-        """Keep at most ``limit`` compiled encoder settings, the most recently used (0: all); see
-        ``PreparedBackend.limit_compiled``."""
-        self._backend.limit_compiled(limit)
+    def limit_compiled(self, limit: int, count: bool = True) -> None:
+        """Keep at most ``limit`` compiled encoder settings, the most recently used (0: all; ``count=False``: only
+        drop idle ones); see ``PreparedBackend.limit_compiled``."""
+        self._backend.limit_compiled(limit, count)
 
     @property
     def compiled_rungs(self) -> int:

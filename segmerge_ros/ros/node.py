@@ -59,6 +59,7 @@ from segmerge_ros.inference.threads import ThreadGovernor
 from segmerge_ros.inference.tracking import TrackIds, Tracker
 from segmerge_ros.ros.camera import HAVE_VISION_MSGS, Camera
 from segmerge_ros.ros.conversions import BadFrame
+from segmerge_ros.ros.log_bridge import forward_library_logs
 from segmerge_ros.ros.diagnostics import FailureLog, FrameTiming
 from segmerge_ros.ros.node_budget import BudgetParameters
 from segmerge_ros.ros.node_diagnostics import DiagnosticsPublishing
@@ -387,10 +388,7 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, NodeOu
             self.engine.set_instance_score_threshold(float(self.param("instances.score_threshold")))
             self._publish_labels()  # LabelInfo's threshold
         if "engine_max_compiled_rungs" in names and self._configured:
-            limit = int(self.param("engine_max_compiled_rungs"))
-            for model in (self.engine, self._pose):
-                if model is not None:
-                    model.limit_compiled(limit)
+            self._apply_compiled_limit()
         if "threads.adapt" in names and self._threads is not None:
             self._threads.enabled = bool(self.param("threads.adapt")) and self._governs_threads()
         if not self._configured:
@@ -561,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     spinning = False
     try:
         rclpy.init(args=argv)
+        forward_library_logs(rclpy.logging.get_logger(NODE_NAME))  # before the node: start-up's records too
         try:
             node = SegmergeNode()
         except StartupError as error:

@@ -24,6 +24,7 @@ class BudgetParameters:
         mode = BudgetMode.parse(mode)
         was_active = self._budget.active
         self._budget.set_target(mode=mode, target_fps=self._fps_demand())
+        self._apply_compiled_limit()
         if mode is BudgetMode.OFF:
             self._budget_rate = None
         elif not was_active:
@@ -32,6 +33,15 @@ class BudgetParameters:
                 self.get_logger().info(
                     f"budget mode {mode.value}: calibrating merge rates {self._budget.min_rate:.2f}.."
                     f"{self._budget.max_rate:.2f} on the next frames")
+
+    def _apply_compiled_limit(self) -> None:
+        """``engine_max_compiled_rungs`` for the segmentation and pose models. In budget mode the count is not
+        bounded (the controller moves between rungs, and a bound would compile them again and again); only rungs
+        no frame ran for a minute go."""
+        limit, count = int(self.param("engine_max_compiled_rungs")), not self._budget.active
+        for model in (self.engine, self._pose):
+            if model is not None:
+                model.limit_compiled(limit, count)
 
     def _merge_description(self) -> str:
         if self._budget.active:

@@ -38,6 +38,8 @@ class PoseOnDemand:
             self._pose_state = f"failed: {reason}"
             return reason
         self._pose = pose
+        if self._configured:  # a live enable: the limit as budget mode wants it now (configure applies it else)
+            self._apply_compiled_limit()
         if pose.backend_choice is not None:
             self.get_logger().info(f"pose backend auto: {pose.backend_choice.reason}")
         if getattr(self, "pipeline", None) is not None:

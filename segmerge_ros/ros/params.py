@@ -113,11 +113,13 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "recently used entries are deleted until the cache fits.", rebuild=True,
               float_range=(10.0, 1.0e7)),
     ParamSpec("engine_max_compiled_rungs", 3,
-              "OpenVINO models kept compiled in memory per precision, segmentation and pose each, over all "
-              "frame sizes: the most recently used stay; another rung is compiled again from "
-              "engine_cache_dir when the merge rate needs it (about 0.3-0.5 s for B0 at 576x768 on a CPU: that frame "
-              "stalls; /diagnostics counts rung_recompiles, shows compiled_rungs). Each OpenVINO rung of B0 at 576x768 holds 75-100 MB. "
-              "0 = keep every rung compiled (no stalls, most memory). Applied at once.", int_range=(0, 64)),
+              "OpenVINO models kept compiled in memory per precision, segmentation and pose each, over all frame "
+              "sizes: the most recently used stay, and one no frame ran for a minute goes; another rung is compiled "
+              "again from engine_cache_dir when the merge rate needs it (about 0.3-0.5 s for B0 at 576x768 on a CPU: "
+              "that frame stalls; /diagnostics counts rung_recompiles, shows compiled_rungs). Each OpenVINO rung of "
+              "B0 at 576x768 holds 75-100 MB. In budget mode only the minute rule applies (the controller moves "
+              "between rungs). 0 = keep every rung compiled (no stalls, most memory). Applied at once.",
+              int_range=(0, 64)),
     ParamSpec("input_size", "",
               "Network input size HEIGHTxWIDTH (e.g. 288x384); empty = the camera's resolution. Outputs are always "
               "at the camera's resolution.", rebuild=True),

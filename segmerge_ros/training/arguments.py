@@ -1,8 +1,11 @@
-"""Command-line values shared by ``segmerge-train``'s subcommands: frame ranges and training crop sizes."""
+"""Command-line values shared by ``segmerge-train``'s subcommands (frame ranges, training crop sizes, ``key=value``
+options), and by the benchmarks' ``--param``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Sequence
 
 from segmerge_ros.inference.engine import parse_size
 
@@ -32,3 +35,18 @@ def parse_crop(text: str) -> tuple[int, int]:
     if size is None:  # parse_size reads "" as "the frame's own size", which a training crop cannot be
         raise argparse.ArgumentTypeError("a crop size is required, e.g. 256x320 (HEIGHTxWIDTH)")
     return size
+
+
+def parse_key_values(items: Sequence[str], option: str) -> dict:
+    """``key=value`` pairs of a repeatable ``option``; values parsed as JSON when possible (numbers, booleans,
+    lists, null), else kept as strings. ValueError names the option for a pair without ``=``."""
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{option} expects key=value, got {item!r}")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed

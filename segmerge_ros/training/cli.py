@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 import torch
 
 from segmerge_ros.training import pose_cli, teacher_eval, train_mask2former
-from segmerge_ros.training.arguments import parse_crop, parse_range
+from segmerge_ros.training.arguments import parse_crop, parse_key_values, parse_range
 from segmerge_ros.training.segmentation_data import (
     PairDataset,
     ade20k_label_transform,
@@ -56,20 +56,6 @@ from segmerge_ros.training.segmentation_data import (
 from segmerge_ros.training.segmentation_models import build_model
 from segmerge_ros.training.segmentation_teachers import load_teacher
 from segmerge_ros.training.train_segmentation import TrainSettings, train
-
-
-def parse_method_args(items: Sequence[str]) -> dict:
-    """``key=value`` pairs; values parsed as JSON when possible (numbers, lists, null), else strings."""
-    parsed = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--method-arg expects key=value, got {item!r}")
-        try:
-            parsed[key] = json.loads(value)
-        except json.JSONDecodeError:
-            parsed[key] = value
-    return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +141,7 @@ def main_segmentation(argv: Sequence[str]) -> int:
         raise SystemExit(f"unknown --data kind {kind!r}; use cityscapes:, ade20k: or frames:")
     if args.heldout:
         heldout = PairDataset(heldout_pairs(args.heldout))
-    model = build_model(args.model, num_classes, labels_name, parse_method_args(args.method_arg))
+    model = build_model(args.model, num_classes, labels_name, parse_key_values(args.method_arg, "--method-arg"))
     if args.init:
         from segmerge_ros.models.vit.methods import METHOD_PREFIXES
         from segmerge_ros.models.vit.checkpoints import load_vit_weights

@@ -184,8 +184,9 @@ class Backend:
         """Drop graphs prepared for thread counts other than the current one (OpenVINO keeps one set per count)."""
         return 0
 
-    def limit_compiled(self, limit: int) -> None:
-        """Keep at most ``limit`` compiled graphs, the most recently used (0: no bound). Eager compiles nothing."""
+    def limit_compiled(self, limit: int, count: bool = True) -> None:
+        """Keep at most ``limit`` compiled graphs, the most recently used (0: no bound; ``count=False``: only drop
+        idle ones). Eager compiles nothing."""
 
     @property
     def compiled_count(self) -> int:
@@ -261,6 +262,7 @@ class PreparedBackend(Backend):
         self._prepared: OrderedDict[tuple[tuple[int, ...], MergeConfig], Callable[[torch.Tensor], torch.Tensor]] = \
             OrderedDict()
         self._compiled_limit = 0  # compiled graphs kept (limit_compiled); 0: every rung stays compiled
+        self._count_bound = True  # False: under a limit, only idle graphs go
         self._dropped: set[tuple[tuple[int, ...], MergeConfig]] = set()  # keys the limit dropped (to count recompiles)
         self._recompiles = 0
         self._last_used: dict[tuple[tuple[int, ...], MergeConfig], float] = {}  # key -> time.monotonic() of its last run
@@ -286,20 +288,21 @@ class PreparedBackend(Backend):
         with self._lock:
             return drop_sizes(self._prepared, sizes)
 
-    def limit_compiled(self, limit: int) -> None:
+    def limit_compiled(self, limit: int, count: bool = True) -> None:
         """Keep at most ``limit`` compiled graphs, the most recently used (0: all). Each compiled OpenVINO rung holds
         its own buffers (75-100 MB for B0 at 576x768, measured), so a ladder per camera size costs hundreds of MB;
         a dropped rung is compiled again from the engine cache when a frame needs it (about 0.3-0.5 s for B0 at
         576x768: that frame stalls, and ``recompiles`` counts it). The bound is per backend (one precision), over
         every input shape: the rungs with a scaled input have shapes of their own. Under a limit, graphs no frame
-        ran for ``COMPILED_IDLE_S`` go as well. Only backends that reload quickly (``reloads_quickly``: OpenVINO)
-        drop anything."""
+        ran for ``COMPILED_IDLE_S`` go as well; ``count=False`` keeps only that idle rule (budget mode: the controller
+        moves between rungs and would compile them again and again). Only backends that reload quickly
+        (``reloads_quickly``: OpenVINO) drop anything."""
         if limit < 0:
             raise ValueError(f"the compiled-graph limit must be >= 0 (0: no limit), got {limit}")
         if not self.reloads_quickly:
             return  # recompiling would stall for longer than the memory is worth: every graph stays
         with self._lock:
-            self._compiled_limit = int(limit)
+            self._compiled_limit, self._count_bound = int(limit), bool(count)
             dropped = self._drop_least_used()
         if dropped:
             return_freed_memory()
@@ -319,7 +322,7 @@ class PreparedBackend(Backend):
     def _drop_least_used(self, keep=None) -> int:
         """Drop the least recently used compiled graphs beyond the limit (never ``keep``); under the lock. Rungs that
         run eagerly cost no compiled memory and stay."""
-        if not self._compiled_limit:
+        if not self._compiled_limit or not self._count_bound:
             return 0
         compiled = [key for key, graph in self._prepared.items() if not isinstance(graph, _EagerRung)]
         excess = [key for key in compiled if key != keep][:max(0, len(compiled) - self._compiled_limit)]
