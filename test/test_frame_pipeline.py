@@ -126,6 +126,19 @@ def test_budget_step_sets_the_controllers_choice_on_the_engine(engine):
     assert chosen == controller.rate and engine.merge_rate == chosen
 
 
+def test_budget_step_holds_while_told_the_frame_says_nothing_about_the_rate(engine):
+    """While the thread governor tries other thread counts, the controller neither learns nor moves."""
+    controller = BudgetController("latency", target_latency_ms=50.0)
+    engine.set_merge_rate(0.0)
+    chosen = budget_step(controller, engine, 80.0, 0.0)
+    seen, rate = controller.frames_seen, engine.merge_rate
+    for _ in range(5):
+        assert budget_step(controller, engine, 500.0, rate, hold=True) == chosen
+    assert controller.frames_seen == seen and engine.merge_rate == rate
+    budget_step(controller, engine, 500.0, rate)
+    assert controller.frames_seen == seen + 1
+
+
 def test_budget_mode_times_the_steps_once_per_size_and_skips_those_that_do_not_pay(monkeypatch):
     """issue 20: a step no faster than one with less merging costs accuracy for nothing: budget mode skips it (a
     manual merge_rate still runs it), and the diagnostics' ladder says so."""
@@ -145,14 +158,33 @@ def test_budget_mode_times_the_steps_once_per_size_and_skips_those_that_do_not_p
     budget_step(controller, engine, result.inference_ms, result.merge_rate)
     skipped = {step.rate for step in engine.ladder if step.config.name in slow}
     assert skipped and controller.levels == [rate for rate in engine.ladder_rates if rate not in skipped]
-    assert len(timed) == len(engine.ladder) and {size for _, size in timed} == {(64, 96)}
+    rounds = len(timed) // len(engine.ladder)
+    assert rounds >= 2 and len(timed) == rounds * len(engine.ladder) and {size for _, size in timed} == {(64, 96)}
     for _ in range(3):  # the same size: timed once
         result = engine.infer(frame)
         budget_step(controller, engine, result.inference_ms, result.merge_rate)
-    assert len(timed) == len(engine.ladder)
+    assert len(timed) == rounds * len(engine.ladder)
     assert "head2+hq [skipped by budget mode]" in engine.ladder_description()
     engine.set_merge_rate(max(skipped))  # by hand: still runs
     assert engine.infer(frame).merge_name in slow
+
+
+def test_a_load_burst_while_the_steps_are_timed_does_not_prune_steps_that_pay(monkeypatch):
+    """Budget mode is often switched on under load: timed one step after the other, a burst that ended midway made
+    the first merge steps look slower than rate 0.05 and skipped them for good (bench_budget, 2026-12-08)."""
+    engine = SegmentationEngine(input_size=None)
+    calm = {step.rate: 100.0 - 60.0 * step.rate for step in engine.ladder}  # every step pays
+    calls = []
+
+    def fake_time(step, backend, size, repeats=3):
+        calls.append(step.rate)
+        burst = 3.0 if len(calls) <= len(engine.ladder) // 2 else 1.0  # the first steps' timings run under load
+        return calm[step.rate] * burst
+
+    monkeypatch.setattr(engine, "_time_step", fake_time)
+    engine.infer(np.zeros((64, 96, 3), np.uint8))
+    engine.time_steps()
+    assert engine.budget_rates() == engine.ladder_rates
 
 
 def test_instances_are_computed_only_while_someone_needs_them(tmp_path, frame, one_thread):

@@ -115,7 +115,7 @@ def test_governor_restarts_a_probe_when_the_rung_changes():
     now = drive(governor, {2: 50.0, 1: 60.0}.get, 20, 0.0)
     load.cores = 2.0
     now = drive(governor, {2: 300.0, 1: 90.0}.get, 4, now, rung="top")
-    assert governor.state.phase == "probing"
+    assert governor.state.phase == "probing" and governor.probing  # (what budget mode holds its rate for)
     # the rung changes mid-probe: the times of different rungs must not be compared
     now = drive(governor, {2: 30.0, 1: 9.0}.get, 2, now, rung="unmerged")
     assert governor.state.phase == "probing"
@@ -129,7 +129,7 @@ def test_disabled_governor_never_changes_threads():
     governor = ThreadGovernor(2, applied.append, load, enabled=False)
     load.cores = 2.0
     drive(governor, {2: 300.0, 1: 90.0}.get, 60, 0.0)
-    assert applied == [] and governor.threads == 2
+    assert applied == [] and governor.threads == 2 and not governor.probing
 
 
 def test_governor_probes_when_the_network_time_drifts_although_the_load_probe_sees_nothing():

@@ -236,18 +236,26 @@ class SegmentationEngine:
         return (self.family.merge_configs and self._last_size is not None
                 and tuple(self.input_size or self._last_size) not in self.step_times)
 
-    def time_steps(self, size: tuple[int, int] | None = None, repeats: int = 2) -> dict[float, float]:
+    def time_steps(self, size: tuple[int, int] | None = None, repeats: int = 3) -> dict[float, float]:
         """Time every step's network at ``size`` (default: the last frame's; input_size when fixed), for budget
         mode's choice among them (``budget_rates``); a second or two once per size."""
         size = tuple(self.input_size or size or self._last_size)
-        times = {}
-        for step in self.ladder:
-            try:
-                times[step.rate] = self._time_step(step, self._backends[step.precision], size, repeats)
-            except Exception as error:  # e.g. a frame too small for the fastest step: never a candidate
-                LOG.warning("budget mode: step %s cannot run at %dx%d (%s: %s)", step.name, *size,
-                            type(error).__name__, error)
-                times[step.rate] = math.inf
+        # Round robin, keeping each step's fastest round: a load that comes or goes while the steps are timed (budget
+        # mode is often switched on under load) slows every step alike instead of the ones timed first, and other
+        # processes only ever add time. Timed one after the other, a 4-s burst of two busy processes made head2
+        # (0.15) and head2+2x2 (0.3) look slower than rate 0.05 and pruned them for good (2026-12-08).
+        times = {step.rate: math.inf for step in self.ladder}
+        runnable = list(self.ladder)
+        for _ in range(repeats):
+            for step in list(runnable):
+                try:
+                    elapsed = self._time_step(step, self._backends[step.precision], size, 1)
+                except Exception as error:  # e.g. a frame too small for the fastest step: never a candidate
+                    LOG.warning("budget mode: step %s cannot run at %dx%d (%s: %s)", step.name, *size,
+                                type(error).__name__, error)
+                    runnable.remove(step)
+                    continue
+                times[step.rate] = min(times[step.rate], elapsed)
         with self._lock:  # the diagnostics timer reads them from another thread
             self.step_times[size] = times
         skipped = sorted(set(times) - set(undominated(times)))

@@ -175,6 +175,11 @@ class ThreadGovernor:
         now = time.monotonic() if now is None else now
         return now - (self._last_choice_t if self._last_choice_t > -1e8 else self._started)
 
+    @property
+    def probing(self) -> bool:
+        """Whether the next frames run at thread counts being tried (what they take says little about the rung)."""
+        return self.enabled and self.state.phase == "probing"
+
     def observe(self, network_ms: float, rung: object, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         self._now = now

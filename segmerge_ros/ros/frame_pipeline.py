@@ -298,16 +298,20 @@ def ids_info_message(key: str, entries: dict, header: Header) -> String:
 
 
 def budget_step(controller: BudgetController, engine: SegmentationEngine, processing_ms: float,
-                rate_used: float, skip_slow_steps: bool = True) -> float | None:
+                rate_used: float, skip_slow_steps: bool = True, hold: bool = False) -> float | None:
     """After a frame: feed its processing time and the rate it ran at to the controller and set the controller's
     choice on the engine for the next frame. Returns that rate (rounded to 4 decimals: parameter events need no float
-    noise), or None while budget mode is off."""
+    noise), or None while budget mode is off. ``hold``: the frame says nothing about the rate (the thread governor
+    is probing other thread counts): the controller neither learns from it nor moves, so the governor's probe stays
+    on one rung and the controller works on top of its choice."""
     if skip_slow_steps and controller.active and engine.needs_step_times:  # once per frame size: which steps pay
         engine.time_steps()
     # the steps budget mode may choose (backend auto may have replaced the ladder on this frame)
     controller.set_levels(engine.budget_rates() if skip_slow_steps else engine.ladder_rates)
     if not controller.active:
         return None
+    if hold:
+        return controller.rate if controller.rate is None else round(controller.rate, 4)
     next_rate = controller.update(processing_ms, rate_used if math.isfinite(rate_used) else None)
     if next_rate is None:
         return None

@@ -498,7 +498,7 @@ class SegmergeNode(PoseOnDemand, BudgetParameters, DiagnosticsPublishing, NodeOu
             self.engine.time_steps()
         with self._budget_lock:
             next_rate = budget_step(self._budget, self.engine, times.processing_ms, times.merge_rate,
-                                    self._skip_slow_steps)
+                                    self._skip_slow_steps, hold=self._threads.probing)
             changed = next_rate is not None and next_rate != self._budget_rate
             if next_rate is not None:
                 self._budget_rate = next_rate
