@@ -102,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
 # --- segmerge-bench --memory: what a whole ladder costs in RAM ------------------------------------------------------
 
 
-def rss_mb() -> float:
-    """This process's resident set (VmRSS), MB; NaN where /proc is missing."""
+def rss_mb(pid: int | str = "self") -> float:
+    """The resident set (VmRSS) of process ``pid`` (default: this one), MB; NaN where /proc is missing or the
+    process is gone."""
     try:
-        for line in open("/proc/self/status", encoding="ascii"):
+        for line in open(f"/proc/{pid}/status", encoding="ascii"):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     except OSError:

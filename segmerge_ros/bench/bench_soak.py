@@ -27,6 +27,7 @@ from rclpy.context import Context
 
 from segmerge_ros.inference.sources import default_video
 from segmerge_ros.apps.client import SegmergeClient, camera_command, node_command, ros_env, stop_process, with_fastdds_profile
+from segmerge_ros.bench.bench_memory import rss_mb
 from segmerge_ros.bench.bench_node import cpu_description
 from segmerge_ros.bench.common import node_param_overrides
 
@@ -44,17 +45,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--domain", type=int, default=141)
     parser.add_argument("--json", default=None)
     return parser.parse_args(argv)
-
-
-def process_rss_mb(pid: int) -> float:
-    """VmRSS of process ``pid`` in MB (NaN once it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def node_params(args) -> dict:
@@ -81,7 +71,7 @@ def soak(args) -> dict:
 
     try:
         client.wait_ready(600.0, node)
-        loaded = process_rss_mb(node.pid)
+        loaded = rss_mb(node.pid)
         cameras = [camera(CAMERA_A, "576x768", "rgb8"), camera(CAMERA_B, "360x480", "jpeg")]
         start = time.monotonic()
         switched = False
@@ -93,7 +83,7 @@ def soak(args) -> dict:
             client.spin_for(args.sample_s)
             if node.poll() is not None:
                 raise RuntimeError(f"the node exited with status {node.returncode}; see {log.name}")
-            samples.append((time.monotonic() - start, "after" if switched else "before", process_rss_mb(node.pid)))
+            samples.append((time.monotonic() - start, "after" if switched else "before", rss_mb(node.pid)))
         window_a, window_b = client.latest(CAMERA_A), client.latest(CAMERA_B + "/compressed")
         diagnostics = {name: (w.values if w else {}) for name, w in (("a", window_a), ("b", window_b))}
     finally:
@@ -130,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     for phase, value in summarise(result, args.seconds):
         print(f"{phase:<46} {value:8.0f}")
     for name, values in result["diagnostics"].items():
-        shown = {k: values.get(k) for k in ("backend", "precision_plan", "compiled_rungs", "rung_compiles", "threads",
-                                             "pose_backend", "processing_p50_ms") if k in values}
+        shown = {k: values.get(k) for k in ("backend", "precision_plan", "compiled_rungs", "rung_recompiles", "threads",
+                                             "processing_p50_ms") if k in values}
         print(f"camera {name}: {shown}")
     print(f"node log: {result['log']}")
     if args.json:
